@@ -1,0 +1,3 @@
+"""kdlm: knowledge distillation of large language models."""
+
+__version__ = "0.1.0"
