@@ -1,0 +1,202 @@
+"""Typed run configuration: a YAML file plus dotted `key=value` overrides.
+
+Every section is a pydantic model with `extra="forbid"`, so an unknown key or a bad value fails at
+once with a message that names the key and the file. Field descriptions double as documentation
+(`kdlm config-help` prints them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kdlm.errors import KdlmError
+from kdlm.losses.divergences import DIVERGENCES
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherConfig(Section):
+    model: str = Field("bundled:smollm2-135m-instruct", description="bundled:NAME, a HF folder, a .gguf file or a hub id.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype of the teacher.")
+    signal: Literal["online", "topk"] = Field(
+        "topk",
+        description="online: run the teacher at every step (full vocabulary); topk: run it once over the "
+        "training data and train from its top-k log-probs plus a tail bucket (no teacher in the loop).",
+    )
+    top_k: int = Field(64, ge=1, description="Entries kept per token when signal=topk.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="Module names; None lets peft pick for the architecture.")
+
+
+class StudentConfig(Section):
+    init: Literal["prune", "random", "model"] = Field(
+        "prune", description="prune: keep a subset of the teacher's layers; random: teacher config, random weights; model: load `model`."
+    )
+    model: str | None = Field(None, description="Student to load when init=model.")
+    num_layers: int | None = Field(None, ge=1, description="Layers to keep (prune) or build (random).")
+    layers: Literal["evenly", "influence"] | list[int] = Field(
+        "influence",
+        description="Which teacher layers to keep: evenly spaced, the most influential (1 - cos of a block's "
+        "input and output on calibration text), or an explicit list of indices.",
+    )
+    keep_first_last: bool = Field(True, description="Always keep the first and last teacher layers.")
+    calibration_samples: int = Field(32, ge=1, description="Training records used to score layer influence.")
+    lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
+    freeze_embeddings: bool = Field(
+        False, description="Keep token embeddings (and a tied lm_head) fixed: a cheaper step, fewer trainable weights."
+    )
+
+
+class DataConfig(Section):
+    train: str = Field("builtin:quickstart", description="JSONL/JSON/TXT path, hf:NAME[:CONFIG], or builtin:NAME.")
+    teacher_answers: bool = Field(
+        True, description="Have the teacher answer prompt-only records once (cached on disk) and train on its answers."
+    )
+    samples_per_prompt: int = Field(1, ge=1, description="Teacher answers per prompt.")
+    answer_max_new_tokens: int = Field(192, ge=1)
+    answer_temperature: float = Field(0.7, ge=0, description="0 means greedy.")
+    answer_top_p: float = Field(0.9, gt=0, le=1)
+    heldout: int = Field(16, ge=0, description="Records held out for evaluation (by prompt, never trained on).")
+    max_length: int = Field(384, ge=8, description="Tokens per sequence after the chat template.")
+
+
+class LossConfig(Section):
+    divergence: str = Field("fkl", description=f"One of {', '.join(DIVERGENCES)}.")
+    kd_weight: float = Field(1.0, ge=0, le=1, description="total = (1 - kd_weight) * CE + kd_weight * divergence.")
+    temperature: float = Field(1.0, gt=0)
+    scale_by_t2: bool = Field(False, description="Multiply the divergence by T^2 (Hinton et al.).")
+    beta: float = Field(0.5, ge=0, le=1, description="JSD(beta): 0 is forward KL, 1 is reverse KL.")
+    alpha: float = Field(0.1, ge=0, le=1, description="Skew KL / skew reverse KL mixing weight.")
+    lam: float = Field(0.9, ge=0, le=1, description="Symmetric KL: (1 - lam) FKL + lam RKL.")
+    akl_alpha: float = Field(0.5, gt=0, lt=1, description="AKL head/tail split of the teacher's mass.")
+
+    @field_validator("divergence")
+    @classmethod
+    def _known_divergence(cls, value: str) -> str:
+        if value not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {value!r}; choose one of {', '.join(DIVERGENCES)}")
+        return value
+
+
+class TrainConfig(Section):
+    output_dir: str = Field("runs/quickstart", description="Checkpoints, logs, the final student and reports.")
+    max_steps: int = Field(60, ge=0, description="Optimizer steps.")
+    max_minutes: float | None = Field(None, gt=0, description="Stop (and save) after this much training time.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch on each process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor, as a fraction of lr.")
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    bf16: bool = Field(True, description="bf16 autocast (CPU and GPU); weights and optimizer stay fp32.")
+    seed: int = 0
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on Ctrl-C).")
+    log_every: int = Field(1, ge=1)
+    resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
+    length_grouped: bool = Field(
+        True, description="Batch sequences of similar length together (less padding); order stays seeded."
+    )
+
+
+class EvalConfig(Section):
+    enabled: bool = Field(True, description="Evaluate teacher, student before and after, and write the table.")
+    models: list[str] = Field(default_factory=list, description="`kdlm eval`: models to compare with the teacher.")
+    batch_size: int = Field(8, ge=1)
+    generation_tokens: int = Field(32, ge=1, description="New tokens per prompt when timing generation.")
+    text: str | None = Field(None, description="Plain-text file for perplexity, e.g. ../shared/data/wikitext-2/valid.txt.")
+    text_max_tokens: int = Field(4096, ge=16)
+
+
+class RunConfig(Section):
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    data: DataConfig = DataConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, booleans, lists, null)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict, dotted_key: str, value: Any) -> None:
+    """Set `tree[a][b][c] = value` for `a.b.c`, creating sections as needed."""
+    keys = dotted_key.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise KdlmError(f"override {dotted_key}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config and apply `key=value` overrides.
+
+    Args:
+        path: YAML file, or None for the defaults.
+        overrides: strings like `train.max_steps=50`.
+
+    Raises:
+        KdlmError: missing file, bad YAML, unknown key or bad value (the message names the key and the file).
+    """
+    tree: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise KdlmError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise KdlmError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise KdlmError(f"{path}: the top level must be a mapping of sections (teacher, student, data, ...)")
+    for item in overrides:
+        if "=" not in item:
+            raise KdlmError(f"override {item!r} must look like key=value, e.g. train.max_steps=50")
+        key, _, text = item.partition("=")
+        apply_override(tree, key.strip(), _parse_value(text))
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise KdlmError(_format_errors(exc, source)) from None
+
+
+def dump_config(config: RunConfig, path: Path) -> None:
+    """Write the resolved config next to a run's outputs, so that the run can be repeated."""
+    path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))

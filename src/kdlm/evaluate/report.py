@@ -1,0 +1,96 @@
+"""One table with the teacher and the students: fidelity, perplexity, size and speed."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kdlm.config import EvalConfig
+from kdlm.evaluate.metrics import fidelity, size_info, speed, target_logits, text_perplexity
+
+SPEED_PROMPTS = [
+    "Explain why the sky is blue in two sentences.",
+    "Give me three tips for sleeping better.",
+    "What is the difference between weather and climate?",
+    "Write a short thank-you note to a teacher.",
+    "How do plants make their food?",
+    "Name three uses of a paperclip.",
+    "What does a compiler do?",
+    "Suggest a name for a pet turtle.",
+]
+
+COLUMNS = [
+    ("model", "model", "{}"),
+    ("kl_to_teacher", "KL(teacher||model) nats/token", "{:.3f}"),
+    ("top1_agreement", "top-1 agreement", "{:.1%}"),
+    ("answer_perplexity", "ppl on held-out answers", "{:.2f}"),
+    ("text_perplexity", "ppl on text", "{:.2f}"),
+    ("parameters", "parameters (M)", "{:.1f}"),
+    ("disk_mb", "disk (MB)", "{:.0f}"),
+    ("forward_tokens_per_s", "forward tok/s", "{:.0f}"),
+    ("generate_tokens_per_s", "generate tok/s", "{:.1f}"),
+    ("peak_memory_mb", "peak memory (MB)", "{:.0f}"),
+]
+
+
+def evaluate_models(models: dict, teacher, tokenizer, heldout: list[dict], config: EvalConfig, vocab_size: int) -> list[dict]:
+    """Evaluate each `name -> (model, folder or None)` against the teacher on held-out examples."""
+    pad = tokenizer.pad_token_id
+    reference = target_logits(teacher, heldout, batch_size=config.batch_size, pad_token_id=pad, vocab_size=vocab_size)
+    text = Path(config.text).read_text() if config.text else None
+    rows = []
+    for name, (model, folder) in models.items():
+        row = {"model": name}
+        row.update(fidelity(model, heldout, reference, batch_size=config.batch_size, pad_token_id=pad, vocab_size=vocab_size))
+        if text is not None:
+            row["text_perplexity"] = text_perplexity(model, tokenizer, text, max_tokens=config.text_max_tokens)
+        info = size_info(model, folder)
+        row["parameters"] = info["parameters"] / 1e6
+        if "disk_mb" in info:
+            row["disk_mb"] = info["disk_mb"]
+        row.update(speed(model, tokenizer, SPEED_PROMPTS, batch_size=min(8, config.batch_size), new_tokens=config.generation_tokens))
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = [c for c in COLUMNS if any(c[0] in row for row in rows)]
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row, key, fmt) for key, _, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict], console: Console | None = None) -> None:
+    columns = [c for c in COLUMNS if any(c[0] in row for row in rows)]
+    table = Table(title="teacher and students on held-out teacher answers")
+    for _, title, _ in columns:
+        table.add_column(title, justify="right")
+    for row in rows:
+        table.add_row(*(_cell(row, key, fmt) for key, _, fmt in columns))
+    (console or Console()).print(table)
+
+
+def write_report(report: dict, output_dir: Path) -> None:
+    """report.json (everything) and report.md (the table and timings); prints the table."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    lines = [f"# kdlm run: {output_dir}", ""]
+    if report.get("rows"):
+        lines += [markdown_table(report["rows"]), ""]
+        print_table(report["rows"])
+    timings = report.get("timings", {})
+    lines += ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    lines += ["", f"steps: {report.get('steps')}, target tokens: {report.get('tokens')}"]
+    (output_dir / "report.md").write_text("\n".join(lines) + "\n")

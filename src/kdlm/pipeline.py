@@ -1,0 +1,206 @@
+"""`kdlm distill`: data, student, teacher signal, training and the before/after table, in one run.
+
+Each stage reuses what an earlier run left on disk (teacher answers, the top-k cache, checkpoints),
+so a rerun or `train.resume=true` after a crash repeats no paid work.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from kdlm.config import RunConfig, dump_config
+from kdlm.data import encode_records, load_records, split_heldout
+from kdlm.errors import KdlmError
+from kdlm.evaluate.report import evaluate_models, write_report
+from kdlm.models import (
+    apply_lora,
+    block_influence,
+    build_pruned_student,
+    build_random_student,
+    check_vocab_compatible,
+    describe_model,
+    load_model,
+    save_student,
+    select_layers,
+)
+from kdlm.data.tokenize import collate
+from kdlm.teachers.answers import answer_prompts
+from kdlm.teachers.signals import compute_topk_targets
+from kdlm.train.loop import train, write_history
+
+console = Console()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_data(config: RunConfig, teacher, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Load records, hold out a split by prompt, let the teacher answer prompts; returns tokenised (train, heldout)."""
+    records = load_records(config.data.train)
+    train_records, heldout_records = split_heldout(records, config.data.heldout, seed=config.train.seed)
+    if config.data.teacher_answers:
+        kwargs = {
+            "teacher_name": config.teacher.model,
+            "max_new_tokens": config.data.answer_max_new_tokens,
+            "temperature": config.data.answer_temperature,
+            "top_p": config.data.answer_top_p,
+            "seed": config.train.seed,
+        }
+        train_records = _with_answers(teacher, tokenizer, train_records, config.data.samples_per_prompt, kwargs)
+        heldout_records = _with_answers(teacher, tokenizer, heldout_records, 1, kwargs)
+    train_examples = encode_records(tokenizer, train_records, max_length=config.data.max_length)
+    heldout_examples = encode_records(tokenizer, heldout_records, max_length=config.data.max_length) if heldout_records else []
+    return train_examples, heldout_examples
+
+
+def _with_answers(teacher, tokenizer, records: list[dict], samples: int, kwargs: dict) -> list[dict]:
+    """Chat records get the teacher's answers (replacing any given response); text records pass through."""
+    chats = [r for r in records if "messages" in r]
+    texts = [r for r in records if "messages" not in r]
+    answered = answer_prompts(teacher, tokenizer, chats, samples_per_prompt=samples, **kwargs) if chats else []
+    return answered + texts
+
+
+def build_student(config: RunConfig, teacher, tokenizer, train_examples: list[dict], kept_layers: list[int] | None):
+    """The student before training, and the teacher layers it keeps (for pruned students)."""
+    cfg = config.student
+    if cfg.init == "model":
+        if not cfg.model:
+            raise KdlmError("student.init=model needs student.model (a folder, .gguf file or hub id)")
+        student, student_tokenizer = load_model(cfg.model)
+    else:
+        student_tokenizer = tokenizer
+        num_teacher_layers = teacher.config.num_hidden_layers
+        num_layers = cfg.num_layers or max(1, num_teacher_layers // 2)
+        if cfg.init == "random":
+            torch.manual_seed(config.train.seed)
+            student = build_random_student(teacher.config, num_hidden_layers=num_layers)
+        else:
+            if kept_layers is None:
+                influence = None
+                if cfg.layers == "influence":
+                    batch = collate(train_examples[: cfg.calibration_samples], tokenizer.pad_token_id)
+                    influence = block_influence(teacher, batch["input_ids"], batch["attention_mask"])
+                kept_layers = select_layers(
+                    num_teacher_layers, num_layers, cfg.layers, influence=influence, keep_first_last=cfg.keep_first_last
+                )
+            student = build_pruned_student(teacher, kept_layers)
+    vocab_size = check_vocab_compatible(tokenizer, student_tokenizer, teacher.config.vocab_size, student.config.vocab_size)
+    if cfg.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)
+        student.get_output_embeddings().weight.requires_grad_(False)
+    if cfg.lora is not None:
+        student = apply_lora(student, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules)
+    return student, kept_layers, vocab_size
+
+
+def distill(config: RunConfig) -> dict:
+    """Run the whole job; returns the report (also written to output_dir/report.json and report.md)."""
+    seed_everything(config.train.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    output_dir = Path(config.train.output_dir)
+    run_file = output_dir / "run.json"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, output_dir / "config.yaml")
+    timings: dict[str, float] = {}
+
+    started = time.perf_counter()
+    dtype = torch.bfloat16 if config.teacher.dtype == "bfloat16" else torch.float32
+    with accelerator.main_process_first():  # the first process converts/caches; the others reuse
+        teacher, tokenizer = load_model(config.teacher.model, dtype=dtype)
+        timings["load_teacher_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        train_examples, heldout_examples = prepare_data(config, teacher, tokenizer)
+    timings["data_s"] = time.perf_counter() - started
+    console.print(f"data: {len(train_examples)} training and {len(heldout_examples)} held-out examples")
+
+    previous = json.loads(run_file.read_text()) if config.train.resume and run_file.exists() else {}
+    started = time.perf_counter()
+    student, kept_layers, vocab_size = build_student(config, teacher, tokenizer, train_examples, previous.get("kept_layers"))
+    timings["build_student_s"] = time.perf_counter() - started
+    if kept_layers is not None:
+        console.print(f"student keeps teacher layers {kept_layers} ({config.student.layers})")
+    if accelerator.is_main_process:
+        run_file.write_text(json.dumps({"kept_layers": kept_layers}))
+
+    evaluate = config.eval.enabled and accelerator.is_main_process and heldout_examples
+    rows_before = []
+    if evaluate and not config.train.resume:
+        rows_before = evaluate_models(
+            {"teacher": (teacher, None), "student before": (student, None)}, teacher, tokenizer, heldout_examples, config.eval, vocab_size
+        )
+
+    use_kd = config.loss.kd_weight > 0
+    topk_targets = None
+    started = time.perf_counter()
+    if use_kd and config.teacher.signal == "topk":
+        with accelerator.main_process_first():
+            topk_targets = compute_topk_targets(
+                teacher, train_examples, top_k=config.teacher.top_k, pad_token_id=tokenizer.pad_token_id,
+                batch_size=config.train.batch_size, bf16=config.train.bf16,
+                cache_file=output_dir / "teacher_topk.pt", teacher_name=config.teacher.model,
+            )
+    timings["teacher_signal_s"] = time.perf_counter() - started
+
+    result = train(
+        student, train_examples, train_config=config.train, loss_config=config.loss,
+        pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size,
+        teacher=teacher if use_kd and topk_targets is None else None,
+        topk_targets=topk_targets, accelerator=accelerator, run_state={"kept_layers": kept_layers},
+    )
+    timings["train_s"] = result.seconds
+    report: dict = {"config": config.model_dump(), "timings": timings, "steps": result.steps, "tokens": result.tokens}
+    if accelerator.is_main_process:
+        student_dir = output_dir / "student"
+        save_student(student, tokenizer, student_dir)
+        write_history(result.history, output_dir / "history.json")
+        if evaluate:
+            trained, _ = load_model(str(student_dir))
+            rows_after = evaluate_models({"student after": (trained, student_dir)}, teacher, tokenizer, heldout_examples, config.eval, vocab_size)
+            report["rows"] = rows_before + rows_after
+        write_report(report, output_dir)
+    accelerator.wait_for_everyone()
+    return report
+
+
+def run_eval(config: RunConfig) -> list[dict]:
+    """`kdlm eval`: the teacher and each model of eval.models on the config's held-out teacher answers."""
+    if not config.eval.models:
+        raise KdlmError("nothing to evaluate: set eval.models=[path/to/student,...]")
+    teacher, tokenizer = load_model(config.teacher.model)
+    _, heldout = prepare_data(config, teacher, tokenizer)
+    if not heldout:
+        raise KdlmError("data.heldout is 0: no held-out examples to evaluate on")
+    models = {"teacher": (teacher, None)}
+    vocab_size = teacher.config.vocab_size
+    for spec in config.eval.models:
+        model, model_tokenizer = load_model(spec)
+        vocab_size = min(vocab_size, check_vocab_compatible(tokenizer, model_tokenizer, teacher.config.vocab_size, model.config.vocab_size))
+        models[spec] = (model, Path(spec) if Path(spec).is_dir() else None)
+    rows = evaluate_models(models, teacher, tokenizer, heldout, config.eval, vocab_size)
+    write_report({"rows": rows, "config": config.model_dump()}, Path(config.train.output_dir) / "eval")
+    return rows
+
+
+def run_build_student(config: RunConfig) -> Path:
+    """`kdlm build-student`: build and save the student without training; prints its size."""
+    teacher, tokenizer = load_model(config.teacher.model)
+    train_examples, _ = prepare_data(config, teacher, tokenizer) if config.student.layers == "influence" else ([], [])
+    student, kept_layers, _ = build_student(config, teacher, tokenizer, train_examples, None)
+    folder = Path(config.train.output_dir) / "student-init"
+    save_student(student, tokenizer, folder)
+    info = describe_model(student, folder)
+    console.print(f"student: {info} kept layers {kept_layers} -> {folder}")
+    return folder

@@ -1,0 +1,297 @@
+"""The training loop: one readable function on Hugging Face Accelerate.
+
+Objective per optimizer step (shared/METHODS.md §1):
+    L = [(1 - w) * sum CE + w * sum D(teacher || student)] / (number of target tokens in the global batch)
+The sums run over the micro-batches of the step on every process; the denominator is counted from
+the schedule itself, so gradient accumulation and data parallelism give the same gradient as one big
+batch. The teacher is frozen, in eval mode, without gradients; with `teacher.signal: topk` it does
+not run at all.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor, nn
+
+from kdlm.config import LossConfig, TrainConfig
+from kdlm.data.tokenize import collate
+from kdlm.errors import KdlmError
+from kdlm.losses import kd_loss_sums, topk_kd_loss_sums
+from kdlm.teachers.signals import teacher_logits
+from kdlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdlm.train.forward import project, target_hidden_states
+from kdlm.train.order import run_schedule
+
+
+class StudentObjective(nn.Module):
+    """Wraps the student so that DDP sees the whole loss computation inside one forward."""
+
+    def __init__(self, student: nn.Module, loss: LossConfig, vocab_size: int):
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self.vocab_size = vocab_size
+
+    def forward(self, batch: dict[str, Tensor], teacher_target) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (summed divergence, summed CE, number of target tokens) for one micro-batch."""
+        hidden, target_ids = target_hidden_states(
+            self.student, batch["input_ids"], batch["attention_mask"], batch["labels"]
+        )
+        student_logits = project(self.student, hidden)[:, : self.vocab_size]
+        options = {
+            "divergence": self.loss.divergence,
+            "temperature": self.loss.temperature,
+            "scale_by_t2": self.loss.scale_by_t2,
+            "beta": self.loss.beta,
+            "alpha": self.loss.alpha,
+            "lam": self.loss.lam,
+            "akl_alpha": self.loss.akl_alpha,
+        }
+        if teacher_target is None:  # plain fine-tuning (kd_weight 0): cross-entropy only
+            logits = student_logits.float()
+            ce = nn.functional.cross_entropy(logits, target_ids, reduction="sum")
+            return ce.new_zeros(()), ce, torch.tensor(target_ids.numel())
+        if isinstance(teacher_target, tuple):
+            ids, logprobs = teacher_target
+            kd, ce, count = topk_kd_loss_sums(student_logits, ids, logprobs, target_ids, **options)
+        else:
+            kd, ce, count = kd_loss_sums(student_logits, teacher_target, target_ids, **options)
+        return kd, ce, torch.tensor(count)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def _lr_lambda(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        span = max(1, config.max_steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _num_targets(example: dict) -> int:
+    return sum(1 for label in example["labels"][1:] if label != -100)
+
+
+def train(
+    student: nn.Module,
+    examples: list[dict],
+    *,
+    train_config: TrainConfig,
+    loss_config: LossConfig,
+    pad_token_id: int,
+    vocab_size: int,
+    teacher: nn.Module | None = None,
+    topk_targets: list[tuple[Tensor, Tensor]] | None = None,
+    accelerator: Accelerator | None = None,
+    run_state: dict | None = None,
+) -> TrainResult:
+    """Train `student` in place on tokenised `examples`; checkpoints go to `output_dir/checkpoints`.
+
+    Args:
+        student: the model to train (its trainable parameters are the ones with requires_grad).
+        examples: tokenised examples with `input_ids` and `labels` lists.
+        pad_token_id: used to pad micro-batches.
+        vocab_size: the shared teacher/student vocabulary; logits beyond it are dropped.
+        teacher: the online teacher, needed when kd_weight > 0 and no `topk_targets` are given.
+        topk_targets: per example (ids, logprobs), from `compute_topk_targets`.
+        run_state: extra JSON-serialisable facts stored in every checkpoint (e.g. kept layers).
+
+    Raises:
+        KdlmError: on a non-finite loss (after saving the last good step) or a bad setup.
+        KeyboardInterrupt: after saving a checkpoint of the last completed step.
+    """
+    config = train_config
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    use_kd = loss_config.kd_weight > 0
+    if use_kd and teacher is None and topk_targets is None:
+        raise KdlmError("kd_weight > 0 needs a teacher or cached teacher targets")
+    output_dir = Path(config.output_dir)
+    checkpoints = output_dir / "checkpoints"
+
+    trainable = [param for param in student.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    objective = StudentObjective(student, loss_config, vocab_size)
+    start_step, tokens_seen, seconds_before = 0, 0, 0.0
+    if config.resume and (last := latest_checkpoint(checkpoints)) is not None:
+        state = load_checkpoint(last, model=student, optimizer=optimizer, scheduler=scheduler)
+        start_step, tokens_seen, seconds_before = state["step"], state["tokens"], state["seconds"]
+        accelerator.print(f"resumed from {last} (step {start_step})")
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False).to(accelerator.device)
+    student.train()
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = config.batch_size * world
+    schedule = run_schedule(
+        [len(example["input_ids"]) for example in examples],
+        global_batch=global_batch,
+        num_batches=config.max_steps * config.grad_accum,
+        seed=config.seed,
+        length_grouped=config.length_grouped,
+    )
+    device_type = accelerator.device.type
+    history: list[dict] = []
+    log_file, writer = _open_logs(output_dir, accelerator, resumed=start_step > 0)
+    step = start_step
+    started = time.perf_counter()
+
+    def save(reason: str) -> None:
+        state = {"step": step, "tokens": tokens_seen, "seconds": seconds_before + time.perf_counter() - started}
+        state.update(run_state or {})
+        if accelerator.is_main_process:
+            path = save_checkpoint(checkpoints, model=student, optimizer=optimizer, scheduler=scheduler, state=state)
+            accelerator.print(f"checkpoint ({reason}): {path}")
+        accelerator.wait_for_everyone()
+
+    progress = Progress(
+        TextColumn("[bold]train[/] {task.fields[info]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not accelerator.is_main_process,
+    )
+    interrupted = False
+    try:
+        with progress:
+            task = progress.add_task("train", total=config.max_steps, completed=start_step, info="")
+            while step < config.max_steps:
+                if config.max_minutes and (time.perf_counter() - started + seconds_before) > 60 * config.max_minutes:
+                    accelerator.print(f"time budget of {config.max_minutes} min reached at step {step}")
+                    break
+                step_started = time.perf_counter()
+                micro_batches = schedule[step * config.grad_accum : (step + 1) * config.grad_accum]
+                step_tokens = sum(_num_targets(examples[i]) for batch in micro_batches for i in batch)
+                sums = torch.zeros(3)  # kd, ce, tokens (this process)
+                for index, global_indices in enumerate(micro_batches):
+                    local = global_indices[rank * config.batch_size : (rank + 1) * config.batch_size]
+                    batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in local], pad_token_id).items()}
+                    target = None
+                    if use_kd:
+                        if topk_targets is not None:
+                            target = tuple(
+                                torch.cat([topk_targets[i][j] for i in local]).to(accelerator.device) for j in (0, 1)
+                            )
+                        else:
+                            target = teacher_logits(teacher, batch, bf16=config.bf16)[:, :vocab_size]
+                    last_micro = index == len(micro_batches) - 1
+                    with accelerator.no_sync(objective) if not last_micro else _nullcontext():
+                        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
+                            kd, ce, count = objective(batch, target)
+                        w = loss_config.kd_weight if use_kd else 0.0
+                        loss = ((1 - w) * ce + w * kd) * (world / max(step_tokens, 1))
+                        accelerator.backward(loss)
+                    sums += torch.stack([kd.detach().float().cpu(), ce.detach().float().cpu(), count.float().cpu()])
+                totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
+                kd_mean, ce_mean = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
+                if not (math.isfinite(kd_mean) and math.isfinite(ce_mean)):
+                    optimizer.zero_grad(set_to_none=True)
+                    save("last good step before a non-finite loss")
+                    raise KdlmError(
+                        f"non-finite loss at step {step + 1} (kd {kd_mean}, ce {ce_mean}); the last good step is "
+                        "saved. Lower train.lr, or set train.bf16=false, then resume with train.resume=true"
+                    )
+                grad_norm = None
+                if config.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm).item()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += step_tokens
+                step_seconds = time.perf_counter() - step_started
+                w = loss_config.kd_weight if use_kd else 0.0
+                record = {
+                    "step": step,
+                    "loss": (1 - w) * ce_mean + w * kd_mean,
+                    "kd": kd_mean if use_kd else float("nan"),
+                    "ce": ce_mean,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                    "tokens": tokens_seen,
+                    "tokens_per_s": step_tokens / step_seconds,
+                    "seconds": seconds_before + time.perf_counter() - started,
+                }
+                history.append(record)
+                if accelerator.is_main_process and step % config.log_every == 0:
+                    _log(record, log_file, writer)
+                info = f"loss {record['loss']:.3f} (kd {kd_mean:.3f} ce {ce_mean:.3f}) {record['tokens_per_s']:.0f} tok/s"
+                progress.update(task, completed=step, info=info)
+                if config.save_every and step % config.save_every == 0 and step < config.max_steps:
+                    save(f"every {config.save_every} steps")
+    except KeyboardInterrupt:
+        interrupted = True
+        optimizer.zero_grad(set_to_none=True)
+        save("interrupted")
+        accelerator.print(f"interrupted at step {step}: continue with train.resume=true")
+        raise
+    finally:
+        if accelerator.is_main_process and writer is not None:
+            writer.close()
+    save("end of training")
+    seconds = seconds_before + time.perf_counter() - started
+    student.eval()
+    return TrainResult(steps=step, tokens=tokens_seen, seconds=seconds, history=history, interrupted=interrupted)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _open_logs(output_dir: Path, accelerator: Accelerator, resumed: bool):
+    if not accelerator.is_main_process:
+        return None, None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log_file = output_dir / "train_log.csv"
+    if not resumed and log_file.exists():
+        log_file.unlink()
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(output_dir / "tensorboard"))
+    except ImportError:  # tensorboard is a declared dependency; keep training if it is broken
+        writer = None
+    return log_file, writer
+
+
+def _log(record: dict, log_file: Path, writer) -> None:
+    new = not log_file.exists()
+    with log_file.open("a", newline="") as handle:
+        out = csv.DictWriter(handle, fieldnames=list(record))
+        if new:
+            out.writeheader()
+        out.writerow(record)
+    if writer is not None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, float) and math.isfinite(value):
+                writer.add_scalar(f"train/{key}", value, record["step"])
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    path.write_text(json.dumps(history, indent=1))
