@@ -1,1 +1,30 @@
+"""Logit-distillation losses: one definition per divergence, used by the dense and the top-k paths."""
 
+from kdlm.losses.divergences import (
+    DIVERGENCES,
+    akl,
+    fkl,
+    jsd,
+    per_token_divergence,
+    rkl,
+    skl,
+    srkl,
+    symkl,
+    tvd,
+)
+from kdlm.losses.logits import kd_loss_sums, topk_kd_loss_sums
+
+__all__ = [
+    "DIVERGENCES",
+    "akl",
+    "fkl",
+    "jsd",
+    "kd_loss_sums",
+    "per_token_divergence",
+    "rkl",
+    "skl",
+    "srkl",
+    "symkl",
+    "topk_kd_loss_sums",
+    "tvd",
+]

@@ -1,0 +1,164 @@
+"""Token-level distillation losses from logits: dense teacher logits or a sparse top-k teacher.
+
+Reduction: both functions return *sums* over the non-masked positions and the number of those positions.
+The caller divides once by the global token count of the optimizer step (METHODS.md §1), so that
+gradient accumulation and data parallelism give the same loss as one big batch.
+
+Inputs are already shifted: row i of the logits predicts ``labels[i]``. Rows whose label is
+``ignore_index`` are dropped before any softmax, so they cannot leak NaN (a padded position may hold -inf
+logits) and receive a zero gradient. Softmaxes run in fp32 (or wider) whatever the input dtype.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kdlm.losses.divergences import per_token_divergence, upcast
+
+# Teacher tail mass below this is read as exactly 0: cached top-k log-probs carry fp32 (or worse) rounding,
+# so a sum of ~1 - 1e-7 says "no tail", not "a tail of 1e-7".
+TAIL_MASS_EPS = 1e-6
+
+
+def _keep_rows(labels: Tensor, ignore_index: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+    if labels.dim() != 1 or any(t.shape[0] != labels.shape[0] for t in tensors):
+        shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+        raise ValueError(
+            f"expected labels (N,) and inputs with N rows, got {tuple(labels.shape)} and {shapes}"
+        )
+    rows = (labels != ignore_index).nonzero().squeeze(-1)
+    return tuple(t.index_select(0, rows) for t in (labels, *tensors))
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def kd_loss_sums(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    divergence: str,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    scale_by_t2: bool = False,
+    **divergence_kwargs: float,
+) -> tuple[Tensor, Tensor, int]:
+    """Summed divergence to dense teacher logits, summed CE to the labels, and the token count.
+
+    When the vocabulary sizes differ (padded lm_heads), both logits are cut to the shared first
+    min(V_s, V_t) columns and normalised there; checking that the tokenizers agree is the caller's job.
+    The CE uses the student's full vocabulary at temperature 1.
+
+    Args:
+        student_logits: (N, V_s) student logits.
+        teacher_logits: (N, V_t) teacher logits; not detached, so compute them under ``torch.no_grad()``.
+        labels: (N,) target ids, ``ignore_index`` where the position is outside the loss.
+        divergence: a name from ``DIVERGENCES``.
+        temperature: T, dividing both sides' logits before the divergence.
+        ignore_index: label value of masked positions.
+        scale_by_t2: multiply the divergence sum by T² (Hinton et al.); a no-op at T = 1.
+        **divergence_kwargs: ``beta``, ``alpha``, ``lam`` or ``akl_alpha``, see ``per_token_divergence``.
+
+    Returns:
+        (divergence sum, CE sum, number of non-masked tokens): two differentiable scalars and an int.
+        All positions masked gives two zeros and 0.
+    """
+    _check_temperature(temperature)
+    labels, student, teacher = _keep_rows(labels, ignore_index, student_logits, teacher_logits)
+    student = upcast(student)
+    ce_sum = F.cross_entropy(student, labels, reduction="sum")
+    vocab = min(student.shape[-1], teacher.shape[-1])
+    student_logprobs = F.log_softmax(student[:, :vocab] / temperature, dim=-1)
+    teacher_logprobs = F.log_softmax(upcast(teacher[:, :vocab]) / temperature, dim=-1)
+    divergence_sum = per_token_divergence(divergence, student_logprobs, teacher_logprobs, **divergence_kwargs)
+    divergence_sum = divergence_sum.sum()
+    if scale_by_t2:
+        divergence_sum = divergence_sum * temperature**2
+    return divergence_sum, ce_sum, labels.numel()
+
+
+def _log_one_minus_exp(x: Tensor) -> Tensor:
+    """log(1 − eˣ) for x ≤ 0, accurate both near 0 (via expm1) and far below it (via log1p)."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _teacher_buckets(topk_logprobs: Tensor, temperature: float) -> Tensor:
+    """(n, k) cached log-probs -> (n, k+1) bucket log-probs at ``temperature``, tail last."""
+    kept = torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
+    tail = _log_one_minus_exp(kept).masked_fill(kept >= math.log1p(-TAIL_MASS_EPS), float("-inf"))
+    # Re-temper p_i ∝ p_i^(1/T) over the buckets; this also renormalises a sum that rounding put above 1.
+    return F.log_softmax(torch.cat([topk_logprobs, tail], dim=-1) / temperature, dim=-1)
+
+
+def _student_buckets(student_logits: Tensor, topk_ids: Tensor, temperature: float) -> Tensor:
+    """(n, V) logits -> (n, k+1) bucket log-probs: the k ids, then the rest of the vocabulary."""
+    logprobs = F.log_softmax(student_logits / temperature, dim=-1)
+    # The tail sums the entries outside the top-k directly, so it stays exact when it is tiny, unlike 1 − Σ q_k.
+    # With k = V it is -inf; the scatter's backward zeroes the NaN logsumexp sends to the masked entries.
+    tail = torch.logsumexp(logprobs.scatter(-1, topk_ids, float("-inf")), dim=-1, keepdim=True)
+    return torch.cat([logprobs.gather(-1, topk_ids), tail], dim=-1)
+
+
+def topk_kd_loss_sums(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    labels: Tensor,
+    *,
+    divergence: str,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    scale_by_t2: bool = False,
+    **divergence_kwargs: float,
+) -> tuple[Tensor, Tensor, int]:
+    """Like ``kd_loss_sums`` but against a sparse teacher: top-k log-probs plus a tail bucket.
+
+    Both sides become k+1 buckets (METHODS.md §2.9 ``symmetric_uniform``): the k teacher ids, then the
+    missing mass. The teacher tail is log(1 − Σ p_k), -inf when that mass is below ``TAIL_MASS_EPS``; the
+    student is normalised over its full vocabulary, gathered at the ids, and its tail is the mass of all
+    other tokens. The divergence is then the same ``per_token_divergence`` as the dense path; with k = V it
+    equals ``kd_loss_sums``. RKL-type losses only see the student's tail as one bucket, so they are an
+    approximation of the dense ones for k < V.
+
+    Temperature: the cached log-probs are taken to be at T = 1 and are re-tempered as p_i ∝ p_i^(1/T) over
+    the k+1 buckets (METHODS.md §1). That is exact for a full distribution and an approximation for a
+    truncated one, since the tail bucket is raised as one entry.
+
+    Args:
+        student_logits: (N, V) student logits.
+        teacher_topk_ids: (N, k) long, distinct vocabulary ids per row.
+        teacher_topk_logprobs: (N, k) teacher log-probs of those ids, normalised over the full vocabulary.
+        labels: (N,) target ids, ``ignore_index`` where the position is outside the loss.
+        divergence: a name from ``DIVERGENCES``.
+        temperature: distillation temperature T.
+        ignore_index: label value of masked positions.
+        scale_by_t2: multiply the divergence sum by T²; a no-op at T = 1.
+        **divergence_kwargs: ``beta``, ``alpha``, ``lam`` or ``akl_alpha``, see ``per_token_divergence``.
+
+    Returns:
+        (divergence sum, CE sum, number of non-masked tokens), as ``kd_loss_sums``.
+    """
+    _check_temperature(temperature)
+    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
+        raise ValueError(
+            f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and teacher_topk_logprobs "
+            f"{tuple(teacher_topk_logprobs.shape)} must have the same shape (N, k)"
+        )
+    labels, student, topk_ids, topk_logprobs = _keep_rows(
+        labels, ignore_index, student_logits, teacher_topk_ids, teacher_topk_logprobs
+    )
+    student = upcast(student)
+    ce_sum = F.cross_entropy(student, labels, reduction="sum")
+    student_logprobs = _student_buckets(student, topk_ids, temperature)
+    teacher_logprobs = _teacher_buckets(upcast(topk_logprobs), temperature)
+    divergence_sum = per_token_divergence(divergence, student_logprobs, teacher_logprobs, **divergence_kwargs)
+    divergence_sum = divergence_sum.sum()
+    if scale_by_t2:
+        divergence_sum = divergence_sum * temperature**2
+    return divergence_sum, ce_sum, labels.numel()
