@@ -1,1 +1,28 @@
+"""Load teachers and students, build students (prune, random, LoRA), and check vocabularies."""
 
+from kdlm.models.loading import BUNDLED_MODELS, cache_dir, ensure_bundled, load_model
+from kdlm.models.student import (
+    apply_lora,
+    block_influence,
+    build_pruned_student,
+    build_random_student,
+    describe_model,
+    save_student,
+    select_layers,
+)
+from kdlm.models.vocab import check_vocab_compatible
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "apply_lora",
+    "block_influence",
+    "build_pruned_student",
+    "build_random_student",
+    "cache_dir",
+    "check_vocab_compatible",
+    "describe_model",
+    "ensure_bundled",
+    "load_model",
+    "save_student",
+    "select_layers",
+]
