@@ -18,6 +18,7 @@ from rich.console import Console
 
 from kdlm.config import RunConfig, dump_config
 from kdlm.data import encode_records, load_records, split_heldout
+from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
 from kdlm.evaluate.report import evaluate_models, write_report
 from kdlm.models import (
@@ -31,7 +32,6 @@ from kdlm.models import (
     save_student,
     select_layers,
 )
-from kdlm.data.tokenize import collate
 from kdlm.teachers.answers import answer_prompts
 from kdlm.teachers.signals import compute_topk_targets
 from kdlm.train.loop import train, write_history

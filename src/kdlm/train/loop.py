@@ -14,12 +14,20 @@ import csv
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import Tensor, nn
 
 from kdlm.config import LossConfig, TrainConfig
@@ -104,6 +112,7 @@ def train(
     topk_targets: list[tuple[Tensor, Tensor]] | None = None,
     accelerator: Accelerator | None = None,
     run_state: dict | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `student` in place on tokenised `examples`; checkpoints go to `output_dir/checkpoints`.
 
@@ -115,6 +124,7 @@ def train(
         teacher: the online teacher, needed when kd_weight > 0 and no `topk_targets` are given.
         topk_targets: per example (ids, logprobs), from `compute_topk_targets`.
         run_state: extra JSON-serialisable facts stored in every checkpoint (e.g. kept layers).
+        on_step: called with the step number after each optimizer step (tests use it to interrupt).
 
     Raises:
         KdlmError: on a non-finite loss (after saving the last good step) or a bad setup.
@@ -241,6 +251,8 @@ def train(
                 progress.update(task, completed=step, info=info)
                 if config.save_every and step % config.save_every == 0 and step < config.max_steps:
                     save(f"every {config.save_every} steps")
+                if on_step is not None:
+                    on_step(step)
     except KeyboardInterrupt:
         interrupted = True
         optimizer.zero_grad(set_to_none=True)

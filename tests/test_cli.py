@@ -1,0 +1,119 @@
+"""The real CLI on a tiny teacher: the whole distill job, and user errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tiny import save_tiny_teacher, tiny_llama, write_chat_jsonl
+
+KDLM = [sys.executable, "-m", "kdlm.cli"]
+
+
+def run_cli(*args, cwd: Path, env_extra: dict | None = None, check_ok: bool = True):
+    env = {**os.environ, "KDLM_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    proc = subprocess.run([*KDLM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check_ok:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_teacher(root / "teacher")
+    write_chat_jsonl(root / "chat.jsonl", count=40)
+    return root
+
+
+def base_args(root: Path, output: str) -> list[str]:
+    return [
+        f"teacher.model={root / 'teacher'}", f"data.train={root / 'chat.jsonl'}", "data.heldout=8",
+        "data.teacher_answers=false", "data.max_length=96", "student.num_layers=2", "train.batch_size=4",
+        "train.max_steps=15", "train.lr=3e-3", f"train.output_dir={root / output}", "eval.batch_size=4",
+        "eval.generation_tokens=4",
+    ]
+
+
+@pytest.mark.parametrize("signal", ["topk", "online"])
+def test_distill_end_to_end_brings_the_student_closer(workspace, signal):
+    out = f"run-{signal}"
+    run_cli("distill", *base_args(workspace, out), f"teacher.signal={signal}", "teacher.top_k=16", cwd=workspace)
+    report = json.loads((workspace / out / "report.json").read_text())
+    rows = {row["model"]: row for row in report["rows"]}
+    assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0, abs=1e-5)
+    assert rows["teacher"]["top1_agreement"] == 1.0
+    before, after = rows["student before"], rows["student after"]
+    assert after["kl_to_teacher"] < before["kl_to_teacher"]
+    assert after["answer_perplexity"] < before["answer_perplexity"]
+    assert (workspace / out / "report.md").read_text().count("|") > 20
+    assert (workspace / out / "train_log.csv").read_text().count("\n") == 16  # header + 15 steps
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(workspace / out / "student")
+    assert student.config.num_hidden_layers == 2
+
+
+def test_teacher_answers_are_generated_once_and_cached(workspace):
+    args = base_args(workspace, "answers") + ["data.teacher_answers=true", "data.answer_max_new_tokens=8",
+                                               "train.max_steps=1", "eval.enabled=false"]
+    run_cli("distill", *args, cwd=workspace)
+    cache = list((workspace / "cache" / "answers").glob("*.jsonl"))
+    assert len(cache) == 1
+    lines = cache[0].read_text().splitlines()
+    assert len(lines) == 40  # 32 training prompts + 8 held out, each answered once
+    run_cli("distill", *args, cwd=workspace)
+    assert cache[0].read_text().splitlines() == lines  # the rerun paid for nothing
+
+
+def _error(workspace, *args) -> str:
+    proc = run_cli(*args, cwd=workspace, check_ok=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return proc.stderr
+
+
+def test_unknown_key_names_key_and_file(workspace):
+    config = workspace / "bad.yaml"
+    config.write_text("# kdlm distill bad.yaml\ntrain:\n  max_stepz: 3\n")
+    message = _error(workspace, "distill", str(config))
+    assert "train.max_stepz" in message and "bad.yaml" in message
+
+
+def test_missing_model_path(workspace):
+    message = _error(workspace, "distill", *base_args(workspace, "x"), f"teacher.model={workspace / 'no-such-model'}")
+    assert "no-such-model" in message
+
+
+def test_malformed_record_names_file_and_line(workspace):
+    bad = workspace / "broken.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n')
+    message = _error(workspace, "distill", *base_args(workspace, "x"), f"data.train={bad}")
+    assert "broken.jsonl:2" in message
+
+
+def test_empty_dataset(workspace):
+    empty = workspace / "empty.jsonl"
+    empty.write_text("\n")
+    message = _error(workspace, "distill", *base_args(workspace, "x"), f"data.train={empty}")
+    assert "no records" in message
+
+
+def test_student_with_another_tokenizer_is_refused(workspace):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(300)}
+    other = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=other, eos_token="w1", pad_token="w1")
+    folder = workspace / "other-student"
+    tiny_llama(300).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    message = _error(workspace, "distill", *base_args(workspace, "x"), "student.init=model", f"student.model={folder}")
+    assert "tokenizer" in message.lower()

@@ -1,0 +1,55 @@
+"""Configs: defaults validate, overrides apply, bad keys and values name the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdlm.config import load_config
+from kdlm.errors import KdlmError
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_every_shipped_config_loads_and_names_its_command():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config = load_config(path)
+        first_line = path.read_text().splitlines()[0]
+        assert first_line.startswith("# kdlm ") and path.name in first_line, path
+        assert config.train.max_steps >= 0
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 5\n")
+    config = load_config(path, ["train.max_steps=50", "loss.divergence=jsd", "student.layers=[0,3,5]", "train.bf16=false"])
+    assert config.train.max_steps == 50 and config.loss.divergence == "jsd"
+    assert config.student.layers == [0, 3, 5] and config.train.bf16 is False
+
+
+@pytest.mark.parametrize(
+    "text, overrides, expected",
+    [
+        ("train:\n  max_stepz: 5\n", [], "train.max_stepz: unknown key"),
+        ("train:\n  max_steps: many\n", [], "train.max_steps"),
+        ("loss:\n  divergence: kl\n", [], "unknown divergence 'kl'"),
+        ("", ["loss.temperature=-1"], "loss.temperature"),
+        ("", ["nonsense.key=1"], "nonsense: unknown key"),
+        ("", ["train.max_steps"], "must look like key=value"),
+        ("- a\n- b\n", [], "top level must be a mapping"),
+    ],
+)
+def test_bad_config_names_key_and_file(tmp_path, text, overrides, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(KdlmError) as error:
+        load_config(path, overrides)
+    assert expected in str(error.value)
+    if "=" not in "".join(overrides) or overrides[0].count("=") == 1:
+        assert "bad.yaml" in str(error.value) or "key=value" in str(error.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(KdlmError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")

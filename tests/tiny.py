@@ -1,0 +1,96 @@
+"""Tiny real models and tokenizers for fast tests: a 2-layer Llama and a byte-level BPE with ChatML."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "what is the capital of france? paris is the capital of france.",
+    "plants make food from light, water and air.",
+    "two plus two is four. three times three is nine.",
+    "write a short poem about the sea and the sky.",
+    "water boils at one hundred degrees celsius.",
+]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE without merges: 3 special tokens + 256 bytes.
+
+    Built from a fixed vocabulary rather than trained, because the BPE trainer breaks ties
+    differently in each process, and the 2-process tests need identical token ids on every rank.
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *alphabet])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_llama(vocab_size: int, num_layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=2,
+        pad_token_id=2,
+        bos_token_id=1,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def trained_tiny_teacher(num_layers: int = 4, steps: int = 40) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A tiny Llama fitted for a few steps to the test corpus, so that its predictions are peaked
+    (a random teacher is nearly uniform and gives a student almost nothing to learn)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer), num_layers=num_layers).train()
+    text = " ".join(CORPUS)
+    ids = torch.tensor([tokenizer(text)["input_ids"]] * 4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer
+
+
+def save_tiny_teacher(folder: Path, num_layers: int = 4) -> Path:
+    """A trained tiny teacher as a HF folder (model + tokenizer with chat template)."""
+    model, tokenizer = trained_tiny_teacher(num_layers)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_chat_jsonl(path: Path, count: int = 24) -> Path:
+    """Prompt/response records built from the corpus (varied lengths)."""
+    lines = []
+    for i in range(count):
+        prompt = f"{CORPUS[i % len(CORPUS)]} ({i})"
+        response = " ".join(CORPUS[(i + k) % len(CORPUS)] for k in range(1 + i % 3))
+        lines.append(json.dumps({"prompt": prompt, "response": response}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
