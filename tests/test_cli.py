@@ -117,3 +117,23 @@ def test_student_with_another_tokenizer_is_refused(workspace):
     tokenizer.save_pretrained(folder)
     message = _error(workspace, "distill", *base_args(workspace, "x"), "student.init=model", f"student.model={folder}")
     assert "tokenizer" in message.lower()
+
+
+def test_build_student_then_eval_compares_it_with_the_teacher(workspace):
+    args = base_args(workspace, "built") + ["student.layers=[0,3]"]
+    run_cli("build-student", *args, cwd=workspace)
+    folder = workspace / "built" / "student-init"
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(folder)
+    assert student.config.num_hidden_layers == 2 and student.config.kdlm_teacher_layers == [0, 3]
+    run_cli("eval", *args, f"eval.models=[{folder}]", cwd=workspace)
+    rows = json.loads((workspace / "built" / "eval" / "report.json").read_text())["rows"]
+    assert [row["model"] for row in rows] == ["teacher", str(folder)]
+    assert rows[0]["top1_agreement"] == 1.0 and rows[1]["kl_to_teacher"] > 0.01
+    assert rows[1]["disk_mb"] > 0
+
+
+def test_eval_without_models_is_a_clear_error(workspace):
+    message = _error(workspace, "eval", *base_args(workspace, "x"))
+    assert "eval.models" in message

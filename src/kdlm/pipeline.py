@@ -56,6 +56,7 @@ def prepare_data(config: RunConfig, teacher, tokenizer) -> tuple[list[dict], lis
             "temperature": config.data.answer_temperature,
             "top_p": config.data.answer_top_p,
             "seed": config.train.seed,
+            "bf16": config.train.bf16,
         }
         train_records = _with_answers(teacher, tokenizer, train_records, config.data.samples_per_prompt, kwargs)
         heldout_records = _with_answers(teacher, tokenizer, heldout_records, 1, kwargs)

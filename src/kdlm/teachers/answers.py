@@ -39,8 +39,9 @@ def answer_prompts(
     max_new_tokens: int = 192,
     temperature: float = 0.7,
     top_p: float = 0.9,
-    batch_size: int = 16,
+    batch_size: int = 32,
     seed: int = 0,
+    bf16: bool = True,
     cache_file: Path | None = None,
 ) -> list[dict]:
     """Return chat records whose last message is the teacher's answer, generating only uncached ones.
@@ -52,6 +53,8 @@ def answer_prompts(
         teacher_name: identifies the teacher in the cache key (its spec string).
         samples_per_prompt: answers per prompt; sample i of a prompt is seeded independently.
         temperature: 0 means greedy decoding.
+        bf16: generate under bf16 autocast (about 2x faster on CPU than fp32, measured with
+            batch 32 on the bundled teacher); part of the cache key, since it changes the answers.
         cache_file: defaults to `cache_dir()/answers/<settings fingerprint>.jsonl`.
 
     Returns:
@@ -63,6 +66,7 @@ def answer_prompts(
         "temperature": temperature,
         "top_p": top_p,
         "seed": seed,
+        "bf16": bf16,
     }
     if cache_file is None:
         cache_file = cache_dir() / "answers" / f"{fingerprint(settings)}.jsonl"
@@ -127,15 +131,16 @@ def _generate(model, tokenizer, jobs, cached, cache_file, settings, batch_size) 
                 inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
                 # One seed per batch derived from its first key: reruns reproduce the same answers.
                 torch.manual_seed(int(batch[0][1], 16) % (2**31) + settings["seed"])
-                generated = model.generate(
-                    **inputs,
-                    max_new_tokens=settings["max_new_tokens"],
-                    do_sample=do_sample,
-                    temperature=settings["temperature"] if do_sample else None,
-                    top_p=settings["top_p"] if do_sample else None,
-                    top_k=None,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
+                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
+                    generated = model.generate(
+                        **inputs,
+                        max_new_tokens=settings["max_new_tokens"],
+                        do_sample=do_sample,
+                        temperature=settings["temperature"] if do_sample else None,
+                        top_p=settings["top_p"] if do_sample else None,
+                        top_k=None,
+                        pad_token_id=tokenizer.pad_token_id,
+                    )
                 new_tokens = generated[:, inputs["input_ids"].shape[1] :]
                 for (_, key, _, _), tokens in zip(batch, new_tokens, strict=True):
                     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
