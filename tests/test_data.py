@@ -239,11 +239,11 @@ def test_json_list_and_simple_extra_keys_become_meta(tmp_path):
     assert loaded[1] == {"text": "plain"}
 
 
-def test_builtin_quickstart_has_160_unique_prompt_only_records():
+def test_builtin_quickstart_has_320_unique_prompt_only_records():
     records = load_records("builtin:quickstart")
-    assert len(records) == 160
+    assert len(records) == 320
     assert all(is_prompt_only(record) for record in records)
-    assert len({record["messages"][0]["content"] for record in records}) == 160
+    assert len({record["messages"][0]["content"] for record in records}) == 320
     with pytest.raises(KdlmError, match="available: quickstart"):
         load_records("builtin:nope")
 
