@@ -53,16 +53,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="KD steps (default: the config's).")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+    parser.add_argument("--kd-run", type=Path, default=None,
+                        help="Reuse a finished `kdlm distill configs/quickstart.yaml` output folder as the KD run.")
     args = parser.parse_args()
     steps = [f"train.max_steps={args.steps}"] if args.steps else []
 
-    kd = run("kd-topk", args.out, steps)
+    kd = json.loads((args.kd_run / "report.json").read_text()) if args.kd_run else run("kd-topk", args.out, steps)
     sft = run("sft-steps", args.out, ["loss.kd_weight=0", f"train.max_steps={kd['steps']}"])
     sft_step_s = sft["timings"]["train_s"] / sft["steps"]
     kd_cost = kd["timings"]["train_s"] + kd["timings"]["teacher_signal_s"]
     clock_steps = int(kd_cost / sft_step_s)
     sft_clock = run("sft-clock", args.out, ["loss.kd_weight=0", f"train.max_steps={clock_steps}"])
-    evenly = run("kd-evenly", args.out, [*steps, "student.layers=evenly"])
+    evenly = run("kd-evenly", args.out, [f"train.max_steps={kd['steps']}", "student.layers=evenly"])
 
     rows = [row("kd-topk (quickstart)", kd), row("sft, equal steps", sft), row("sft, equal wall-clock", sft_clock),
             row("kd-topk, evenly spaced layers", evenly)]

@@ -137,3 +137,31 @@ def test_build_student_then_eval_compares_it_with_the_teacher(workspace):
 def test_eval_without_models_is_a_clear_error(workspace):
     message = _error(workspace, "eval", *base_args(workspace, "x"))
     assert "eval.models" in message
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(workspace):
+    import signal
+    import time
+
+    out = workspace / "interrupted"
+    args = base_args(workspace, "interrupted") + ["eval.enabled=false", "train.max_steps=100000"]
+    env = {**os.environ, "KDLM_CACHE": str(workspace / "cache"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([*KDLM, "distill", *args], cwd=workspace, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = out / "train_log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or log.read_text().count("\n") < 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stdout + stderr
+    assert "train.resume=true" in stdout + stderr
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    assert checkpoints and (checkpoints[-1] / "state.json").exists()
+    saved_step = json.loads((checkpoints[-1] / "state.json").read_text())["step"]
+    assert saved_step >= 4
+
+    run_cli("distill", *args[:-1], f"train.max_steps={saved_step + 3}", "train.resume=true", cwd=workspace)
+    steps = [int(line.split(",")[0]) for line in log.read_text().splitlines()[1:]]
+    assert steps[-3:] == [saved_step + 1, saved_step + 2, saved_step + 3]
