@@ -130,7 +130,7 @@ def test_build_student_then_eval_compares_it_with_the_teacher(workspace):
     run_cli("eval", *args, f"eval.models=[{folder}]", cwd=workspace)
     rows = json.loads((workspace / "built" / "eval" / "report.json").read_text())["rows"]
     assert [row["model"] for row in rows] == ["teacher", str(folder)]
-    assert rows[0]["top1_agreement"] == 1.0 and rows[1]["kl_to_teacher"] > 0.01
+    assert rows[0]["top1_agreement"] == 1.0 and rows[1]["kl_to_teacher"] > 1e-4
     assert rows[1]["disk_mb"] > 0
 
 

@@ -63,7 +63,12 @@ def build_student(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode typer returns an exit code instead of exiting (130 on Ctrl-C).
+        result = app(standalone_mode=False)
+        if isinstance(result, int) and result != 0:
+            if result == 130:
+                console.print("[yellow]interrupted[/]: finished work (answers, checkpoints) is saved")
+            sys.exit(result)
     except KdlmError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)
