@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import torch
@@ -140,11 +139,3 @@ def speed(model, tokenizer, prompts: list[str], *, batch_size: int = 8, new_toke
         "generate_tokens_per_s": len(texts) * new_tokens / generate_seconds,
         "peak_memory_mb": (weights + memory.peak - memory.start) / 2**20,
     }
-
-
-def size_info(model, folder: Path | None = None) -> dict:
-    """Parameter count and size on disk (bytes of the saved folder, when given)."""
-    info = {"parameters": sum(p.numel() for p in model.parameters())}
-    if folder is not None and Path(folder).is_dir():
-        info["disk_mb"] = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) / 2**20
-    return info

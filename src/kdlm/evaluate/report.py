@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from kdlm.config import EvalConfig
-from kdlm.evaluate.metrics import fidelity, size_info, speed, target_logits, text_perplexity
+from kdlm.evaluate.metrics import fidelity, speed, target_logits, text_perplexity
+from kdlm.models import describe_model
 
 SPEED_PROMPTS = [
     "Explain why the sky is blue in two sentences.",
@@ -48,10 +49,10 @@ def evaluate_models(models: dict, teacher, tokenizer, heldout: list[dict], confi
         row.update(fidelity(model, heldout, reference, batch_size=config.batch_size, pad_token_id=pad, vocab_size=vocab_size))
         if text is not None:
             row["text_perplexity"] = text_perplexity(model, tokenizer, text, max_tokens=config.text_max_tokens)
-        info = size_info(model, folder)
+        info = describe_model(model, folder)
         row["parameters"] = info["parameters"] / 1e6
-        if "disk_mb" in info:
-            row["disk_mb"] = info["disk_mb"]
+        if "disk_bytes" in info:
+            row["disk_mb"] = info["disk_bytes"] / 2**20
         row.update(speed(model, tokenizer, SPEED_PROMPTS, batch_size=min(8, config.batch_size), new_tokens=config.generation_tokens))
         rows.append(row)
     return rows
