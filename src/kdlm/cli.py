@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def distill(
     from kdlm.pipeline import distill as run
 
     report = run(_config(config, overrides))
-    console.print(f"done: student and report in {report['config']['train']['output_dir']}")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process under `accelerate launch`
+        console.print(f"done: student and report in {report['config']['train']['output_dir']}")
 
 
 @app.command("eval")
