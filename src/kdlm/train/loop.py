@@ -15,6 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +83,6 @@ class TrainResult:
     tokens: int
     seconds: float
     history: list[dict] = field(default_factory=list)
-    interrupted: bool = False
 
 
 def _lr_lambda(config: TrainConfig):
@@ -183,7 +183,7 @@ def train(
         TimeRemainingColumn(),
         disable=not accelerator.is_main_process,
     )
-    interrupted = False
+    kd_weight = loss_config.kd_weight if use_kd else 0.0
     try:
         with progress:
             task = progress.add_task("train", total=config.max_steps, completed=start_step, info="")
@@ -207,11 +207,10 @@ def train(
                         else:
                             target = teacher_logits(teacher, batch, bf16=config.bf16)[:, :vocab_size]
                     last_micro = index == len(micro_batches) - 1
-                    with accelerator.no_sync(objective) if not last_micro else _nullcontext():
+                    with accelerator.no_sync(objective) if not last_micro else nullcontext():
                         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
                             kd, ce, count = objective(batch, target)
-                        w = loss_config.kd_weight if use_kd else 0.0
-                        loss = ((1 - w) * ce + w * kd) * (world / max(step_tokens, 1))
+                        loss = ((1 - kd_weight) * ce + kd_weight * kd) * (world / max(step_tokens, 1))
                         accelerator.backward(loss)
                     sums += torch.stack([kd.detach().float().cpu(), ce.detach().float().cpu(), count.float().cpu()])
                 totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
@@ -232,10 +231,9 @@ def train(
                 step += 1
                 tokens_seen += step_tokens
                 step_seconds = time.perf_counter() - step_started
-                w = loss_config.kd_weight if use_kd else 0.0
                 record = {
                     "step": step,
-                    "loss": (1 - w) * ce_mean + w * kd_mean,
+                    "loss": (1 - kd_weight) * ce_mean + kd_weight * kd_mean,
                     "kd": kd_mean if use_kd else float("nan"),
                     "ce": ce_mean,
                     "lr": scheduler.get_last_lr()[0],
@@ -254,7 +252,6 @@ def train(
                 if on_step is not None:
                     on_step(step)
     except KeyboardInterrupt:
-        interrupted = True
         optimizer.zero_grad(set_to_none=True)
         save("interrupted")
         accelerator.print(f"interrupted at step {step}: continue with train.resume=true")
@@ -265,15 +262,7 @@ def train(
     save("end of training")
     seconds = seconds_before + time.perf_counter() - started
     student.eval()
-    return TrainResult(steps=step, tokens=tokens_seen, seconds=seconds, history=history, interrupted=interrupted)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return TrainResult(steps=step, tokens=tokens_seen, seconds=seconds, history=history)
 
 
 def _open_logs(output_dir: Path, accelerator: Accelerator, resumed: bool):
