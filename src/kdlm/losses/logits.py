@@ -71,9 +71,12 @@ def kd_loss_sums(
     _check_temperature(temperature)
     labels, student, teacher = _keep_rows(labels, ignore_index, student_logits, teacher_logits)
     student = upcast(student)
-    ce_sum = F.cross_entropy(student, labels, reduction="sum")
     vocab = min(student.shape[-1], teacher.shape[-1])
     student_logprobs = F.log_softmax(student[:, :vocab] / temperature, dim=-1)
+    if temperature == 1.0 and vocab == student.shape[-1]:  # the CE reuses the softmax: one pass over (N, V)
+        ce_sum = -student_logprobs.gather(-1, labels.unsqueeze(-1)).sum()
+    else:
+        ce_sum = F.cross_entropy(student, labels, reduction="sum")
     teacher_logprobs = F.log_softmax(upcast(teacher[:, :vocab]) / temperature, dim=-1)
     divergence_sum = per_token_divergence(divergence, student_logprobs, teacher_logprobs, **divergence_kwargs)
     divergence_sum = divergence_sum.sum()
@@ -96,13 +99,21 @@ def _teacher_buckets(topk_logprobs: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(torch.cat([topk_logprobs, tail], dim=-1) / temperature, dim=-1)
 
 
-def _student_buckets(student_logits: Tensor, topk_ids: Tensor, temperature: float) -> Tensor:
-    """(n, V) logits -> (n, k+1) bucket log-probs: the k ids, then the rest of the vocabulary."""
-    logprobs = F.log_softmax(student_logits / temperature, dim=-1)
-    # The tail sums the entries outside the top-k directly, so it stays exact when it is tiny, unlike 1 − Σ q_k.
-    # With k = V it is -inf; the scatter's backward zeroes the NaN logsumexp sends to the masked entries.
-    tail = torch.logsumexp(logprobs.scatter(-1, topk_ids, float("-inf")), dim=-1, keepdim=True)
-    return torch.cat([logprobs.gather(-1, topk_ids), tail], dim=-1)
+def _student_buckets(student_logits: Tensor, topk_ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(n, V) logits -> (n, k+1) bucket log-probs (the k ids, then the rest) and the (n, 1) log-normaliser.
+
+    One log-sum-exp over the vocabulary is the only (n, V) pass; the tail is log(1 − Σ q_k) from the k
+    gathered entries. Its fp32 rounding (about 1e-7 of the mass) is why a kept mass above 1 − ``TAIL_MASS_EPS``
+    is read as an empty tail, as on the teacher side; with k = V the tail is then exactly empty.
+    """
+    scaled = student_logits / temperature if temperature != 1.0 else student_logits
+    log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    kept_logprobs = scaled.gather(-1, topk_ids) - log_normaliser
+    kept = torch.logsumexp(kept_logprobs, dim=-1, keepdim=True)
+    empty = kept >= math.log1p(-TAIL_MASS_EPS)
+    # log(1 − e^0) has an infinite derivative: feed it a harmless value where the tail is empty anyway.
+    tail = _log_one_minus_exp(kept.masked_fill(empty, -1.0)).masked_fill(empty, float("-inf"))
+    return torch.cat([kept_logprobs, tail], dim=-1), log_normaliser
 
 
 def topk_kd_loss_sums(
@@ -154,8 +165,10 @@ def topk_kd_loss_sums(
         labels, ignore_index, student_logits, teacher_topk_ids, teacher_topk_logprobs
     )
     student = upcast(student)
-    ce_sum = F.cross_entropy(student, labels, reduction="sum")
-    student_logprobs = _student_buckets(student, topk_ids, temperature)
+    student_logprobs, log_normaliser = _student_buckets(student, topk_ids, temperature)
+    if temperature != 1.0:
+        log_normaliser = torch.logsumexp(student, dim=-1, keepdim=True)
+    ce_sum = (log_normaliser.squeeze(-1) - student.gather(-1, labels.unsqueeze(-1)).squeeze(-1)).sum()
     teacher_logprobs = _teacher_buckets(upcast(topk_logprobs), temperature)
     divergence_sum = per_token_divergence(divergence, student_logprobs, teacher_logprobs, **divergence_kwargs)
     divergence_sum = divergence_sum.sum()
