@@ -95,6 +95,33 @@ def test_gradient_accumulation_matches_one_big_batch(setup, tmp_path, monkeypatc
         torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize(("signal", "kd_weight"), [("online", 0.7), ("topk", 1.0), ("none", 0.0)])
+def test_fused_training_follows_the_dense_one(setup, tmp_path, monkeypatch, signal, kd_weight):
+    """Same losses and weights after 3 steps with the fused loss (chunks of 7 tokens) and the dense one."""
+    tokenizer, examples, teacher = setup
+    # SGD: Adam's update lr * g / (|g| + eps) turns fp32 summation-order noise on tiny gradients into 1% of lr.
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
+    topk = None
+    if signal == "topk":
+        from kdlm.teachers.signals import compute_topk_targets
+
+        topk = compute_topk_targets(teacher, examples, top_k=8, pad_token_id=tokenizer.pad_token_id, bf16=False)
+    runs = []
+    for fused in (True, False):
+        student = tiny_llama(len(tokenizer), num_layers=2, seed=2)
+        config = TrainConfig(output_dir=str(tmp_path / str(fused)), max_steps=3, batch_size=4, lr=0.5,
+                             warmup_steps=0, bf16=False)
+        loss = LossConfig(divergence="jsd", kd_weight=kd_weight, temperature=1.5, fused=fused, chunk_rows=7)
+        result = train(student, examples, train_config=config, loss_config=loss, pad_token_id=tokenizer.pad_token_id,
+                       vocab_size=len(tokenizer), teacher=teacher if signal == "online" else None, topk_targets=topk)
+        runs.append((student.state_dict(), [(r["kd"], r["ce"]) for r in result.history]))
+    (fused_weights, fused_losses), (dense_weights, dense_losses) = runs
+    torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(dense_losses), rtol=1e-5, atol=1e-6,
+                               equal_nan=True)
+    for name in fused_weights:
+        torch.testing.assert_close(fused_weights[name], dense_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_non_finite_loss_stops_with_a_clear_error(setup, tmp_path):
     tokenizer, _, _ = setup
     student = tiny_llama(len(tokenizer), num_layers=2, seed=2)

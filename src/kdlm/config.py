@@ -80,6 +80,12 @@ class LossConfig(Section):
     alpha: float = Field(0.1, ge=0, le=1, description="Skew KL / skew reverse KL mixing weight.")
     lam: float = Field(0.9, ge=0, le=1, description="Symmetric KL: (1 - lam) FKL + lam RKL.")
     akl_alpha: float = Field(0.5, gt=0, lt=1, description="AKL head/tail split of the teacher's mass.")
+    fused: bool = Field(
+        True,
+        description="Compute the loss from hidden states chunk by chunk, never holding (tokens x vocabulary) "
+        "logits; false: the dense path (full logits, then the loss).",
+    )
+    chunk_rows: int | None = Field(None, ge=1, description="Tokens per chunk of the fused loss (default: ~16M logits).")
 
     @field_validator("divergence")
     @classmethod

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdlm.losses.fused import LogitTransform
+
 
 def _unwrap(model):
     """The plain transformers model under DDP/peft wrappers."""
@@ -50,14 +52,20 @@ def target_hidden_states(model, input_ids: Tensor, attention_mask: Tensor, label
     return hidden[:, :-1][mask], labels[:, 1:][mask]
 
 
+def logit_transform(model) -> LogitTransform:
+    """The family's logit post-processing (Gemma-2 soft-capping, Cohere's logit scale); identity for most."""
+    config = _unwrap(model).config
+    return LogitTransform(getattr(config, "final_logit_softcapping", None), getattr(config, "logit_scale", None))
+
+
+def plain_lm_head(model) -> Tensor | None:
+    """The lm_head weight when the head is a bias-free linear layer (what the fused loss needs), else None."""
+    head = _unwrap(model).get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.bias is None:
+        return head.weight
+    return None  # a LoRA-wrapped or biased head: use the dense path
+
+
 def project(model, hidden: Tensor) -> Tensor:
     """Apply the model's lm_head (with any logit scaling the family defines). hidden: (N, H) -> (N, V)."""
-    base = _unwrap(model)
-    logits = base.get_output_embeddings()(hidden)
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    scale = getattr(base.config, "logit_scale", None)
-    if scale:
-        logits = logits * scale
-    return logits
+    return logit_transform(model)(_unwrap(model).get_output_embeddings()(hidden))

@@ -35,27 +35,35 @@ from kdlm.config import LossConfig, TrainConfig
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
 from kdlm.losses import kd_loss_sums, topk_kd_loss_sums
-from kdlm.teachers.signals import teacher_logits
+from kdlm.losses.fused import TeacherHidden, TeacherLogits, TeacherTopK, fused_kd_loss
 from kdlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from kdlm.train.forward import project, target_hidden_states
+from kdlm.train.forward import lm_head_weight, logit_transform, plain_lm_head, project, target_hidden_states
 from kdlm.train.order import run_schedule
 
 
 class StudentObjective(nn.Module):
-    """Wraps the student so that DDP sees the whole loss computation inside one forward."""
+    """Wraps the student so that DDP sees the whole loss computation inside one forward.
+
+    With ``loss.fused`` (and a plain lm_head) the loss runs from hidden states chunk by chunk and no
+    (tokens, vocabulary) logits exist; otherwise the student's logits are projected, then the dense loss.
+    """
 
     def __init__(self, student: nn.Module, loss: LossConfig, vocab_size: int):
         super().__init__()
         self.student = student
         self.loss = loss
         self.vocab_size = vocab_size
+        self.fused = loss.fused and plain_lm_head(student) is not None
 
-    def forward(self, batch: dict[str, Tensor], teacher_target) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (summed divergence, summed CE, number of target tokens) for one micro-batch."""
+    def forward(self, batch: dict[str, Tensor], teacher_target, kd_weight: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(weighted objective sum, divergence sum, CE sum, number of target tokens) for one micro-batch.
+
+        ``teacher_target``: None (cross-entropy only), a (ids, logprobs) top-k pair, dense teacher logits, or
+        (fused path) a ``TeacherHidden``.
+        """
         hidden, target_ids = target_hidden_states(
             self.student, batch["input_ids"], batch["attention_mask"], batch["labels"]
         )
-        student_logits = project(self.student, hidden)[:, : self.vocab_size]
         options = {
             "divergence": self.loss.divergence,
             "temperature": self.loss.temperature,
@@ -65,16 +73,37 @@ class StudentObjective(nn.Module):
             "lam": self.loss.lam,
             "akl_alpha": self.loss.akl_alpha,
         }
+        count = torch.tensor(target_ids.numel())
+        if self.fused:
+            if isinstance(teacher_target, tuple):
+                teacher_target = TeacherTopK(*teacher_target)
+            elif isinstance(teacher_target, Tensor):
+                teacher_target = TeacherLogits(teacher_target)
+            total, kd, ce, _ = fused_kd_loss(
+                hidden, plain_lm_head(self.student)[: self.vocab_size], target_ids, teacher_target,
+                kd_weight=kd_weight, ce_weight=1 - kd_weight, chunk_rows=self.loss.chunk_rows,
+                student_transform=logit_transform(self.student), **options,
+            )
+            return total, kd, ce, count
+        student_logits = project(self.student, hidden)[:, : self.vocab_size]
+        if isinstance(teacher_target, TeacherHidden):  # dense path with a live teacher: its full logits
+            teacher_target = teacher_target.transform(teacher_target.hidden @ teacher_target.weight.T)
         if teacher_target is None:  # plain fine-tuning (kd_weight 0): cross-entropy only
-            logits = student_logits.float()
-            ce = nn.functional.cross_entropy(logits, target_ids, reduction="sum")
-            return ce.new_zeros(()), ce, torch.tensor(target_ids.numel())
+            ce = nn.functional.cross_entropy(student_logits.float(), target_ids, reduction="sum")
+            return ce, ce.new_zeros(()), ce, count
         if isinstance(teacher_target, tuple):
-            ids, logprobs = teacher_target
-            kd, ce, count = topk_kd_loss_sums(student_logits, ids, logprobs, target_ids, **options)
+            kd, ce, _ = topk_kd_loss_sums(student_logits, *teacher_target, target_ids, **options)
         else:
-            kd, ce, count = kd_loss_sums(student_logits, teacher_target, target_ids, **options)
-        return kd, ce, torch.tensor(count)
+            kd, ce, _ = kd_loss_sums(student_logits, teacher_target, target_ids, **options)
+        return (1 - kd_weight) * ce + kd_weight * kd, kd, ce, count
+
+
+def online_teacher_target(teacher: nn.Module, batch: dict[str, Tensor], vocab_size: int, *, bf16: bool) -> TeacherHidden:
+    """The live teacher's last hidden states at the batch's target positions, and its lm_head (no gradients)."""
+    with torch.no_grad(), torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden, _ = target_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    weight = lm_head_weight(teacher)[:vocab_size].detach()
+    return TeacherHidden(hidden, weight, logit_transform(teacher))
 
 
 @dataclass
@@ -205,12 +234,12 @@ def train(
                                 torch.cat([topk_targets[i][j] for i in local]).to(accelerator.device) for j in (0, 1)
                             )
                         else:
-                            target = teacher_logits(teacher, batch, bf16=config.bf16)[:, :vocab_size]
+                            target = online_teacher_target(teacher, batch, vocab_size, bf16=config.bf16)
                     last_micro = index == len(micro_batches) - 1
                     with accelerator.no_sync(objective) if not last_micro else nullcontext():
                         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
-                            kd, ce, count = objective(batch, target)
-                        loss = ((1 - kd_weight) * ce + kd_weight * kd) * (world / max(step_tokens, 1))
+                            total, kd, ce, count = objective(batch, target, kd_weight)
+                        loss = total * (world / max(step_tokens, 1))
                         accelerator.backward(loss)
                     sums += torch.stack([kd.detach().float().cpu(), ce.detach().float().cpu(), count.float().cpu()])
                 totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
