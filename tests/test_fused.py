@@ -206,7 +206,7 @@ def test_outer_scaling_reaches_the_gradients():
 
 
 def test_default_chunk_rows_and_bad_arguments():
-    assert default_chunk_rows(128_256) == 130 and default_chunk_rows(1) == 1 << 24
+    assert default_chunk_rows(128_256) == 32 and default_chunk_rows(1) == 1 << 22
     student_hidden, student_weight, teacher_hidden, teacher_weight, labels = make_inputs()
     teacher = TeacherHidden(teacher_hidden, teacher_weight)
     with pytest.raises(ValueError, match="chunk_rows"):

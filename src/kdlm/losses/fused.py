@@ -26,10 +26,10 @@ from torch import Tensor
 from kdlm.losses.divergences import upcast
 from kdlm.losses.logits import kd_loss_sums, topk_kd_loss_sums
 
-# Rows per chunk are chosen so that one chunk of logits holds about this many elements (64 MB in fp32):
-# large enough for efficient matmuls, small enough that the ~10 (rows, V) buffers of a divergence stay
-# well under a GB.
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Rows per chunk are chosen so that one chunk of logits holds about this many elements (16 MB in fp32), so
+# that the ~10 (rows, V) buffers of a divergence stay near 200 MB. Measured at 1,024 x 49,152 on 2 cores:
+# chunks of 32, 128 and 512 rows take 4.7, 4.7 and 6.4 s (fwd+bwd JSD): smaller chunks cost no speed.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -142,21 +142,26 @@ class _FusedKD(torch.autograd.Function):
             if need_hidden_grad:
                 hidden_grad.index_copy_(0, rows, (logits_grad @ weight).to(hidden_grad.dtype))
             if need_weight_grad:
-                weight_grad += (logits_grad.T @ hidden).to(accumulate)
-        ctx.save_for_backward(
-            hidden_grad if hidden_grad is not None else torch.empty(0),
-            weight_grad if weight_grad is not None else torch.empty(0),
-        )
+                if accumulate == dtype:  # no (V, H) temporary
+                    weight_grad.addmm_(logits_grad.T, hidden)
+                else:
+                    weight_grad += (logits_grad.T @ hidden).to(accumulate)
+        # Plain attributes, not save_for_backward: these are new tensors, never inputs or outputs, and the
+        # backward scales them in place so that no second (V, H) buffer is allocated.
+        ctx.gradients = (hidden_grad, weight_grad)
         ctx.weight_dtype = student_weight.dtype
         ctx.mark_non_differentiable(kd_total, ce_total)
         return total, kd_total, ce_total
 
     @staticmethod
     def backward(ctx, grad_total, _grad_kd, _grad_ce):
-        hidden_grad, weight_grad = ctx.saved_tensors
-        grad_hidden = hidden_grad * grad_total.to(hidden_grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (weight_grad * grad_total).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+        hidden_grad, weight_grad = ctx.gradients
+        ctx.gradients = None  # a second backward through the same graph is an error, as for any freed graph
+        if hidden_grad is not None:
+            hidden_grad.mul_(grad_total.to(hidden_grad.dtype))
+        if weight_grad is not None:
+            weight_grad = weight_grad.mul_(grad_total).to(ctx.weight_dtype)
+        return hidden_grad, weight_grad, None, None, None
 
 
 def fused_kd_loss(
