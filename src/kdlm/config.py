@@ -95,6 +95,32 @@ class LossConfig(Section):
         return value
 
 
+class HintConfig(Section):
+    """Hint-based terms (shared/METHODS.md): intermediate hidden states and MiniLM attention transfer."""
+
+    hidden_weight: float = Field(0.0, ge=0, description="Weight of the hidden-state term (0: off).")
+    hidden_loss: Literal["mse", "cosine"] = Field("mse", description="mse (mean over the teacher's width) or 1 - cosine.")
+    layer_map: Literal["uniform", "last", "every", "kept", "pairs"] = Field(
+        "uniform",
+        description="Student->teacher block pairs: uniform (spread over depth, last to last), last (the last "
+        "num_layers), every (student s -> teacher (s+1)*every-1), kept (a pruned student's source layers), "
+        "pairs (hints.pairs).",
+    )
+    num_layers: int | None = Field(None, ge=1, description="layer_map=last: how many pairs (default 1).")
+    every: int = Field(2, ge=1, description="layer_map=every: teacher layers per student layer.")
+    pairs: list[tuple[int, int]] | None = Field(None, description="Explicit [[student, teacher], ...] block pairs; -1 is the last.")
+    project: Literal["auto", "always", "never"] = Field(
+        "auto", description="Learned linear projection of the student's states: where widths differ (auto), always, never."
+    )
+    projection_init: Literal["xavier", "identity", "zero"] = Field("xavier", description="identity needs equal widths.")
+    attention_weight: float = Field(0.0, ge=0, description="Weight of MiniLM attention + value-relation transfer (0: off).")
+    attention_pairs: list[tuple[int, int]] | None = Field(None, description="Block pairs for attention transfer; default the last ([[-1, -1]]).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.hidden_weight > 0 or self.attention_weight > 0
+
+
 class TrainConfig(Section):
     output_dir: str = Field("runs/quickstart", description="Checkpoints, logs, the final student and reports.")
     max_steps: int = Field(60, ge=0, description="Optimizer steps.")
@@ -130,6 +156,7 @@ class RunConfig(Section):
     student: StudentConfig = StudentConfig()
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()
+    hints: HintConfig = HintConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 

@@ -158,8 +158,9 @@ def distill(config: RunConfig) -> dict:
     result = train(
         student, train_examples, train_config=config.train, loss_config=config.loss,
         pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size,
-        teacher=teacher if use_kd and topk_targets is None else None,
+        teacher=teacher if (use_kd and topk_targets is None) or config.hints.enabled else None,
         topk_targets=topk_targets, accelerator=accelerator, run_state={"kept_layers": kept_layers},
+        hint_config=config.hints,
     )
     timings["train_s"] = result.seconds
     report: dict = {"config": config.model_dump(), "timings": timings, "steps": result.steps, "tokens": result.tokens}

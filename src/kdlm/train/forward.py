@@ -46,10 +46,17 @@ def target_hidden_states(model, input_ids: Tensor, attention_mask: Tensor, label
         hidden: (N, H) for the N target positions, in row-major (batch, position) order.
         target_ids: (N,) the tokens those positions must predict.
     """
-    decoder = _unwrap(model).get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = decoder_outputs(model, input_ids, attention_mask).last_hidden_state
     mask = target_mask(labels)
     return hidden[:, :-1][mask], labels[:, 1:][mask]
+
+
+def decoder_outputs(model, input_ids: Tensor, attention_mask: Tensor, *, hidden_states: bool = False, attentions: bool = False):
+    """The decoder's outputs (no lm_head): ``last_hidden_state`` (B, T, H), and on request ``hidden_states``
+    (embeddings, then each block's output) and ``attentions`` ((B, heads, T, T) per block; eager attention)."""
+    decoder = _unwrap(model).get_decoder()
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=hidden_states,
+                   output_attentions=attentions)
 
 
 def logit_transform(model) -> LogitTransform:

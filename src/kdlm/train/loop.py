@@ -31,13 +31,22 @@ from rich.progress import (
 )
 from torch import Tensor, nn
 
-from kdlm.config import LossConfig, TrainConfig
+from kdlm.config import HintConfig, LossConfig, TrainConfig
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
 from kdlm.losses import kd_loss_sums, topk_kd_loss_sums
 from kdlm.losses.fused import TeacherHidden, TeacherLogits, TeacherTopK, fused_kd_loss
 from kdlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from kdlm.train.forward import lm_head_weight, logit_transform, plain_lm_head, project, target_hidden_states
+from kdlm.train.forward import (
+    _unwrap,
+    decoder_outputs,
+    lm_head_weight,
+    logit_transform,
+    plain_lm_head,
+    project,
+    target_mask,
+)
+from kdlm.train.hints import HintObjective, capture_values, use_eager_attention
 from kdlm.train.order import run_schedule
 
 
@@ -48,22 +57,45 @@ class StudentObjective(nn.Module):
     (tokens, vocabulary) logits exist; otherwise the student's logits are projected, then the dense loss.
     """
 
-    def __init__(self, student: nn.Module, loss: LossConfig, vocab_size: int):
+    def __init__(self, student: nn.Module, loss: LossConfig, vocab_size: int, hints: HintObjective | None = None):
         super().__init__()
         self.student = student
         self.loss = loss
         self.vocab_size = vocab_size
         self.fused = loss.fused and plain_lm_head(student) is not None
+        self.hints = hints
 
-    def forward(self, batch: dict[str, Tensor], teacher_target, kd_weight: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(weighted objective sum, divergence sum, CE sum, number of target tokens) for one micro-batch.
+    def forward(self, batch: dict[str, Tensor], teacher_target, kd_weight: float, teacher_states: dict | None = None):
+        """(weighted objective sum, divergence sum, CE sum, hint sum, number of target tokens) for one micro-batch.
 
         ``teacher_target``: None (cross-entropy only), a (ids, logprobs) top-k pair, dense teacher logits, or
-        (fused path) a ``TeacherHidden``.
+        a ``TeacherHidden``. ``teacher_states``: the teacher's hidden states / attentions for the hint terms.
         """
-        hidden, target_ids = target_hidden_states(
-            self.student, batch["input_ids"], batch["attention_mask"], batch["labels"]
-        )
+        mask = target_mask(batch["labels"])
+        target_ids = batch["labels"][:, 1:][mask]
+        hint_sum = torch.zeros(())
+        if self.hints is None:
+            outputs = decoder_outputs(self.student, batch["input_ids"], batch["attention_mask"])
+        else:
+            hints = self.hints
+            store, handles = capture_values(self.student, [s for s, _ in hints.attention_pairs])
+            try:
+                outputs = decoder_outputs(self.student, batch["input_ids"], batch["attention_mask"],
+                                          hidden_states=hints.needs_hidden, attentions=hints.needs_attention)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if hints.needs_hidden:
+                hint_sum = hints.config.hidden_weight * hints.hidden_sum(outputs.hidden_states, teacher_states["hidden_states"], mask)
+            if hints.needs_attention:
+                student_states = {"attentions": outputs.attentions, "values": store, "attention_mask": batch["attention_mask"],
+                                  "num_kv_heads": _num_kv_heads(self.student)}
+                hint_sum = hint_sum + hints.config.attention_weight * hints.attention_sum(student_states, teacher_states, mask)
+        hidden = outputs.last_hidden_state[:, :-1][mask]
+        total, kd, ce, count = self._logit_loss(hidden, target_ids, teacher_target, kd_weight)
+        return total + hint_sum, kd, ce, hint_sum.detach(), count
+
+    def _logit_loss(self, hidden: Tensor, target_ids: Tensor, teacher_target, kd_weight: float):
         options = {
             "divergence": self.loss.divergence,
             "temperature": self.loss.temperature,
@@ -98,12 +130,32 @@ class StudentObjective(nn.Module):
         return (1 - kd_weight) * ce + kd_weight * kd, kd, ce, count
 
 
-def online_teacher_target(teacher: nn.Module, batch: dict[str, Tensor], vocab_size: int, *, bf16: bool) -> TeacherHidden:
-    """The live teacher's last hidden states at the batch's target positions, and its lm_head (no gradients)."""
+def _num_kv_heads(model) -> int:
+    config = _unwrap(model).config
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def run_teacher(teacher: nn.Module, batch: dict[str, Tensor], vocab_size: int, *, bf16: bool, online: bool,
+                hints: HintObjective | None) -> tuple[TeacherHidden | None, dict | None]:
+    """One teacher forward (no gradients): the online logit target and/or the states the hint terms need."""
     with torch.no_grad(), torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
-        hidden, _ = target_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    weight = lm_head_weight(teacher)[:vocab_size].detach()
-    return TeacherHidden(hidden, weight, logit_transform(teacher))
+        store, handles = capture_values(teacher, [t for _, t in hints.attention_pairs]) if hints else ({}, [])
+        try:
+            outputs = decoder_outputs(teacher, batch["input_ids"], batch["attention_mask"],
+                                      hidden_states=bool(hints and hints.needs_hidden),
+                                      attentions=bool(hints and hints.needs_attention))
+        finally:
+            for handle in handles:
+                handle.remove()
+    target = None
+    if online:
+        hidden = outputs.last_hidden_state[:, :-1][target_mask(batch["labels"])]
+        target = TeacherHidden(hidden, lm_head_weight(teacher)[:vocab_size].detach(), logit_transform(teacher))
+    states = None
+    if hints is not None:
+        states = {"hidden_states": outputs.hidden_states, "attentions": outputs.attentions, "values": store,
+                  "attention_mask": batch["attention_mask"], "num_kv_heads": _num_kv_heads(teacher)}
+    return target, states
 
 
 @dataclass
@@ -142,6 +194,7 @@ def train(
     accelerator: Accelerator | None = None,
     run_state: dict | None = None,
     on_step: Callable[[int], None] | None = None,
+    hint_config: HintConfig | None = None,
 ) -> TrainResult:
     """Train `student` in place on tokenised `examples`; checkpoints go to `output_dir/checkpoints`.
 
@@ -154,6 +207,7 @@ def train(
         topk_targets: per example (ids, logprobs), from `compute_topk_targets`.
         run_state: extra JSON-serialisable facts stored in every checkpoint (e.g. kept layers).
         on_step: called with the step number after each optimizer step (tests use it to interrupt).
+        hint_config: hidden-state / attention terms; they need the live ``teacher`` (also with top-k targets).
 
     Raises:
         KdlmError: on a non-finite loss (after saving the last good step) or a bad setup.
@@ -167,13 +221,24 @@ def train(
     output_dir = Path(config.output_dir)
     checkpoints = output_dir / "checkpoints"
 
-    trainable = [param for param in student.parameters() if param.requires_grad]
+    hints = None
+    if hint_config is not None and hint_config.enabled:
+        if teacher is None:
+            raise KdlmError("hint terms (hints.hidden_weight / hints.attention_weight) need the live teacher")
+        kept = (run_state or {}).get("kept_layers")
+        hints = HintObjective(hint_config, _unwrap(student).config, _unwrap(teacher).config, kept)
+        if hints.needs_attention:
+            use_eager_attention(student)
+            use_eager_attention(teacher)
+    # The objective holds the student and the hint projections: both train, both go into checkpoints.
+    objective = StudentObjective(student, loss_config, vocab_size, hints)
+    trainable = [param for param in objective.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    objective = StudentObjective(student, loss_config, vocab_size)
+    checkpointed = objective
     start_step, tokens_seen, seconds_before = 0, 0, 0.0
     if config.resume and (last := latest_checkpoint(checkpoints)) is not None:
-        state = load_checkpoint(last, model=student, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(last, model=checkpointed, optimizer=optimizer, scheduler=scheduler)
         start_step, tokens_seen, seconds_before = state["step"], state["tokens"], state["seconds"]
         accelerator.print(f"resumed from {last} (step {start_step})")
     objective, optimizer = accelerator.prepare(objective, optimizer)
@@ -200,7 +265,7 @@ def train(
         state = {"step": step, "tokens": tokens_seen, "seconds": seconds_before + time.perf_counter() - started}
         state.update(run_state or {})
         if accelerator.is_main_process:
-            path = save_checkpoint(checkpoints, model=student, optimizer=optimizer, scheduler=scheduler, state=state)
+            path = save_checkpoint(checkpoints, model=checkpointed, optimizer=optimizer, scheduler=scheduler, state=state)
             accelerator.print(f"checkpoint ({reason}): {path}")
         accelerator.wait_for_everyone()
 
@@ -223,32 +288,32 @@ def train(
                 step_started = time.perf_counter()
                 micro_batches = schedule[step * config.grad_accum : (step + 1) * config.grad_accum]
                 step_tokens = sum(_num_targets(examples[i]) for batch in micro_batches for i in batch)
-                sums = torch.zeros(3)  # kd, ce, tokens (this process)
+                sums = torch.zeros(4)  # kd, ce, hint, tokens (this process)
                 for index, global_indices in enumerate(micro_batches):
                     local = global_indices[rank * config.batch_size : (rank + 1) * config.batch_size]
                     batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in local], pad_token_id).items()}
-                    target = None
-                    if use_kd:
-                        if topk_targets is not None:
-                            target = tuple(
-                                torch.cat([topk_targets[i][j] for i in local]).to(accelerator.device) for j in (0, 1)
-                            )
-                        else:
-                            target = online_teacher_target(teacher, batch, vocab_size, bf16=config.bf16)
+                    target, teacher_states = None, None
+                    online = use_kd and topk_targets is None
+                    if online or hints is not None:
+                        target, teacher_states = run_teacher(teacher, batch, vocab_size, bf16=config.bf16, online=online, hints=hints)
+                    if use_kd and topk_targets is not None:
+                        target = tuple(
+                            torch.cat([topk_targets[i][j] for i in local]).to(accelerator.device) for j in (0, 1)
+                        )
                     last_micro = index == len(micro_batches) - 1
                     with accelerator.no_sync(objective) if not last_micro else nullcontext():
                         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
-                            total, kd, ce, count = objective(batch, target, kd_weight)
+                            total, kd, ce, hint, count = objective(batch, target, kd_weight, teacher_states)
                         loss = total * (world / max(step_tokens, 1))
                         accelerator.backward(loss)
-                    sums += torch.stack([kd.detach().float().cpu(), ce.detach().float().cpu(), count.float().cpu()])
+                    sums += torch.stack([t.detach().float().cpu() for t in (kd, ce, hint, count)])
                 totals = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-                kd_mean, ce_mean = (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item()
-                if not (math.isfinite(kd_mean) and math.isfinite(ce_mean)):
+                kd_mean, ce_mean, hint_mean = (totals[:3] / totals[3]).tolist()
+                if not all(math.isfinite(value) for value in (kd_mean, ce_mean, hint_mean)):
                     optimizer.zero_grad(set_to_none=True)
                     save("last good step before a non-finite loss")
                     raise KdlmError(
-                        f"non-finite loss at step {step + 1} (kd {kd_mean}, ce {ce_mean}); the last good step is "
+                        f"non-finite loss at step {step + 1} (kd {kd_mean}, ce {ce_mean}, hint {hint_mean}); the last good step is "
                         "saved. Lower train.lr, or set train.bf16=false, then resume with train.resume=true"
                     )
                 grad_norm = None
@@ -262,9 +327,10 @@ def train(
                 step_seconds = time.perf_counter() - step_started
                 record = {
                     "step": step,
-                    "loss": (1 - kd_weight) * ce_mean + kd_weight * kd_mean,
+                    "loss": (1 - kd_weight) * ce_mean + kd_weight * kd_mean + hint_mean,
                     "kd": kd_mean if use_kd else float("nan"),
                     "ce": ce_mean,
+                    "hint": hint_mean if hints is not None else float("nan"),
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm if grad_norm is not None else float("nan"),
                     "tokens": tokens_seen,
