@@ -14,8 +14,12 @@ class RateLimiter:
     before the answer (and its true token count) exists.
     """
 
-    def __init__(self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None):
-        self.interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
+    def __init__(
+        self, requests_per_minute: float | None = None, tokens_per_minute: float | None = None, window_s: float = 60.0
+    ):
+        # window_s is the minute; only tests shorten it.
+        self.window_s = window_s
+        self.interval = window_s / requests_per_minute if requests_per_minute else 0.0
         self.tokens_per_minute = tokens_per_minute
         self._next_at = 0.0
         self._window: deque[tuple[float, float]] = deque()  # (time sent, tokens)
@@ -32,9 +36,9 @@ class RateLimiter:
                 tokens = min(tokens, self.tokens_per_minute)  # a request larger than the cap still goes alone
                 while True:
                     now = time.monotonic()
-                    while self._window and self._window[0][0] <= now - 60:
+                    while self._window and self._window[0][0] <= now - self.window_s:
                         self._window.popleft()
                     if sum(used for _, used in self._window) + tokens <= self.tokens_per_minute:
                         break
-                    await asyncio.sleep(self._window[0][0] + 60 - now)
+                    await asyncio.sleep(self._window[0][0] + self.window_s - now)
                 self._window.append((time.monotonic(), tokens))

@@ -122,7 +122,8 @@ def create_app(
     faults = faults or Faults()
     fault_draw = random.Random(faults.seed)
     log = RequestLog(request_log)
-    counts = {"answered": 0, "client_gone": 0, "429": 0, "500": 0, "stall": 0, "rejected": 0}
+    # received: completion requests that passed authentication; the rest are their outcomes.
+    counts = {"received": 0, "answered": 0, "client_gone": 0, "429": 0, "500": 0, "stall": 0, "rejected": 0}
     app.state.counts = counts
 
     @app.exception_handler(ApiError)
@@ -169,6 +170,7 @@ def create_app(
     async def _prelude(request: Request, body: _Request) -> str:
         """Checks every completion request goes through; returns its fingerprint."""
         fingerprint = hashlib.sha256(await request.body()).hexdigest()[:16]
+        counts["received"] += 1
         if body.model != backend.name:
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {backend.name!r}",
                            "model_not_found", "model")
