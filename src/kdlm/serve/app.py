@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -149,21 +149,23 @@ def create_app(
     async def _bug(request: Request, error: Exception):
         return JSONResponse(_error_body(500, f"internal error: {type(error).__name__}: {error}", "server_error"), 500)
 
-    @app.middleware("http")
-    async def _authorize(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1"):
+    async def authorize(request: Request) -> None:
+        # A dependency rather than an HTTP middleware: starlette's middleware wrapper hides a client's
+        # disconnect from the handler, and the request log needs to see it.
+        if api_key is not None:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
                 counts["rejected"] += 1
                 message = "invalid API key: send `Authorization: Bearer <key>` with the key the server was started with"
-                return JSONResponse(_error_body(401, message, "invalid_api_key"), 401)
-        return await call_next(request)
+                raise ApiError(401, message, "invalid_api_key")
 
-    @app.get("/v1/models")
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @v1.get("/models")
     async def models():
         return {"object": "list", "data": [{"id": backend.name, "object": "model", "created": 0, "owned_by": "kdlm"}]}
 
-    @app.get("/v1/kdlm/stats")
+    @v1.get("/kdlm/stats")
     async def stats():
         return {**backend.stats(), **counts}
 
@@ -214,7 +216,7 @@ def create_app(
         counts[status] += 1
         log.write(fingerprint, status)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         fingerprint = await _prelude(request, body)
         params = _params(body, body.max_completion_tokens or body.max_tokens, body.top_logprobs or 0)
@@ -240,7 +242,7 @@ def create_app(
             "usage": _usage(len(prompt_ids), choices),
         }
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         fingerprint = await _prelude(request, body)
         if body.echo:
@@ -275,6 +277,7 @@ def create_app(
             "usage": _usage(sum(len(ids) for ids in all_ids), choices),
         }
 
+    app.include_router(v1)
     return app
 
 
