@@ -217,3 +217,58 @@ def test_kill_9_mid_run_then_rerun_sends_only_what_is_missing(tmp_path):
     answered = [entry["fingerprint"] for entry in entries if entry["status"] == "answered"]
     assert len(answered) == len(set(answered)) == 48  # no request answered twice
     assert counts["client_gone"] >= 1  # the kill cut requests in flight; the server did not count them
+
+
+@pytest.mark.slow
+def test_kdlm_serve_bundled_teacher_answers_openai_and_kdlm_generate(tmp_path):
+    """The issue's goal: `kdlm serve bundled:...` answers the openai client, `kdlm generate` fills a JSONL."""
+    import httpx
+    import openai
+
+    from kdlm.serve import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",  # the user's KDLM_CACHE: the converted teacher is reused
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen([*KDLM, "serve", "bundled:smollm2-135m-instruct", "--port", str(port),
+                               "--api-key", "secret"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(url + "/models", headers={"Authorization": "Bearer secret"}).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url, api_key="secret", max_retries=0)
+        model = "bundled:smollm2-135m-instruct"
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is 2+2?"}],
+                                               max_tokens=12, temperature=0, logprobs=True, top_logprobs=5)
+        assert "4" in reply.choices[0].message.content
+        assert len(reply.choices[0].logprobs.content[0].top_logprobs) == 5
+        completion = client.completions.create(model=model, prompt="The capital of France is", max_tokens=3,
+                                               temperature=0)
+        assert "Paris" in completion.choices[0].text
+
+        proc = subprocess.run(
+            [*KDLM, "generate", str(Path(__file__).resolve().parents[1] / "configs" / "generate.yaml"),
+             f"teacher.base_url={url}", "teacher.api_key=secret", "limit=4", "sampling.n=2", "sampling.max_tokens=8",
+             f"output={tmp_path / 'answers.jsonl'}", "progress=false"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        stats = httpx.get(url + "/kdlm/stats", headers={"Authorization": "Bearer secret"}).json()
+        assert stats["batches"] < stats["requests"]  # the 8 concurrent requests were batched
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    records = load_records(str(tmp_path / "answers.jsonl"))
+    assert len(records) == 8
+    assert all(record["messages"][-1]["role"] == "assistant" and record["messages"][-1]["content"]
+               for record in records)
