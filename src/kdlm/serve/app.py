@@ -228,7 +228,7 @@ def create_app(
             return _sse(_chat_chunks(backend, prompt_ids, params, body.logprobs, header, usage), request, fingerprint, _finish)
         choices = await _collect(backend, prompt_ids, params)
         await _finish(request, fingerprint)
-        return {
+        return JSONResponse({
             **header,
             "choices": [
                 {
@@ -240,7 +240,7 @@ def create_app(
                 for index, choice in enumerate(choices)
             ],
             "usage": _usage(len(prompt_ids), choices),
-        }
+        })
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -263,7 +263,7 @@ def create_app(
         per_prompt = await asyncio.gather(*(_collect(backend, ids, params) for ids in all_ids))
         choices = [choice for group in per_prompt for choice in group]
         await _finish(request, fingerprint)
-        return {
+        return JSONResponse({
             **header,
             "choices": [
                 {
@@ -275,10 +275,11 @@ def create_app(
                 for index, choice in enumerate(choices)
             ],
             "usage": _usage(sum(len(ids) for ids in all_ids), choices),
-        }
+        })
 
     app.include_router(v1)
     return app
+
 
 
 def _header(prefix: str, kind: str, model: str) -> dict:
