@@ -99,22 +99,31 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--bf16", action="store_true", help="Local decoding under bf16 autocast.")
     parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument("--skip-engine", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for local decoding (0: torch's default). On a 2-core machine shared "
+                        "with other jobs, 1 thread was 14x faster than 2 (measured), which spin-wait on each other.")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"load_average": os.getloadavg()[0], "engine": []}
 
-    server, url = start_echo_server(args.latency_ms)
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            engine_rate(url, 4, 8, Path(folder) / "warm-up")  # imports and first connections, not timed
-            for concurrency in args.concurrency:
-                rate = engine_rate(url, concurrency, args.rounds * concurrency, Path(folder))
-                ideal = concurrency / (args.latency_ms / 1000)
-                results["engine"].append({"concurrency": concurrency, "requests": args.rounds * concurrency,
-                                          "rate": rate, "ideal": ideal, "efficiency": rate / ideal})
-    finally:
-        server.terminate()
-        server.wait()
+    if not args.skip_engine:
+        server, url = start_echo_server(args.latency_ms)
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                engine_rate(url, 4, 8, Path(folder) / "warm-up")  # imports and first connections, not timed
+                for concurrency in args.concurrency:
+                    rate = engine_rate(url, concurrency, args.rounds * concurrency, Path(folder))
+                    ideal = concurrency / (args.latency_ms / 1000)
+                    results["engine"].append({"concurrency": concurrency, "requests": args.rounds * concurrency,
+                                              "rate": rate, "ideal": ideal, "efficiency": rate / ideal})
+        finally:
+            server.terminate()
+            server.wait()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not args.skip_local:
         results["local"] = local_tokens_per_second(args.batch_size, args.single_prompts, args.max_tokens, args.bf16)
 
@@ -125,8 +134,11 @@ def main() -> None:
                      f"{row['efficiency']:.1%} |")
     if "local" in results:
         local = results["local"]
-        lines += ["", "| bundled teacher, greedy, {max_tokens} new tokens{bf16} | tokens/s |".format(
-            max_tokens=local["max_tokens"], bf16=", bf16" if local["bf16"] else ", fp32"), "|---|---|",
+        import torch
+
+        lines += ["", "| bundled teacher, greedy, {max_tokens} new tokens{bf16}, {threads} torch threads | tokens/s |".format(
+            max_tokens=local["max_tokens"], bf16=", bf16" if local["bf16"] else ", fp32",
+            threads=torch.get_num_threads()), "|---|---|",
             f"| one prompt at a time | {local['single_tok_s']:.1f} |",
             f"| batch of {local['batch_size']} | {local['batch_tok_s']:.1f} |",
             f"| speed-up | {local['speedup']:.1f}x |"]

@@ -50,9 +50,11 @@ class BatchScheduler:
         self.batches = self.requests = self.rows = 0
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(self, rows: list[Row]) -> AsyncIterator[Event]:
-        if self._queue is None:
+        if self._loop is not asyncio.get_running_loop():  # first use, or a new event loop (a second asyncio.run)
+            self._loop = asyncio.get_running_loop()
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._work())
         job = _Job(rows, asyncio.Queue(), asyncio.get_running_loop())

@@ -113,7 +113,7 @@ def decode_batch(
     generators = []
     for row in rows:
         seed = row.seed if row.seed is not None else random.getrandbits(63)
-        generators.append(torch.Generator(device=device).manual_seed(seed))
+        generators.append(torch.Generator(device=device).manual_seed(seed % 2**63))  # any int the API accepts
     results = [RowResult() for _ in rows]
     sent = [0] * len(rows)  # characters of each row's text already passed to on_delta
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
