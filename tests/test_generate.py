@@ -17,7 +17,8 @@ import pytest
 
 from kdlm.data import load_records
 from kdlm.errors import KdlmError
-from kdlm.generate import GenerateConfig, RateLimiter, TransformersBackend, generate
+from kdlm.generate import GenerateConfig, RateLimiter, generate
+from kdlm.models import load_model
 from kdlm.serve import EchoBackend, Faults, ModelBackend, ServerThread
 from tiny import tiny_llama, tiny_tokenizer, write_chat_jsonl
 
@@ -109,7 +110,7 @@ def test_a_refused_request_is_not_retried_and_the_rest_is_saved(tmp_path):
     lines = [{"prompt": "short one"}, {"prompt": "x" * 600}, {"prompt": "short two"}]  # 600 tokens > 512 positions
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     with ServerThread(ModelBackend("tiny", tiny_llama(len(tokenizer)), tokenizer)) as server:
-        cfg = config(tmp_path, server.url, prompts, teacher={"model": "tiny"})
+        cfg = config(tmp_path, server.url, prompts, teacher={"model": "tiny"}, limits={"timeout_s": 120})
         with pytest.raises(KdlmError, match="1 of 3 requests failed.*400.*context"):
             generate(cfg)
         assert server.app.state.counts["received"] == 3  # the refused one was sent once
@@ -118,15 +119,19 @@ def test_a_refused_request_is_not_retried_and_the_rest_is_saved(tmp_path):
 
 def test_local_transformers_backend_matches_the_server(tmp_path):
     tokenizer = tiny_tokenizer()
-    model = tiny_llama(len(tokenizer))
+    folder = tmp_path / "teacher"
+    tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model, tokenizer = load_model(str(folder))
     prompts = write_chat_jsonl(tmp_path / "prompts.jsonl", count=5)
     sampling = {"n": 2, "max_tokens": 8, "temperature": 1.0, "top_p": 0.9}
-    with ServerThread(ModelBackend("tiny", model, tokenizer)) as server:
-        remote = config(tmp_path / "remote", server.url, prompts, teacher={"model": "tiny"}, sampling=sampling)
+    with ServerThread(ModelBackend(str(folder), model, tokenizer)) as server:
+        remote = config(tmp_path / "remote", server.url, prompts, teacher={"model": str(folder)}, sampling=sampling,
+                        limits={"timeout_s": 120})
         generate(remote)
     local = config(tmp_path / "local", "unused", prompts, sampling=sampling,
-                   teacher={"model": "tiny", "backend": "transformers", "bf16": False, "batch_size": 4})
-    generate(local, backend=TransformersBackend(local, model, tokenizer))
+                   teacher={"model": str(folder), "backend": "transformers", "bf16": False, "batch_size": 4})
+    generate(local)  # loads the model from teacher.model
     answers = [json.loads(line)["messages"][-1]["content"] for line in Path(remote.output).read_text().splitlines()]
     assert answers == [json.loads(line)["messages"][-1]["content"] for line in Path(local.output).read_text().splitlines()]
     assert len(set(answers)) == 10

@@ -66,7 +66,8 @@ class OpenAIBackend:
         self.key_source = "teacher.api_key" if teacher.api_key else f"the {teacher.api_key_env} environment variable"
         api_key = teacher.api_key or os.environ.get(teacher.api_key_env) or "none"
         self.client = openai.AsyncOpenAI(
-            base_url=teacher.base_url, api_key=api_key, max_retries=0, timeout=config.limits.timeout_s
+            base_url=teacher.base_url, api_key=api_key, max_retries=0, timeout=config.limits.timeout_s,
+            **_fast_http_client(),
         )
 
     async def check(self) -> None:
@@ -127,6 +128,19 @@ class OpenAIBackend:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _fast_http_client() -> dict:
+    """The client's aiohttp transport when installed (openai[aiohttp]): 0.6-1.3 ms of CPU per request
+    against 2.2-2.3 ms for the default httpx one with 300 requests in flight (measured on loopback)."""
+    import openai
+
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        return {}
+    factory = getattr(openai, "DefaultAioHttpClient", None)  # openai >= 1.86
+    return {} if factory is None else {"http_client": factory()}
 
 
 def _message(error) -> str:
