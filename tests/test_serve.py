@@ -95,9 +95,13 @@ def test_completions_with_logprobs_and_stop(client):
     # Stop on the second character the same seed produced: the text ends before it.
     stop = choice.text[1]
     stopped = client.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=6, temperature=1.0,
-                                        seed=3, stop=[stop])
+                                        seed=3, stop=[stop], logprobs=0)
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].text == choice.text[: choice.text.index(stop)]
+    # Tokens (and their logprobs) stop where the text stops, not at the end of the budget.
+    kept = stopped.choices[0].logprobs.tokens
+    assert kept == choice.logprobs.tokens[: len(kept)] and len(kept) < len(choice.logprobs.tokens)
+    assert stopped.usage.completion_tokens == len(kept)
 
 
 def test_streaming_gives_the_same_text_as_a_plain_request(client):

@@ -72,6 +72,17 @@ def _choose(logits: torch.Tensor, row: Row, generator: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _tokens_within(entries: list[dict], length: int) -> list[dict]:
+    """The logprob entries of the tokens that start before character `length` (the stop string's start)."""
+    kept, at = [], 0
+    for entry in entries:
+        if at >= length:
+            break
+        kept.append(entry)
+        at += len(entry["token"])
+    return kept
+
+
 def _held_back(text: str, stops: list[str]) -> int:
     """Characters at the end of `text` that may still turn into a stop string or a whole character."""
     held = 1 if text.endswith("\ufffd") else 0  # an incomplete UTF-8 sequence: wait for the next token
@@ -152,6 +163,7 @@ def decode_batch(
                 cut = min((at for at in (text.find(stop) for stop in row.stop if stop) if at >= 0), default=-1)
                 if cut >= 0:
                     text, result.finish_reason = text[:cut], "stop"
+                    result.logprobs = _tokens_within(result.logprobs, cut)
                 elif len(result.token_ids) >= row.max_tokens:
                     result.finish_reason = "length"
                 result.text = text
