@@ -94,10 +94,15 @@ def serve(
     retry_after: float = typer.Option(1.0, help="Retry-After seconds sent with an injected 429."),
     stall_s: float = typer.Option(30.0, help="How long an injected stall lasts."),
     request_log: Path = typer.Option(None, help="Append one JSONL line per completion request (fingerprint, outcome)."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default; 1 on a small machine shared with other jobs)."),
 ) -> None:
     """Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from kdlm.serve import Faults, build_backend, run_server
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     backend = build_backend(model, name=name, dtype=dtype, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                             latency_ms=latency_ms)
     faults = Faults(rate_429=fault_429, rate_500=fault_500, rate_stall=fault_stall, retry_after_s=retry_after,
