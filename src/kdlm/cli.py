@@ -63,6 +63,54 @@ def build_student(
     run_build_student(_config(config, overrides))
 
 
+@app.command()
+def generate(
+    config: Path = typer.Argument(None, help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. sampling.n=4 limits.concurrency=16."),
+) -> None:
+    """Have a teacher answer prompts (API or local), resumably, into a JSONL of chat records."""
+    from kdlm.generate import generate as run
+    from kdlm.generate import load_generate_config
+
+    if config is not None and "=" in str(config) and not Path(config).exists():
+        overrides, config = [str(config), *(overrides or [])], None
+    run(load_generate_config(config, overrides or []))
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="bundled:NAME, a HF folder, a .gguf file, a hub id, or `echo` (a stub)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server to the network."),
+    port: int = typer.Option(8000),
+    api_key: str = typer.Option(None, envvar="KDLM_API_KEY", help="Require `Authorization: Bearer KEY`."),
+    name: str = typer.Option(None, help="Model id clients send (default: MODEL)."),
+    dtype: str = typer.Option("float32", help="float32, or bfloat16 autocast (about 2x faster on CPU)."),
+    max_batch: int = typer.Option(32, help="Most sequences decoded together in one batch."),
+    batch_wait_ms: float = typer.Option(5.0, help="How long to gather concurrent requests into one batch."),
+    latency_ms: float = typer.Option(0.0, help="echo only: seconds/1000 each answer takes."),
+    fault_429: float = typer.Option(0.0, help="Fraction of requests answered 429 (with Retry-After)."),
+    fault_500: float = typer.Option(0.0, help="Fraction of requests answered 500."),
+    fault_stall: float = typer.Option(0.0, help="Fraction of requests that stall, then get a 503."),
+    retry_after: float = typer.Option(1.0, help="Retry-After seconds sent with an injected 429."),
+    stall_s: float = typer.Option(30.0, help="How long an injected stall lasts."),
+    request_log: Path = typer.Option(None, help="Append one JSONL line per completion request (fingerprint, outcome)."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default; 1 on a small machine shared with other jobs)."),
+) -> None:
+    """Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from kdlm.serve import Faults, build_backend, run_server
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    backend = build_backend(model, name=name, dtype=dtype, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
+                            latency_ms=latency_ms)
+    faults = Faults(rate_429=fault_429, rate_500=fault_500, rate_stall=fault_stall, retry_after_s=retry_after,
+                    stall_s=stall_s)
+    console.print(f"serving {backend.name!r} at http://{host}:{port}/v1", highlight=False)
+    run_server(backend, host=host, port=port, api_key=api_key, faults=faults, request_log=request_log)
+
+
 def main() -> None:
     try:
         # Without standalone mode typer returns an exit code instead of exiting (130 on Ctrl-C).

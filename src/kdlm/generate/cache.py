@@ -1,0 +1,54 @@
+"""A SQLite cache of answers keyed by the request's fingerprint: a rerun sends only what is missing.
+
+Each answer is committed as soon as it arrives (WAL journal), so a crash, Ctrl-C or kill -9 loses at
+most the requests in flight, and never an answer that was paid for.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class AnswerCache:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.connection = sqlite3.connect(path, isolation_level=None)  # autocommit: one write, one commit
+        self.connection.execute("PRAGMA journal_mode=WAL")
+        self.connection.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process, not a power cut
+        self.connection.execute(
+            "CREATE TABLE IF NOT EXISTS answers (fingerprint TEXT PRIMARY KEY, text TEXT NOT NULL, "
+            "finish_reason TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, created REAL)"
+        )
+
+    def get(self, fingerprint: str) -> Answer | None:
+        row = self.connection.execute(
+            "SELECT text, finish_reason, prompt_tokens, completion_tokens FROM answers WHERE fingerprint = ?",
+            (fingerprint,),
+        ).fetchone()
+        return None if row is None else Answer(*row)
+
+    def fingerprints(self) -> set[str]:
+        return {row[0] for row in self.connection.execute("SELECT fingerprint FROM answers")}
+
+    def put(self, fingerprint: str, answer: Answer) -> None:
+        self.connection.execute(
+            "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
+            (fingerprint, answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens, time.time()),
+        )
+
+    def __len__(self) -> int:
+        return self.connection.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+
+    def close(self) -> None:
+        self.connection.close()

@@ -1,0 +1,21 @@
+"""An OpenAI-compatible server for any local model: batched sampling with logprobs, fault injection."""
+
+from kdlm.serve.app import Faults, create_app
+from kdlm.serve.backends import BatchScheduler, EchoBackend, ModelBackend, Params
+from kdlm.serve.sampling import Row, decode_batch
+from kdlm.serve.server import ServerThread, build_backend, free_port, run_server
+
+__all__ = [
+    "BatchScheduler",
+    "EchoBackend",
+    "Faults",
+    "ModelBackend",
+    "Params",
+    "Row",
+    "ServerThread",
+    "build_backend",
+    "create_app",
+    "decode_batch",
+    "free_port",
+    "run_server",
+]

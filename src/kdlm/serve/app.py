@@ -1,0 +1,355 @@
+"""The OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions, /v1/completions, /v1/kdlm/stats.
+
+Bad requests get a 4xx answer in OpenAI's error format (`{"error": {"message", "type", "param",
+"code"}}`), never a crash. For tests and benchmarks the app can inject faults (429 with Retry-After,
+500, stalls) at set rates and log every request it answers, by a fingerprint of its body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kdlm.serve.backends import Params
+
+
+class _Request(BaseModel):
+    # Unknown OpenAI parameters (user, frequency_penalty, ...) are accepted and ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+
+
+class _TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class _Message(BaseModel):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[_TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Request):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+
+@dataclass
+class Faults:
+    """Faults injected before a completion request is served, each drawn at its rate."""
+
+    rate_429: float = 0.0
+    rate_500: float = 0.0
+    rate_stall: float = 0.0
+    retry_after_s: float = 1.0
+    stall_s: float = 30.0  # then the request gets a 503; the client should have given up by then
+    seed: int = 0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
+
+
+def _error_body(status: int, message: str, code: str, param: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 429:
+        kind = "rate_limit_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class RequestLog:
+    """A JSONL file with one line per completion request: the fingerprint of its body and its outcome."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, fingerprint: str, status: str) -> None:
+        if self.path is not None:
+            with self.path.open("a") as sink:
+                sink.write(json.dumps({"fingerprint": fingerprint, "status": status, "time": time.time()}) + "\n")
+
+
+def create_app(
+    backend, *, api_key: str | None = None, faults: Faults | None = None, request_log: Path | None = None
+) -> FastAPI:
+    """Build the API around a backend (see kdlm.serve.backends).
+
+    Args:
+        backend: a ModelBackend or an EchoBackend.
+        api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>`.
+        faults: inject 429/500/stalls (for tests and benchmarks of clients).
+        request_log: append one JSONL line per completion request (fingerprint, outcome).
+    """
+    app = FastAPI(title="kdlm serve")
+    app.state.backend = backend
+    faults = faults or Faults()
+    fault_draw = random.Random(faults.seed)
+    log = RequestLog(request_log)
+    # received: completion requests that passed authentication; the rest are their outcomes.
+    counts = {"received": 0, "answered": 0, "client_gone": 0, "429": 0, "500": 0, "stall": 0, "rejected": 0}
+    app.state.counts = counts
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError):
+        return JSONResponse(
+            _error_body(error.status, error.message, error.code, error.param), error.status, headers=error.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError):
+        problems = []
+        for item in error.errors():
+            where = ".".join(str(part) for part in item["loc"] if part != "body") or "body"
+            problems.append(f"{where}: {item['msg']}")
+        param = ".".join(str(part) for part in error.errors()[0]["loc"] if part != "body") if error.errors() else None
+        return JSONResponse(_error_body(400, "invalid request: " + "; ".join(problems), "invalid_request", param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException):
+        return JSONResponse(_error_body(error.status_code, str(error.detail), "http_error"), error.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, error: Exception):
+        return JSONResponse(_error_body(500, f"internal error: {type(error).__name__}: {error}", "server_error"), 500)
+
+    async def authorize(request: Request) -> None:
+        # A dependency rather than an HTTP middleware: starlette's middleware wrapper hides a client's
+        # disconnect from the handler, and the request log needs to see it.
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                counts["rejected"] += 1
+                message = "invalid API key: send `Authorization: Bearer <key>` with the key the server was started with"
+                raise ApiError(401, message, "invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [{"id": backend.name, "object": "model", "created": 0, "owned_by": "kdlm"}]}
+
+    @v1.get("/kdlm/stats")
+    async def stats():
+        return {**backend.stats(), **counts}
+
+    async def _prelude(request: Request, body: _Request) -> str:
+        """Checks every completion request goes through; returns its fingerprint."""
+        fingerprint = hashlib.sha256(await request.body()).hexdigest()[:16]
+        counts["received"] += 1
+        if body.model != backend.name:
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {backend.name!r}",
+                           "model_not_found", "model")
+        draw = fault_draw.random()
+        if draw < faults.rate_429:
+            counts["429"] += 1
+            log.write(fingerprint, "429")
+            raise ApiError(429, "rate limit reached (injected fault)", "rate_limit_exceeded",
+                           headers={"Retry-After": f"{faults.retry_after_s:g}"})
+        if draw < faults.rate_429 + faults.rate_500:
+            counts["500"] += 1
+            log.write(fingerprint, "500")
+            raise ApiError(500, "internal error (injected fault)", "server_error")
+        if draw < faults.rate_429 + faults.rate_500 + faults.rate_stall:
+            counts["stall"] += 1
+            log.write(fingerprint, "stall")
+            await asyncio.sleep(faults.stall_s)
+            raise ApiError(503, "stalled (injected fault)", "stalled")
+        return fingerprint
+
+    def _params(body: _Request, max_tokens: int | None, top_logprobs: int) -> Params:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 4:
+            raise ApiError(400, "stop: at most 4 stop sequences", "invalid_request", "stop")
+        default_max_tokens = 16 if isinstance(body, CompletionRequest) else 256  # OpenAI's legacy default is 16
+        return Params(
+            max_tokens=max_tokens or default_max_tokens,
+            temperature=body.temperature, top_p=body.top_p, n=body.n, seed=body.seed, stop=stop,
+            top_logprobs=top_logprobs,
+        )
+
+    def _encode(encoder, prompt, params: Params):
+        ids = encoder(prompt)
+        problem = backend.check_length(ids, params)
+        if problem:
+            raise ApiError(400, problem, "context_length_exceeded", "messages")
+        return ids
+
+    async def _finish(request: Request, fingerprint: str) -> None:
+        status = "client_gone" if await request.is_disconnected() else "answered"
+        counts[status] += 1
+        log.write(fingerprint, status)
+
+    @v1.post("/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        fingerprint = await _prelude(request, body)
+        params = _params(body, body.max_completion_tokens or body.max_tokens, body.top_logprobs or 0)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        prompt_ids = _encode(backend.encode_chat, messages, params)
+        header = _header("chatcmpl", "chat.completion", backend.name)
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            return _sse(_chat_chunks(backend, prompt_ids, params, body.logprobs, header, usage), request, fingerprint, _finish)
+        choices = await _collect(backend, prompt_ids, params)
+        await _finish(request, fingerprint)
+        return JSONResponse({
+            **header,
+            "choices": [
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": choice["text"]},
+                    "finish_reason": choice["finish"],
+                    "logprobs": {"content": choice["logprobs"]} if body.logprobs else None,
+                }
+                for index, choice in enumerate(choices)
+            ],
+            "usage": _usage(len(prompt_ids), choices),
+        })
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        fingerprint = await _prelude(request, body)
+        if body.echo:
+            raise ApiError(400, "echo=true is not supported", "unsupported_parameter", "echo")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if not prompts:
+            raise ApiError(400, "prompt: give a string or a non-empty list of strings", "invalid_request", "prompt")
+        if body.stream and len(prompts) > 1:
+            raise ApiError(400, "stream=true takes a single prompt", "unsupported_parameter", "prompt")
+        params = _params(body, body.max_tokens, body.logprobs or 0)
+        all_ids = [_encode(backend.encode_text, prompt, params) for prompt in prompts]
+        header = _header("cmpl", "text_completion", backend.name)
+        want_logprobs = body.logprobs is not None
+        if body.stream:
+            usage = bool((body.stream_options or {}).get("include_usage"))
+            chunks = _completion_chunks(backend, all_ids[0], params, want_logprobs, header, usage)
+            return _sse(chunks, request, fingerprint, _finish)
+        per_prompt = await asyncio.gather(*(_collect(backend, ids, params) for ids in all_ids))
+        choices = [choice for group in per_prompt for choice in group]
+        await _finish(request, fingerprint)
+        return JSONResponse({
+            **header,
+            "choices": [
+                {
+                    "index": index,
+                    "text": choice["text"],
+                    "finish_reason": choice["finish"],
+                    "logprobs": _legacy_logprobs(choice["logprobs"]) if want_logprobs else None,
+                }
+                for index, choice in enumerate(choices)
+            ],
+            "usage": _usage(sum(len(ids) for ids in all_ids), choices),
+        })
+
+    app.include_router(v1)
+    return app
+
+
+
+def _header(prefix: str, kind: str, model: str) -> dict:
+    return {"id": f"{prefix}-{secrets.token_hex(12)}", "object": kind, "created": int(time.time()), "model": model}
+
+
+async def _collect(backend, prompt_ids, params: Params) -> list[dict]:
+    choices = [{"text": "", "finish": None, "logprobs": []} for _ in range(params.n)]
+    async for choice, text, entry, finish in backend.stream(prompt_ids, params):
+        choices[choice]["text"] += text
+        if entry is not None:
+            choices[choice]["logprobs"].append(entry)
+        if finish:
+            choices[choice]["finish"] = finish
+    return choices
+
+
+def _usage(prompt_tokens: int, choices: list[dict]) -> dict:
+    completion = sum(len(choice["logprobs"]) for choice in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+def _legacy_logprobs(entries: list[dict]) -> dict:
+    """The /v1/completions logprobs shape: parallel lists, top alternatives as {token: logprob}."""
+    offsets, at = [], 0
+    for entry in entries:
+        offsets.append(at)
+        at += len(entry["token"])
+    return {
+        "tokens": [entry["token"] for entry in entries],
+        "token_logprobs": [entry["logprob"] for entry in entries],
+        "top_logprobs": [{top["token"]: top["logprob"] for top in entry.get("top_logprobs", [])} for entry in entries],
+        "text_offset": offsets,
+    }
+
+
+def _sse(chunks, request: Request, fingerprint: str, finish) -> StreamingResponse:
+    async def body():
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+        await finish(request, fingerprint)
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+async def _chat_chunks(backend, prompt_ids, params: Params, logprobs: bool, header: dict, usage: bool):
+    header = {**header, "object": "chat.completion.chunk"}
+    for index in range(params.n):
+        yield {**header, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    tokens = 0
+    async for choice, text, entry, finish in backend.stream(prompt_ids, params):
+        tokens += entry is not None
+        item = {"index": choice, "delta": {"content": text} if text else {}, "finish_reason": finish}
+        if logprobs:
+            item["logprobs"] = {"content": [entry] if entry is not None else []}
+        yield {**header, "choices": [item]}
+    if usage:
+        yield {**header, "choices": [], "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
+                                                  "total_tokens": len(prompt_ids) + tokens}}
+
+
+async def _completion_chunks(backend, prompt_ids, params: Params, logprobs: bool, header: dict, usage: bool):
+    tokens = 0
+    async for choice, text, entry, finish in backend.stream(prompt_ids, params):
+        tokens += entry is not None
+        item = {"index": choice, "text": text, "finish_reason": finish, "logprobs": None}
+        if logprobs:
+            item["logprobs"] = _legacy_logprobs([entry] if entry is not None else [])
+        yield {**header, "choices": [item]}
+    if usage:
+        yield {**header, "choices": [], "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
+                                                  "total_tokens": len(prompt_ids) + tokens}}

@@ -1,0 +1,187 @@
+"""What the server runs behind the API: a local model behind a batching scheduler, or an echo stub.
+
+Both turn a prompt and its sampling settings into a stream of events, one per piece of text of one
+choice: `(choice index, new text, logprob entry or None, finish reason or None)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from kdlm.serve.sampling import Row, decode_batch, token_entry
+
+Event = tuple[int, str, dict | None, str | None]
+
+
+@dataclass
+class Params:
+    """Sampling settings of one request (already validated)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int = 0
+
+
+@dataclass
+class _Job:
+    rows: list[Row]
+    events: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+class BatchScheduler:
+    """Gathers concurrent requests for a few milliseconds and decodes them as one batch.
+
+    One worker runs batches one after another in a thread (the event loop keeps accepting requests
+    meanwhile); requests that arrive during a batch form the next one. `batches` counts the batched
+    decodes run, `requests` the requests served: fewer batches than requests means batching worked.
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 32, wait_ms: float = 5.0, bf16: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.wait_s, self.bf16 = max_batch, wait_ms / 1000, bf16
+        self.batches = self.requests = self.rows = 0
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def submit(self, rows: list[Row]) -> AsyncIterator[Event]:
+        if self._loop is not asyncio.get_running_loop():  # first use, or a new event loop (a second asyncio.run)
+            self._loop = asyncio.get_running_loop()
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._work())
+        job = _Job(rows, asyncio.Queue(), asyncio.get_running_loop())
+        self.requests += 1
+        await self._queue.put(job)
+        while True:
+            event = await job.events.get()
+            if event is None:
+                return
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.wait_s
+            while sum(len(job.rows) for job in batch) < self.max_batch:
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), max(0.0, deadline - time.monotonic())))
+                except asyncio.TimeoutError:
+                    break
+            rows, owners = [], []  # owners[i]: (job, choice index) of batch row i
+            for job in batch:
+                for choice, row in enumerate(job.rows):
+                    rows.append(row)
+                    owners.append((job, choice))
+
+            def on_delta(i: int, text: str, entry: dict | None, finish: str | None, owners=owners) -> None:
+                job, choice = owners[i]
+                job.loop.call_soon_threadsafe(job.events.put_nowait, (choice, text, entry, finish))
+
+            self.batches += 1
+            self.rows += len(rows)
+            try:
+                await asyncio.to_thread(decode_batch, self.model, self.tokenizer, rows, on_delta, self.bf16)
+                ending = None
+            except Exception as error:  # a failed batch fails its requests, not the server
+                ending = error
+            for job in batch:
+                job.events.put_nowait(ending)
+                if ending is not None:
+                    job.events.put_nowait(None)
+
+    def stats(self) -> dict:
+        return {"requests": self.requests, "batches": self.batches, "rows": self.rows}
+
+
+class ModelBackend:
+    """A local causal LM: prompts are tokenised here and decoded by the batching scheduler."""
+
+    def __init__(self, name: str, model, tokenizer, **scheduler_options):
+        self.name, self.tokenizer = name, tokenizer
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self.scheduler = BatchScheduler(model, tokenizer, **scheduler_options)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def check_length(self, prompt_ids: list[int], params: Params) -> str | None:
+        """A message for a request that cannot fit the model's context, else None."""
+        if not prompt_ids:
+            return "the prompt is empty"
+        if self.max_positions and len(prompt_ids) + params.max_tokens > self.max_positions:
+            return (
+                f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {self.max_positions} tokens"
+            )
+        return None
+
+    def stream(self, prompt_ids: list[int], params: Params) -> AsyncIterator[Event]:
+        rows = [
+            Row(
+                prompt_ids,
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                seed=None if params.seed is None else params.seed + choice,
+                stop=params.stop,
+                top_logprobs=params.top_logprobs,
+            )
+            for choice in range(params.n)
+        ]
+        return self.scheduler.submit(rows)
+
+    def stats(self) -> dict:
+        return self.scheduler.stats()
+
+
+class EchoBackend:
+    """Answers after a fixed latency by echoing the prompt's words: for benchmarks and fault tests.
+
+    A "token" is a word; the answer is the prompt's words cut to max_tokens, so it is deterministic.
+    """
+
+    def __init__(self, latency_ms: float = 0.0, name: str = "echo"):
+        self.name, self.latency_s = name, latency_ms / 1000
+        self.requests = 0
+
+    def encode_chat(self, messages: list[dict]) -> list[str]:
+        return " ".join(message["content"] for message in messages).split() or [""]
+
+    def encode_text(self, prompt: str) -> list[str]:
+        return prompt.split() or [""]
+
+    def check_length(self, prompt_ids: list, params: Params) -> str | None:
+        return None
+
+    async def stream(self, prompt_ids: list[str], params: Params) -> AsyncIterator[Event]:
+        self.requests += 1
+        await asyncio.sleep(self.latency_s)
+        words = prompt_ids[: params.max_tokens]
+        finish = "length" if len(prompt_ids) > params.max_tokens else "stop"
+        for choice in range(params.n):
+            for i, word in enumerate(words):
+                text = word if i == 0 else " " + word
+                entry = token_entry(text, 0.0)
+                if params.top_logprobs:
+                    entry["top_logprobs"] = [token_entry(text, 0.0)]
+                yield choice, text, entry, finish if i == len(words) - 1 else None
+            if not words:
+                yield choice, "", None, finish
+
+    def stats(self) -> dict:
+        return {"requests": self.requests, "batches": self.requests, "rows": self.requests}

@@ -1,0 +1,180 @@
+"""One batched, step-by-step decode for many requests at once, each with its own sampling settings.
+
+Prompts are left-padded into one batch and decoded with the KV cache, one token per step for every
+row, so that a batch of 16 requests costs about as many forward passes as one request. Each row has
+its own temperature, top-p, seed, stop strings and token budget; a finished row keeps its place in
+the batch (fed a pad token, its output ignored) until the longest row ends.
+
+Log-probabilities are those of the model's raw distribution: a log-softmax of the logits over the
+full vocabulary at temperature 1, before top-p, whatever temperature the token was sampled at. That
+is the distribution a white-box KD loss wants from a teacher, and it does not change with the
+sampling settings of the request that produced it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Row:
+    """One sequence to generate: a prompt (token ids) and its sampling settings."""
+
+    prompt_ids: list[int]
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int = 0  # alternatives returned per token, besides the chosen one
+
+
+@dataclass
+class RowResult:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    logprobs: list[dict] = field(default_factory=list)  # OpenAI chat format, one entry per token
+
+
+# on_delta(row index, new text, logprob entry of the new token or None, finish reason or None)
+DeltaCallback = Callable[[int, str, dict | None, str | None], None]
+
+
+def token_entry(text: str, logprob: float) -> dict:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = model.generation_config.eos_token_id
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+def _choose(logits: torch.Tensor, row: Row, generator: torch.Generator) -> int:
+    """Pick the next token of one row from its logits (V,)."""
+    if row.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / row.temperature, dim=-1)
+    if row.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # Drop a token when the mass before it already reaches top_p; the most likely always stays.
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= row.top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _tokens_within(entries: list[dict], length: int) -> list[dict]:
+    """The logprob entries of the tokens that start before character `length` (the stop string's start)."""
+    kept, at = [], 0
+    for entry in entries:
+        if at >= length:
+            break
+        kept.append(entry)
+        at += len(entry["token"])
+    return kept
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of `text` that may still turn into a stop string or a whole character."""
+    held = 1 if text.endswith("\ufffd") else 0  # an incomplete UTF-8 sequence: wait for the next token
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:length]):
+                held = max(held, length)
+                break
+    return held
+
+
+@torch.no_grad()
+def decode_batch(
+    model, tokenizer, rows: list[Row], on_delta: DeltaCallback | None = None, bf16: bool = False
+) -> list[RowResult]:
+    """Generate every row in one batched decode.
+
+    Args:
+        model: a causal LM (eval mode).
+        tokenizer: its tokenizer (for EOS, padding and decoding).
+        rows: the sequences to generate.
+        on_delta: called after every step for each row that produced text or finished; text held back
+            (a possible start of a stop string, an incomplete character) comes with a later call.
+        bf16: run the forward passes under bf16 autocast.
+
+    Returns:
+        One result per row, in order.
+    """
+    device = model.device
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
+    width = max(len(row.prompt_ids) for row in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, device=device)
+        mask[i, width - len(row.prompt_ids) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    generators = []
+    for row in rows:
+        seed = row.seed if row.seed is not None else random.getrandbits(63)
+        generators.append(torch.Generator(device=device).manual_seed(seed % 2**63))  # any int the API accepts
+    results = [RowResult() for _ in rows]
+    sent = [0] * len(rows)  # characters of each row's text already passed to on_delta
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    # transformers 5 renamed `past_key_values` to `cache`; accept both.
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    past = {}
+    for _ in range(max(row.max_tokens for row in rows)):
+        with autocast:
+            out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **past)
+        cache = getattr(out, cache_name, None)
+        past = {cache_name: cache if cache is not None else out.past_key_values}
+        logits = out.logits[:, -1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        next_ids = []
+        for i, (row, result) in enumerate(zip(rows, results, strict=True)):
+            if result.finish_reason is not None:
+                next_ids.append(pad)
+                continue
+            token = _choose(logits[i], row, generators[i])
+            next_ids.append(token)
+            entry = None
+            if token in eos:
+                result.finish_reason = "stop"
+            else:
+                result.token_ids.append(token)
+                entry = token_entry(tokenizer.decode([token]), float(logprobs[i, token]))
+                if row.top_logprobs:
+                    top = logprobs[i].topk(row.top_logprobs)
+                    entry["top_logprobs"] = [
+                        token_entry(tokenizer.decode([int(t)]), float(v))
+                        for v, t in zip(top.values, top.indices, strict=True)
+                    ]
+                result.logprobs.append(entry)
+                text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+                cut = min((at for at in (text.find(stop) for stop in row.stop if stop) if at >= 0), default=-1)
+                if cut >= 0:
+                    text, result.finish_reason = text[:cut], "stop"
+                    result.logprobs = _tokens_within(result.logprobs, cut)
+                elif len(result.token_ids) >= row.max_tokens:
+                    result.finish_reason = "length"
+                result.text = text
+            end = len(result.text) if result.finish_reason else len(result.text) - _held_back(result.text, row.stop)
+            delta = result.text[sent[i] : end] if end > sent[i] else ""
+            sent[i] = max(sent[i], end)
+            if on_delta is not None and (delta or entry is not None or result.finish_reason):
+                on_delta(i, delta, entry, result.finish_reason)
+        if all(result.finish_reason for result in results):
+            break
+        input_ids = torch.tensor(next_ids, device=device)[:, None]
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+    return results

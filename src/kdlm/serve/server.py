@@ -1,0 +1,90 @@
+"""Start the server: from the CLI (`kdlm serve MODEL`), or in a thread for tests and benchmarks."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from kdlm.errors import KdlmError
+from kdlm.serve.app import Faults, create_app
+from kdlm.serve.backends import EchoBackend, ModelBackend
+
+ECHO = "echo"
+
+
+def build_backend(
+    model: str,
+    *,
+    name: str | None = None,
+    dtype: str = "float32",
+    max_batch: int = 32,
+    batch_wait_ms: float = 5.0,
+    latency_ms: float = 0.0,
+):
+    """A backend for a model spec (see kdlm.models.load_model), or the echo stub for MODEL=`echo`.
+
+    Args:
+        model: the model spec, or `echo` (answers the prompt's words after `latency_ms`).
+        name: the model id clients must send; defaults to the spec.
+        dtype: float32, or bfloat16 to run the forward passes under bf16 autocast (weights stay fp32).
+    """
+    if model == ECHO:
+        return EchoBackend(latency_ms, name=name or ECHO)
+    if dtype not in ("float32", "bfloat16"):
+        raise KdlmError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    from kdlm.models import load_model
+
+    loaded, tokenizer = load_model(model)
+    return ModelBackend(name or model, loaded, tokenizer, max_batch=max_batch, wait_ms=batch_wait_ms,
+                        bf16=dtype == "bfloat16")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _config(app, host: str, port: int) -> uvicorn.Config:
+    # No access log: one line per request would flood the console in a generation run.
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=1)
+
+
+def run_server(backend, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               faults: Faults | None = None, request_log: Path | None = None) -> None:
+    """Serve until interrupted."""
+    app = create_app(backend, api_key=api_key, faults=faults, request_log=request_log)
+    uvicorn.Server(_config(app, host, port)).run()
+
+
+class ServerThread:
+    """The server in a background thread on a free loopback port; use as a context manager.
+
+    >>> with ServerThread(EchoBackend()) as server:
+    ...     client = openai.OpenAI(base_url=server.url, api_key="x")
+    """
+
+    def __init__(self, backend, *, host: str = "127.0.0.1", **app_options):
+        self.app = create_app(backend, **app_options)
+        self.host, self.port = host, free_port(host)
+        self.url = f"http://{host}:{self.port}/v1"
+        self._server = uvicorn.Server(_config(self.app, host, self.port))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

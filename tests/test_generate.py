@@ -1,0 +1,280 @@
+"""`kdlm generate`: the engine against the real server on loopback, with faults, kills and user errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kdlm.data import load_records
+from kdlm.errors import KdlmError
+from kdlm.generate import GenerateConfig, RateLimiter, generate
+from kdlm.models import load_model
+from kdlm.serve import EchoBackend, Faults, ModelBackend, ServerThread
+from tiny import tiny_llama, tiny_tokenizer, write_chat_jsonl
+
+KDLM = [sys.executable, "-m", "kdlm.cli"]
+
+
+def config(tmp_path: Path, url: str, prompts: Path, **sections) -> GenerateConfig:
+    tree = {
+        "prompts": str(prompts),
+        "output": str(tmp_path / "out.jsonl"),
+        "progress": False,
+        "teacher": {"model": "echo", "base_url": url},
+        "sampling": {"max_tokens": 6},
+        "limits": {"concurrency": 8, "timeout_s": 2, "backoff_s": 0.05},
+    }
+    for name, values in sections.items():
+        tree[name] = {**tree[name], **values} if isinstance(values, dict) and name in tree else values
+    return GenerateConfig.model_validate(tree)
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_each_record_once(output: Path, prompts: int, samples: int) -> list[dict]:
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    keys = Counter((record["meta"]["prompt_index"], record["meta"]["sample"]) for record in records)
+    assert len(records) == prompts * samples
+    assert set(keys) == {(p, s) for p in range(prompts) for s in range(samples)}
+    assert max(keys.values()) == 1
+    return records
+
+
+def test_round_trip_writes_chat_records_that_training_loads(tmp_path):
+    prompts = write_chat_jsonl(tmp_path / "prompts.jsonl", count=6)
+    with ServerThread(EchoBackend()) as server:
+        cfg = config(tmp_path, server.url, prompts, sampling={"n": 3, "max_tokens": 4},
+                     prices={"echo": {"input_per_million": 1000.0, "output_per_million": 2000.0}})
+        stats = generate(cfg)
+        received = server.app.state.counts["received"]
+        again = generate(cfg)  # everything cached: nothing is sent
+        assert server.app.state.counts["received"] == received == 18
+    records = assert_each_record_once(tmp_path / "out.jsonl", prompts=6, samples=3)
+    assert stats.answered == 18 and again.answered == 0 and again.cached == 18
+    assert stats.completion_tokens == 18 * 4  # every prompt has more than 4 words
+    assert stats.cost == pytest.approx((stats.prompt_tokens * 1000 + stats.completion_tokens * 2000) / 1e6)
+    assert again.total_cost == pytest.approx(stats.cost) and again.cost == 0
+    first = records[0]
+    assert first["messages"][-1]["role"] == "assistant"
+    assert first["messages"][-1]["content"] == " ".join(first["messages"][0]["content"].split()[:4])
+    assert {"teacher", "fingerprint", "parameters", "seed"} <= set(first["meta"])
+    assert len({record["meta"]["seed"] for record in records}) == 18  # every sample its own seed
+    loaded = load_records(str(tmp_path / "out.jsonl"))
+    assert len(loaded) == 18 and loaded[0]["messages"][-1]["role"] == "assistant"
+    assert loaded[0]["meta"]["fingerprint"] == first["meta"]["fingerprint"]
+
+
+def test_faults_are_retried_until_every_record_is_there_once(tmp_path):
+    prompts = write_chat_jsonl(tmp_path / "prompts.jsonl", count=30)
+    faults = Faults(rate_429=0.15, rate_500=0.15, rate_stall=0.05, retry_after_s=0.05, stall_s=1.5, seed=1)
+    log = tmp_path / "server.jsonl"
+    with ServerThread(EchoBackend(latency_ms=10), faults=faults, request_log=log) as server:
+        stats = generate(config(tmp_path, server.url, prompts, sampling={"n": 2},
+                                limits={"timeout_s": 0.5, "max_retries": 10}))
+        counts = dict(server.app.state.counts)
+    assert_each_record_once(tmp_path / "out.jsonl", prompts=30, samples=2)
+    assert counts["429"] >= 3 and counts["500"] >= 3 and counts["stall"] >= 1
+    # Every fault the server injected was retried once, and nothing else was.
+    assert stats.retries == Counter({"429": counts["429"], "500": counts["500"], "timeout": counts["stall"]})
+    answered = [entry["fingerprint"] for entry in read_log(log) if entry["status"] == "answered"]
+    assert len(answered) == len(set(answered)) == 60
+
+
+def test_retry_after_is_honoured(tmp_path):
+    prompts = write_chat_jsonl(tmp_path / "prompts.jsonl", count=4)
+    faults = Faults(rate_429=0.5, retry_after_s=0.4, seed=3)
+    with ServerThread(EchoBackend(), faults=faults) as server:
+        started = time.monotonic()
+        stats = generate(config(tmp_path, server.url, prompts, limits={"concurrency": 1, "backoff_s": 0}))
+        elapsed = time.monotonic() - started
+        rate_limited = server.app.state.counts["429"]
+    assert rate_limited >= 2 and stats.retries["429"] == rate_limited
+    assert elapsed >= 0.4 * rate_limited  # one request at a time: every 429 cost its full Retry-After
+
+
+def test_a_refused_request_is_not_retried_and_the_rest_is_saved(tmp_path):
+    tokenizer = tiny_tokenizer()
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "short one"}, {"prompt": "x" * 600}, {"prompt": "short two"}]  # 600 tokens > 512 positions
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with ServerThread(ModelBackend("tiny", tiny_llama(len(tokenizer)), tokenizer)) as server:
+        cfg = config(tmp_path, server.url, prompts, teacher={"model": "tiny"}, limits={"timeout_s": 120})
+        with pytest.raises(KdlmError, match="1 of 3 requests failed.*400.*context"):
+            generate(cfg)
+        assert server.app.state.counts["received"] == 3  # the refused one was sent once
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+
+
+def test_local_transformers_backend_matches_the_server(tmp_path):
+    tokenizer = tiny_tokenizer()
+    folder = tmp_path / "teacher"
+    tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model, tokenizer = load_model(str(folder))
+    prompts = write_chat_jsonl(tmp_path / "prompts.jsonl", count=5)
+    sampling = {"n": 2, "max_tokens": 8, "temperature": 1.0, "top_p": 0.9}
+    with ServerThread(ModelBackend(str(folder), model, tokenizer)) as server:
+        remote = config(tmp_path / "remote", server.url, prompts, teacher={"model": str(folder)}, sampling=sampling,
+                        limits={"timeout_s": 120})
+        generate(remote)
+    local = config(tmp_path / "local", "unused", prompts, sampling=sampling,
+                   teacher={"model": str(folder), "backend": "transformers", "bf16": False, "batch_size": 4})
+    generate(local)  # loads the model from teacher.model
+    answers = [json.loads(line)["messages"][-1]["content"] for line in Path(remote.output).read_text().splitlines()]
+    assert answers == [json.loads(line)["messages"][-1]["content"] for line in Path(local.output).read_text().splitlines()]
+    assert len(set(answers)) == 10
+
+
+def test_requests_per_minute_and_tokens_per_minute_are_respected():
+    async def timed(limiter: RateLimiter, calls: int, tokens: float) -> float:
+        started = time.monotonic()
+        for _ in range(calls):
+            await limiter.acquire(tokens)
+        return time.monotonic() - started
+
+    # 5 requests per "minute" of 1 s: 6 requests take 5 intervals of 0.2 s.
+    assert 0.95 <= asyncio.run(timed(RateLimiter(5, window_s=1.0), 6, 0)) < 1.5
+    # 100 tokens per 0.5 s window, 40 per request: 2 fit per window, the 5th waits for the 3rd window.
+    assert 0.95 <= asyncio.run(timed(RateLimiter(tokens_per_minute=100, window_s=0.5), 5, 40)) < 1.4
+
+
+def test_user_errors_name_the_file_and_line(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": "broken\n')
+    with pytest.raises(KdlmError, match=r"prompts.jsonl:2: not valid JSON"):
+        generate(config(tmp_path, "http://127.0.0.1:9/v1", prompts))
+    with pytest.raises(KdlmError, match="data file not found"):
+        generate(config(tmp_path, "http://127.0.0.1:9/v1", tmp_path / "missing.jsonl"))
+    prompts.write_text('{"prompt": "fine"}\n')
+    with pytest.raises(KdlmError, match="cannot reach"):  # nothing listens on port 9
+        generate(config(tmp_path, "http://127.0.0.1:9/v1", prompts))
+
+
+def _cli(*args, cwd: Path, **popen):
+    source = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's kdlm, whatever the cwd
+    env = {**os.environ, "KDLM_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([*KDLM, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def test_a_bad_api_key_stops_at_once_with_exit_code_2(tmp_path):
+    prompts = write_chat_jsonl(tmp_path / "prompts.jsonl", count=4)
+    with ServerThread(EchoBackend(), api_key="right") as server:
+        proc = _cli("generate", f"prompts={prompts}", f"output={tmp_path / 'out.jsonl'}", "progress=false",
+                    "teacher.model=echo", f"teacher.base_url={server.url}", "teacher.api_key=wrong", cwd=tmp_path)
+        stdout, stderr = proc.communicate(timeout=120)
+        counts = dict(server.app.state.counts)
+    assert proc.returncode == 2, stdout + stderr
+    assert "refused the API key" in stderr and "Traceback" not in stderr + stdout
+    assert counts["rejected"] == 1 and counts["received"] == 0  # one check, no completion request, no retry
+
+
+def test_kill_9_mid_run_then_rerun_sends_only_what_is_missing(tmp_path):
+    prompts = write_chat_jsonl(tmp_path / "prompts.jsonl", count=24)
+    log = tmp_path / "server.jsonl"
+    cache = tmp_path / "out.sqlite"
+    args = ["generate", f"prompts={prompts}", f"output={tmp_path / 'out.jsonl'}", "progress=false",
+            "teacher.model=echo", "sampling.n=2", "limits.concurrency=4", "limits.timeout_s=10"]
+
+    def cached() -> int:
+        if not cache.exists():
+            return 0
+        with sqlite3.connect(cache) as connection:
+            try:
+                return connection.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+            except sqlite3.OperationalError:  # the table is not created yet
+                return 0
+
+    with ServerThread(EchoBackend(latency_ms=300), request_log=log) as server:
+        proc = _cli(*args, f"teacher.base_url={server.url}", cwd=tmp_path)
+        deadline = time.monotonic() + 60
+        while cached() < 8 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(0.15)  # halfway through the next round of requests, which are in flight
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        done_before = cached()
+        assert 8 <= done_before < 48, "the kill must land mid-run"
+        assert not (tmp_path / "out.jsonl").exists()
+
+        rerun = _cli(*args, f"teacher.base_url={server.url}", cwd=tmp_path)
+        stdout, stderr = rerun.communicate(timeout=120)
+        assert rerun.returncode == 0, stdout + stderr
+        assert f"{done_before} from the cache, {48 - done_before} new" in " ".join(stderr.split())
+        time.sleep(0.2)  # let the server finish logging the requests of the killed run
+        counts = dict(server.app.state.counts)
+
+    assert_each_record_once(tmp_path / "out.jsonl", prompts=24, samples=2)
+    entries = read_log(log)
+    answered = [entry["fingerprint"] for entry in entries if entry["status"] == "answered"]
+    assert len(answered) == len(set(answered)) == 48  # no request answered twice
+    assert counts["client_gone"] >= 1  # the kill cut requests in flight; the server did not count them
+
+
+@pytest.mark.slow
+def test_kdlm_serve_bundled_teacher_answers_openai_and_kdlm_generate(tmp_path):
+    """The issue's goal: `kdlm serve bundled:...` answers the openai client, `kdlm generate` fills a JSONL."""
+    import httpx
+    import openai
+
+    from kdlm.serve import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    # The user's KDLM_CACHE, so that the converted teacher is reused.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen([*KDLM, "serve", "bundled:smollm2-135m-instruct", "--port", str(port),
+                               "--api-key", "secret", "--threads", "1"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(url + "/models", headers={"Authorization": "Bearer secret"}).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=url, api_key="secret", max_retries=0)
+        model = "bundled:smollm2-135m-instruct"
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What is 2+2?"}],
+                                               max_tokens=12, temperature=0, logprobs=True, top_logprobs=5)
+        assert "4" in reply.choices[0].message.content
+        assert len(reply.choices[0].logprobs.content[0].top_logprobs) == 5
+        completion = client.completions.create(model=model, prompt="The capital of France is", max_tokens=3,
+                                               temperature=0)
+        assert "Paris" in completion.choices[0].text
+
+        proc = subprocess.run(
+            [*KDLM, "generate", str(Path(__file__).resolve().parents[1] / "configs" / "generate.yaml"),
+             f"teacher.base_url={url}", "teacher.api_key=secret", "limit=4", "sampling.n=2", "sampling.max_tokens=8",
+             f"output={tmp_path / 'answers.jsonl'}", "progress=false"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        stats = httpx.get(url + "/kdlm/stats", headers={"Authorization": "Bearer secret"}).json()
+        assert stats["batches"] < stats["requests"]  # the 8 concurrent requests were batched
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    records = load_records(str(tmp_path / "answers.jsonl"))
+    assert len(records) == 8
+    assert all(record["messages"][-1]["role"] == "assistant" and record["messages"][-1]["content"]
+               for record in records)
