@@ -63,6 +63,17 @@ def build_student(
     run_build_student(_config(config, overrides))
 
 
+@app.command("cache-teacher")
+def cache_teacher(
+    config: Path = typer.Argument(None, help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " Folder: teacher.cache=runs/cache"),
+) -> None:
+    """Run the teacher once over the training data and store its targets (top-k or sampled); resumable."""
+    from kdlm.pipeline import run_cache_teacher
+
+    run_cache_teacher(_config(config, overrides))
+
+
 def main() -> None:
     try:
         # Without standalone mode typer returns an exit code instead of exiting (130 on Ctrl-C).
