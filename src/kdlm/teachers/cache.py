@@ -316,7 +316,7 @@ def write_cache(
             })
             manifest["num_tokens"] += num_tokens
             if kind == "sampled" and num_tokens:
-                manifest["max_distinct"] = max(manifest["max_distinct"], int(tensors["num_distinct"].max()))
+                manifest["max_distinct"] = max(manifest["max_distinct"], int(tensors["num_distinct"].int().max()))
             manifest["complete"] = index == num_shards - 1
             _save_manifest(folder, manifest)
             if on_shard is not None:
