@@ -280,3 +280,51 @@ def test_cli_cache_teacher_writes_sampled_targets(tmp_path):
     for ids, values in read_targets(tmp_path / "cache"):
         assert torch.equal((values.exp() * 16).round().sum(-1), torch.full((len(ids),), 16.0))
     shutil.rmtree(tmp_path / "cache")
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from kdlm.data import encode_records, load_records
+from kdlm.models import load_model
+from kdlm.teachers.cache import cache_identity, write_cache
+
+root, folder = Path(sys.argv[1]), Path(sys.argv[2])
+teacher, tokenizer = load_model(str(root / "teacher"))
+examples = encode_records(tokenizer, load_records(str(root / "chat.jsonl")), max_length=96)
+identity = cache_identity(kind="sampled", teacher="tiny", tokenizer=tokenizer, vocab_size=teacher.config.vocab_size,
+                          examples=examples, samples=32, seed=3, bf16=True, examples_per_shard=3)
+write_cache(teacher, examples, folder, identity=identity, pad_token_id=tokenizer.pad_token_id, batch_size=2,
+            on_shard=lambda index: time.sleep(0.3), show_progress=False)
+"""
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_straight_run_files(tmp_path):
+    """The issue's criterion with a real process: SIGKILL the writer once shards exist, run it again, compare."""
+    import signal
+    import time
+
+    save_tiny_teacher(tmp_path / "teacher", num_layers=2)
+    write_chat_jsonl(tmp_path / "chat.jsonl", count=24)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+
+    def writer(folder: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(folder)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    straight = writer(tmp_path / "straight")
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    killed = writer(tmp_path / "killed")
+    manifest = tmp_path / "killed" / "manifest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not manifest.exists() or len(json.loads(manifest.read_text())["shards"]) < 2):
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    left = json.loads(manifest.read_text())
+    assert 2 <= len(left["shards"]) < 8 and not left["complete"]  # it died mid-run (8 shards in all)
+    resumed = writer(tmp_path / "killed")
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    leftovers = {p.name for p in (tmp_path / "killed").glob("*.tmp")}
+    assert _digests(tmp_path / "killed").keys() - leftovers == _digests(tmp_path / "straight").keys()
+    assert {k: v for k, v in _digests(tmp_path / "killed").items() if k not in leftovers} == _digests(tmp_path / "straight")
