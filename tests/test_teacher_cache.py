@@ -101,6 +101,16 @@ def test_ids_widen_to_int32_past_65536():
     assert id_dtype(65_536) == torch.uint16 and id_dtype(65_537) == torch.int32
 
 
+def test_top_k_beyond_the_vocabulary_is_a_clear_error(setup):
+    with pytest.raises(KdlmError, match="top_k=1000"):
+        identity(setup, top_k=1000)
+
+
+def test_sampling_a_row_free_example_gives_empty_counts():
+    num_distinct, ids, counts = sample_counts(torch.zeros(0, 5), 8, torch.Generator().manual_seed(0))
+    assert num_distinct.numel() == ids.numel() == counts.numel() == 0
+
+
 def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 

@@ -101,6 +101,8 @@ def cache_identity(
     """The manifest fields a cache must match to be reused (see ``IDENTITY_KEYS``)."""
     if kind not in KINDS:
         raise KdlmError(f"unknown cache kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "topk" and not 1 <= top_k <= vocab_size:
+        raise KdlmError(f"teacher.top_k={top_k} must lie between 1 and the vocabulary size ({vocab_size})")
     return {
         "format_version": FORMAT_VERSION,
         "kind": kind,
@@ -205,6 +207,9 @@ def sample_counts(logprobs: Tensor, samples: int, generator: torch.Generator) ->
     Returns:
         (num_distinct (n,), ids (D,), counts (D,)), int64; per row, ids ascending; counts sum to `samples`.
     """
+    if logprobs.shape[0] == 0:  # an example without target tokens
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty, empty
     draws = torch.multinomial(logprobs.float().exp(), samples, replacement=True, generator=generator)
     draws, _ = draws.sort(dim=1)
     new = torch.ones_like(draws, dtype=torch.bool)
