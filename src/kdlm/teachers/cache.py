@@ -67,7 +67,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("topk", "sampled")
 VALUE_DTYPE = torch.float16
-EXAMPLES_PER_SHARD = 128  # a crash loses at most this many examples (~10 s of the bundled teacher on 2 cores)
+EXAMPLES_PER_SHARD = 128  # a crash loses at most this many examples (about 15 s of the bundled teacher on 2 cores)
 # The settings that must agree for a cache to be reused; everything else in the manifest is bookkeeping.
 IDENTITY_KEYS = (
     "format_version", "kind", "teacher", "tokenizer_fingerprint", "vocab_size", "top_k", "samples", "seed",
