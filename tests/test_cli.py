@@ -13,10 +13,16 @@ import pytest
 from tiny import save_tiny_teacher, tiny_llama, write_chat_jsonl
 
 KDLM = [sys.executable, "-m", "kdlm.cli"]
+SRC = str(Path(__file__).resolve().parents[1] / "src")  # subprocesses run this checkout's code, not the installed one
+
+
+def cli_env(cwd: Path) -> dict:
+    pythonpath = os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "KDLM_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath}
 
 
 def run_cli(*args, cwd: Path, env_extra: dict | None = None, check_ok: bool = True):
-    env = {**os.environ, "KDLM_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    env = {**cli_env(cwd), **(env_extra or {})}
     proc = subprocess.run([*KDLM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check_ok:
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -145,7 +151,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(workspace):
 
     out = workspace / "interrupted"
     args = base_args(workspace, "interrupted") + ["eval.enabled=false", "train.max_steps=100000"]
-    env = {**os.environ, "KDLM_CACHE": str(workspace / "cache"), "HF_HUB_OFFLINE": "1"}
+    env = cli_env(workspace)
     proc = subprocess.Popen([*KDLM, "distill", *args], cwd=workspace, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     log = out / "train_log.csv"

@@ -103,9 +103,13 @@ def test_fused_training_follows_the_dense_one(setup, tmp_path, monkeypatch, sign
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, **_: torch.optim.SGD(params, lr=lr))
     topk = None
     if signal == "topk":
-        from kdlm.teachers.signals import compute_topk_targets
+        from kdlm.teachers.cache import cache_identity, read_targets, write_cache
 
-        topk = compute_topk_targets(teacher, examples, top_k=8, pad_token_id=tokenizer.pad_token_id, bf16=False)
+        identity = cache_identity(kind="topk", teacher="tiny", tokenizer=tokenizer, vocab_size=len(tokenizer),
+                                  examples=examples, top_k=8, bf16=False)
+        manifest = write_cache(teacher, examples, tmp_path / "cache", identity=identity,
+                               pad_token_id=tokenizer.pad_token_id, show_progress=False)
+        topk = read_targets(tmp_path / "cache", manifest)
     runs = []
     for fused in (True, False):
         student = tiny_llama(len(tokenizer), num_layers=2, seed=2)

@@ -110,6 +110,16 @@ def serve(
     console.print(f"serving {backend.name!r} at http://{host}:{port}/v1", highlight=False)
     run_server(backend, host=host, port=port, api_key=api_key, faults=faults, request_log=request_log)
 
+@app.command("cache-teacher")
+def cache_teacher(
+    config: Path = typer.Argument(None, help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " Folder: teacher.cache=runs/cache"),
+) -> None:
+    """Run the teacher once over the training data and store its targets (top-k or sampled); resumable."""
+    from kdlm.pipeline import run_cache_teacher
+
+    run_cache_teacher(_config(config, overrides))
+
 
 def main() -> None:
     try:

@@ -29,7 +29,19 @@ class TeacherConfig(Section):
         description="online: run the teacher at every step (full vocabulary); topk: run it once over the "
         "training data and train from its top-k log-probs plus a tail bucket (no teacher in the loop).",
     )
-    top_k: int = Field(64, ge=1, description="Entries kept per token when signal=topk.")
+    top_k: int = Field(64, ge=1, description="Entries kept per token when signal=topk and cache_kind=topk.")
+    cache: str | None = Field(
+        None,
+        description="Folder of a teacher cache written by `kdlm cache-teacher`. When set, `kdlm distill` trains "
+        "from it without loading the teacher's weights (the student must be student.init=model); unset, "
+        "signal=topk keeps its cache in train.output_dir/teacher_cache.",
+    )
+    cache_kind: Literal["topk", "sampled"] = Field(
+        "topk",
+        description="Cached targets: topk (top_k log-probs plus the missing mass) or sampled (`samples` ids drawn "
+        "from the teacher at T=1 with their counts: an unbiased estimate, arXiv 2503.16870).",
+    )
+    samples: int = Field(64, ge=1, le=65535, description="Draws per token when cache_kind=sampled.")
 
 
 class LoraConfig(Section):

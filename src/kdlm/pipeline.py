@@ -1,13 +1,21 @@
 """`kdlm distill`: data, student, teacher signal, training and the before/after table, in one run.
 
-Each stage reuses what an earlier run left on disk (teacher answers, the top-k cache, checkpoints),
+Each stage reuses what an earlier run left on disk (teacher answers, the teacher cache, checkpoints),
 so a rerun or `train.resume=true` after a crash repeats no paid work.
+
+With `teacher.cache` set, `distill` trains from a cache written by `kdlm cache-teacher` and never loads
+the teacher's weights: the tokenizer is read alone, teacher answers must already be cached, and the
+student is loaded (`student.init: model`, e.g. the folder `kdlm build-student` writes), since pruning
+needs the teacher's weights. Only the closing evaluation table loads the teacher, after training and
+only when `eval.enabled`.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -29,11 +37,19 @@ from kdlm.models import (
     check_vocab_compatible,
     describe_model,
     load_model,
+    load_tokenizer,
     save_student,
     select_layers,
 )
 from kdlm.teachers.answers import answer_prompts
-from kdlm.teachers.signals import compute_topk_targets
+from kdlm.teachers.cache import (
+    IDENTITY_KEYS,
+    cache_identity,
+    check_cache,
+    read_manifest,
+    read_targets,
+    write_cache,
+)
 from kdlm.train.loop import train, write_history
 
 console = Console()
@@ -73,13 +89,25 @@ def _with_answers(teacher, tokenizer, records: list[dict], samples: int, kwargs:
     return answered + texts
 
 
-def build_student(config: RunConfig, teacher, tokenizer, train_examples: list[dict], kept_layers: list[int] | None):
-    """The student before training, and the teacher layers it keeps (for pruned students)."""
+def build_student(
+    config: RunConfig, teacher, tokenizer, train_examples: list[dict], kept_layers: list[int] | None,
+    teacher_vocab_size: int | None = None,
+):
+    """The student before training, and the teacher layers it keeps (for pruned students).
+
+    `teacher` may be None when `student.init` is `model`; `teacher_vocab_size` then stands for its config.
+    """
     cfg = config.student
     if cfg.init == "model":
         if not cfg.model:
             raise KdlmError("student.init=model needs student.model (a folder, .gguf file or hub id)")
         student, student_tokenizer = load_model(cfg.model)
+    elif teacher is None:
+        raise KdlmError(
+            f"student.init={cfg.init} builds the student from the teacher's weights, which a run from teacher.cache "
+            "does not load. Build it once with `kdlm build-student CONFIG`, then train with student.init=model "
+            "student.model=<train.output_dir>/student-init"
+        )
     else:
         student_tokenizer = tokenizer
         num_teacher_layers = teacher.config.num_hidden_layers
@@ -97,7 +125,8 @@ def build_student(config: RunConfig, teacher, tokenizer, train_examples: list[di
                     num_teacher_layers, num_layers, cfg.layers, influence=influence, keep_first_last=cfg.keep_first_last
                 )
             student = build_pruned_student(teacher, kept_layers)
-    vocab_size = check_vocab_compatible(tokenizer, student_tokenizer, teacher.config.vocab_size, student.config.vocab_size)
+    teacher_vocab_size = teacher.config.vocab_size if teacher is not None else teacher_vocab_size
+    vocab_size = check_vocab_compatible(tokenizer, student_tokenizer, teacher_vocab_size, student.config.vocab_size)
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
         student.get_output_embeddings().weight.requires_grad_(False)
@@ -106,8 +135,41 @@ def build_student(config: RunConfig, teacher, tokenizer, train_examples: list[di
     return student, kept_layers, vocab_size
 
 
+def teacher_cache_folder(config: RunConfig) -> Path:
+    """`teacher.cache`, or the run's own cache under train.output_dir."""
+    return Path(config.teacher.cache) if config.teacher.cache else Path(config.train.output_dir) / "teacher_cache"
+
+
+def teacher_cache_identity(config: RunConfig, tokenizer, vocab_size: int, train_examples: list[dict]) -> dict:
+    """What a teacher cache for this config and these tokenised examples must have been made with."""
+    teacher = config.teacher
+    return cache_identity(
+        kind=teacher.cache_kind, teacher=teacher.model, tokenizer=tokenizer, vocab_size=vocab_size,
+        examples=train_examples, top_k=teacher.top_k, samples=teacher.samples, seed=config.train.seed,
+        bf16=config.train.bf16,
+    )
+
+
+def _check_signal(config: RunConfig) -> None:
+    teacher = config.teacher
+    if teacher.cache and teacher.signal == "online":
+        raise KdlmError("teacher.cache holds cached targets, but teacher.signal=online; set teacher.signal=topk")
+    if teacher.cache and config.hints.enabled:
+        raise KdlmError(
+            "hint losses (hints.hidden_weight, hints.attention_weight) need the teacher's hidden states at every "
+            "step, but teacher.cache trains without loading the teacher; drop teacher.cache or set the hint weights to 0"
+        )
+    if teacher.signal == "topk" and teacher.cache_kind == "sampled" and config.loss.kd_weight > 0:
+        raise KdlmError(
+            "training from sampled teacher targets (teacher.cache_kind=sampled) is not yet supported by the loss; "
+            "`kdlm cache-teacher` writes them, and the sparse sampled divergence will read them. "
+            "Use teacher.cache_kind=topk for now"
+        )
+
+
 def distill(config: RunConfig) -> dict:
     """Run the whole job; returns the report (also written to output_dir/report.json and report.md)."""
+    _check_signal(config)
     seed_everything(config.train.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     output_dir = Path(config.train.output_dir)
@@ -116,20 +178,36 @@ def distill(config: RunConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, output_dir / "config.yaml")
     timings: dict[str, float] = {}
+    use_kd = config.loss.kd_weight > 0
+    from_cache = config.teacher.cache is not None  # train without ever loading the teacher's weights
 
     started = time.perf_counter()
     dtype = torch.bfloat16 if config.teacher.dtype == "bfloat16" else torch.float32
     with accelerator.main_process_first():  # the first process converts/caches; the others reuse
-        teacher, tokenizer = load_model(config.teacher.model, dtype=dtype)
-        timings["load_teacher_s"] = time.perf_counter() - started
+        if from_cache:
+            teacher, tokenizer = None, load_tokenizer(config.teacher.model)
+        else:
+            teacher, tokenizer = load_model(config.teacher.model, dtype=dtype)
+        timings["load_tokenizer_s" if from_cache else "load_teacher_s"] = time.perf_counter() - started
         started = time.perf_counter()
         train_examples, heldout_examples = prepare_data(config, teacher, tokenizer)
     timings["data_s"] = time.perf_counter() - started
     console.print(f"data: {len(train_examples)} training and {len(heldout_examples)} held-out examples")
 
+    manifest = None
+    if from_cache:  # check the cache before building anything: a mismatch is the likeliest user error
+        folder = teacher_cache_folder(config)
+        found = read_manifest(folder) or {}
+        identity = teacher_cache_identity(config, tokenizer, found.get("vocab_size", 0), train_examples)
+        manifest = check_cache(folder, identity, tuple(key for key in IDENTITY_KEYS if key != "examples_per_shard"))
+        console.print(f"teacher cache: {folder} ({manifest['kind']}, {manifest['num_tokens']} tokens); teacher not loaded")
+
     previous = json.loads(run_file.read_text()) if config.train.resume and run_file.exists() else {}
     started = time.perf_counter()
-    student, kept_layers, vocab_size = build_student(config, teacher, tokenizer, train_examples, previous.get("kept_layers"))
+    student, kept_layers, vocab_size = build_student(
+        config, teacher, tokenizer, train_examples, previous.get("kept_layers"),
+        teacher_vocab_size=manifest["vocab_size"] if manifest else None,
+    )
     timings["build_student_s"] = time.perf_counter() - started
     if kept_layers is not None:
         console.print(f"student keeps teacher layers {kept_layers} ({config.student.layers})")
@@ -138,28 +216,34 @@ def distill(config: RunConfig) -> dict:
 
     evaluate = config.eval.enabled and accelerator.is_main_process and heldout_examples
     rows_before = []
-    if evaluate and not config.train.resume:
+    if evaluate and not config.train.resume and teacher is not None:
         rows_before = evaluate_models(
             {"teacher": (teacher, None), "student before": (student, None)}, teacher, tokenizer, heldout_examples, config.eval, vocab_size
         )
 
-    use_kd = config.loss.kd_weight > 0
     topk_targets = None
     started = time.perf_counter()
     if use_kd and config.teacher.signal == "topk":
+        folder = teacher_cache_folder(config)
         with accelerator.main_process_first():
-            topk_targets = compute_topk_targets(
-                teacher, train_examples, top_k=config.teacher.top_k, pad_token_id=tokenizer.pad_token_id,
-                batch_size=config.train.batch_size, bf16=config.train.bf16,
-                cache_file=output_dir / "teacher_topk.pt", teacher_name=config.teacher.model,
-            )
+            if manifest is None:  # the run's own cache: (re)written here with the loaded teacher
+                identity = teacher_cache_identity(config, tokenizer, teacher.config.vocab_size, train_examples)
+                found = read_manifest(folder)
+                if found is not None and any(found.get(key) != identity[key] for key in IDENTITY_KEYS):
+                    shutil.rmtree(folder)  # made for other data or settings; it is this run's private cache
+                manifest = write_cache(
+                    teacher, train_examples, folder, identity=identity, pad_token_id=tokenizer.pad_token_id,
+                    batch_size=config.train.batch_size, show_progress=accelerator.is_main_process,
+                )
+            topk_targets = read_targets(folder, manifest)
     timings["teacher_signal_s"] = time.perf_counter() - started
 
     result = train(
         student, train_examples, train_config=config.train, loss_config=config.loss,
         pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size,
         teacher=teacher if (use_kd and topk_targets is None) or config.hints.enabled else None,
-        topk_targets=topk_targets, accelerator=accelerator, run_state={"kept_layers": kept_layers},
+        topk_targets=topk_targets, accelerator=accelerator,
+        run_state={"kept_layers": kept_layers, "targets_kind": manifest["kind"] if topk_targets is not None else None},
         hint_config=config.hints,
     )
     timings["train_s"] = result.seconds
@@ -169,12 +253,47 @@ def distill(config: RunConfig) -> dict:
         save_student(student, tokenizer, student_dir)
         write_history(result.history, output_dir / "history.json")
         if evaluate:
+            models = {}
+            if teacher is None:  # trained from the cache: the teacher is loaded now, for the table only
+                del student, topk_targets
+                gc.collect()
+                teacher, _ = load_model(config.teacher.model, dtype=dtype)
+                models["teacher"] = (teacher, None)
+                if not config.train.resume:
+                    models["student before"] = (load_model(config.student.model)[0], None)
             trained, _ = load_model(str(student_dir))
-            rows_after = evaluate_models({"student after": (trained, student_dir)}, teacher, tokenizer, heldout_examples, config.eval, vocab_size)
+            models["student after"] = (trained, student_dir)
+            rows_after = evaluate_models(models, teacher, tokenizer, heldout_examples, config.eval, vocab_size)
             report["rows"] = rows_before + rows_after
         write_report(report, output_dir)
     accelerator.wait_for_everyone()
     return report
+
+
+def run_cache_teacher(config: RunConfig) -> dict:
+    """`kdlm cache-teacher`: run the teacher once over the training data and write its targets; resumable.
+
+    Writes to `teacher.cache` (or train.output_dir/teacher_cache); returns the manifest.
+    """
+    if config.teacher.signal == "online":
+        raise KdlmError("kdlm cache-teacher writes cached targets; set teacher.signal=topk")
+    dtype = torch.bfloat16 if config.teacher.dtype == "bfloat16" else torch.float32
+    started = time.perf_counter()
+    teacher, tokenizer = load_model(config.teacher.model, dtype=dtype)
+    train_examples, _ = prepare_data(config, teacher, tokenizer)  # also answers held-out prompts: distill needs them
+    folder = teacher_cache_folder(config)
+    identity = teacher_cache_identity(config, tokenizer, teacher.config.vocab_size, train_examples)
+    manifest = write_cache(
+        teacher, train_examples, folder, identity=identity, pad_token_id=tokenizer.pad_token_id,
+        batch_size=config.train.batch_size,
+    )
+    size = sum(shard["bytes"] for shard in manifest["shards"])
+    console.print(
+        f"teacher cache ({manifest['kind']}): {len(train_examples)} examples, {manifest['num_tokens']} target tokens, "
+        f"{len(manifest['shards'])} shards, {size / 2**20:.1f} MiB ({size / max(1, manifest['num_tokens']):.1f} B/token) "
+        f"in {time.perf_counter() - started:.1f} s -> {folder}"
+    )
+    return manifest
 
 
 def run_eval(config: RunConfig) -> list[dict]:

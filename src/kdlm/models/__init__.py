@@ -1,6 +1,6 @@
 """Load teachers and students, build students (prune, random, LoRA), and check vocabularies."""
 
-from kdlm.models.loading import BUNDLED_MODELS, cache_dir, ensure_bundled, load_model
+from kdlm.models.loading import BUNDLED_MODELS, cache_dir, ensure_bundled, load_model, load_tokenizer
 from kdlm.models.student import (
     apply_lora,
     block_influence,
@@ -23,6 +23,7 @@ __all__ = [
     "describe_model",
     "ensure_bundled",
     "load_model",
+    "load_tokenizer",
     "save_student",
     "select_layers",
 ]

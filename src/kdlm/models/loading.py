@@ -77,6 +77,35 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model spec (as :func:`load_model` gives it), without reading the weights.
+
+    Training from a teacher cache needs the teacher's tokenizer but not its weights.
+
+    Raises:
+        KdlmError: The spec names nothing that exists, or no tokenizer can be read from it.
+    """
+    try:
+        if spec.startswith(BUNDLED_PREFIX):
+            tokenizer = AutoTokenizer.from_pretrained(ensure_bundled(spec[len(BUNDLED_PREFIX) :]))
+        else:
+            path = Path(spec).expanduser()
+            gguf_files = sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").is_file() else []
+            if path.is_file() and path.suffix == ".gguf":
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            elif len(gguf_files) == 1:
+                tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_files[0].name)
+            elif path.is_dir() or (_HUB_ID.match(spec) and not _parent_exists(path) and not path.exists()):
+                tokenizer = AutoTokenizer.from_pretrained(path if path.is_dir() else spec)
+            else:
+                raise KdlmError(f"Model path {spec!r} does not exist. Check the path, or use {_known_names()}.")
+    except OSError as err:
+        raise KdlmError(f"No tokenizer could be read from {spec!r}: {str(err).splitlines()[0]}") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def ensure_bundled(name: str) -> Path:
     """Convert a bundled GGUF model into a cached HF folder once, and return that folder.
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from kdlm.errors import KdlmError
 from kdlm.models.loading import cache_dir
 
 
@@ -47,7 +48,7 @@ def answer_prompts(
     """Return chat records whose last message is the teacher's answer, generating only uncached ones.
 
     Args:
-        model: the teacher (a causal LM).
+        model: the teacher (a causal LM); None when every answer must come from the cache.
         tokenizer: its tokenizer, with a chat template.
         records: records with `messages` (the last assistant turn, if any, is replaced).
         teacher_name: identifies the teacher in the cache key (its spec string).
@@ -90,6 +91,12 @@ def answer_prompts(
             if key not in cached:
                 jobs.append((len(outputs) - 1, key, messages, sample))
 
+    if jobs and model is None:
+        raise KdlmError(
+            f"{len(jobs)} of {len(outputs)} teacher answers are not cached ({cache_file}) and the teacher is not "
+            "loaded (training from teacher.cache); write them with `kdlm cache-teacher CONFIG` first, "
+            "or set data.teacher_answers=false"
+        )
     if jobs:
         _generate(model, tokenizer, jobs, cached, cache_file, settings, batch_size)
     results = []

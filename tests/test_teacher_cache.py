@@ -1,0 +1,352 @@
+"""The offline teacher cache: round trip, size, crash + resume identity, refusals, sampled targets, CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdlm.data import encode_records, load_records
+from kdlm.data.tokenize import collate
+from kdlm.errors import KdlmError
+from kdlm.teachers.cache import (
+    IDENTITY_KEYS,
+    bytes_per_token,
+    cache_identity,
+    check_cache,
+    id_dtype,
+    read_targets,
+    sample_counts,
+    write_cache,
+)
+from kdlm.teachers.signals import teacher_logits
+from tiny import save_tiny_teacher, tiny_tokenizer, trained_tiny_teacher, write_chat_jsonl
+
+KDLM = [sys.executable, "-m", "kdlm.cli"]
+SRC = str(Path(__file__).resolve().parents[1] / "src")  # subprocesses run this checkout's code
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    teacher, tokenizer = trained_tiny_teacher(num_layers=2, steps=10)
+    records = load_records(str(write_chat_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", count=20)))
+    examples = encode_records(tokenizer, records, max_length=96)
+    return teacher, tokenizer, examples
+
+
+def identity(setup, kind="topk", top_k=8, samples=64, examples=None, tokenizer=None, per_shard=6, seed=0):
+    teacher, default_tokenizer, default_examples = setup
+    return cache_identity(
+        kind=kind, teacher="tiny", tokenizer=tokenizer or default_tokenizer, vocab_size=teacher.config.vocab_size,
+        examples=default_examples if examples is None else examples, top_k=top_k, samples=samples, seed=seed,
+        bf16=False, examples_per_shard=per_shard,
+    )
+
+
+def write(setup, folder: Path, **kwargs) -> dict:
+    teacher, tokenizer, examples = setup
+    on_shard = kwargs.pop("on_shard", None)
+    return write_cache(teacher, examples, folder, identity=identity(setup, **kwargs), pad_token_id=tokenizer.pad_token_id,
+                       batch_size=4, on_shard=on_shard, show_progress=False)
+
+
+def reference_logprobs(setup) -> list[torch.Tensor]:
+    """fp32 teacher log-probs at each example's targets, one example at a time (no padding)."""
+    teacher, tokenizer, examples = setup
+    return [torch.log_softmax(teacher_logits(teacher, collate([e], tokenizer.pad_token_id), bf16=False), -1) for e in examples]
+
+
+def test_topk_round_trip_ids_values_and_missing_mass(setup, tmp_path):
+    write(setup, tmp_path / "c", top_k=8)
+    targets = read_targets(tmp_path / "c")
+    references = reference_logprobs(setup)
+    assert len(targets) == len(references) == len(setup[2])
+    exact_rows = 0
+    for (ids, values), reference in zip(targets, references, strict=True):
+        assert ids.dtype == torch.int64 and values.dtype == torch.float32 and ids.shape == values.shape == (len(reference), 8)
+        top_values, top_ids = reference.topk(9, dim=-1)
+        # ids exact wherever the reference has no near-tie at the cut (batched and single runs differ by ~1e-6)
+        clear = (top_values[:, :-1] - top_values[:, 1:]).min(dim=-1).values > 1e-4
+        assert torch.equal(ids[clear], top_ids[clear, :8])
+        exact_rows += int(clear.sum())
+        # values: fp16 rounding (half an ulp is 2^-11 relative) plus the per-row mass correction
+        expected = reference.gather(-1, ids)
+        assert torch.all((values - expected).abs() <= expected.abs() * 2**-10 + 1e-5)
+        # the missing mass is the fp32 one, not the one of the rounded values
+        missing = 1 - values.exp().sum(-1)
+        assert torch.allclose(missing, 1 - top_values[:, :8].exp().sum(-1), atol=2e-6)
+    assert exact_rows > 400  # the check above did compare ids
+
+
+@pytest.mark.parametrize("top_k", [8, 32, 64, 128])
+def test_topk_bytes_per_token(setup, tmp_path, top_k):
+    manifest = write(setup, tmp_path / "c", top_k=top_k)
+    shard = load_file(str(tmp_path / "c" / manifest["shards"][0]["file"]))
+    assert shard["ids"].dtype == torch.uint16 and shard["logprobs"].dtype == torch.float16
+    # 2 B id + 2 B log-prob per entry, 4 B kept mass per token, plus offsets and headers (small)
+    assert 4 * top_k + 4 < bytes_per_token(manifest) < 4 * top_k + 4 + 10
+    assert manifest["id_dtype"] == "uint16" and manifest["value_dtype"] == "float16"
+
+
+def test_ids_widen_to_int32_past_65536():
+    assert id_dtype(65_536) == torch.uint16 and id_dtype(65_537) == torch.int32
+
+
+def test_top_k_beyond_the_vocabulary_is_a_clear_error(setup):
+    with pytest.raises(KdlmError, match="top_k=1000"):
+        identity(setup, top_k=1000)
+
+
+def test_sampling_a_row_free_example_gives_empty_counts():
+    num_distinct, ids, counts = sample_counts(torch.zeros(0, 5), 8, torch.Generator().manual_seed(0))
+    assert num_distinct.numel() == ids.numel() == counts.numel() == 0
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_crash_then_resume_is_byte_identical_to_a_straight_run(setup, tmp_path, kind):
+    straight = write(setup, tmp_path / "straight", kind=kind)
+    assert len(straight["shards"]) == 4 and straight["complete"]
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_second_shard(index):
+        if index == 1:
+            raise Crash
+
+    folder = tmp_path / "resumed"
+    with pytest.raises(Crash):
+        write(setup, folder, kind=kind, on_shard=crash_after_second_shard)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 2 and not manifest["complete"]
+    with pytest.raises(KdlmError, match="incomplete"):
+        check_cache(folder, identity(setup, kind=kind))
+    # what a kill during shard 3 leaves: a half-written temporary file and a shard the manifest does not list
+    (folder / "shard-00002.safetensors.tmp").write_bytes(b"half a shard")
+    (folder / "shard-00002.safetensors").write_bytes(b"garbage")
+
+    resumed = write(setup, folder, kind=kind)
+    (folder / "shard-00002.safetensors.tmp").unlink(missing_ok=True)
+    assert resumed == straight
+    assert _digests(folder) == _digests(tmp_path / "straight")
+    for (ids_a, values_a), (ids_b, values_b) in zip(read_targets(folder), read_targets(tmp_path / "straight"), strict=True):
+        assert torch.equal(ids_a, ids_b) and torch.equal(values_a, values_b)
+
+
+def test_resume_refuses_an_altered_shard(setup, tmp_path):
+    def crash(index):
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        write(setup, tmp_path / "c", on_shard=crash)
+    (tmp_path / "c" / "shard-00000.safetensors").write_bytes(b"changed")
+    with pytest.raises(KdlmError, match="altered"):
+        write(setup, tmp_path / "c")
+
+
+def test_mismatched_cache_is_refused_with_what_differs(setup, tmp_path):
+    folder = tmp_path / "c"
+    write(setup, folder, top_k=8)
+    check_cache(folder, identity(setup, top_k=8))  # the same settings pass
+    examples = setup[2]
+    with pytest.raises(KdlmError, match="training data") as error:
+        check_cache(folder, identity(setup, examples=examples[:-1] + [examples[0]]))
+    assert "kdlm cache-teacher" in str(error.value)
+    with pytest.raises(KdlmError, match="top_k: cache has 8, this run needs 16"):
+        check_cache(folder, identity(setup, top_k=16))
+    other = tiny_tokenizer()
+    other.add_tokens(["<extra>"])
+    with pytest.raises(KdlmError, match="tokenizer"):
+        check_cache(folder, identity(setup, tokenizer=other))
+    with pytest.raises(KdlmError, match="kind: cache has 'topk'"):
+        check_cache(folder, identity(setup, kind="sampled"))
+    with pytest.raises(KdlmError, match="other settings"):
+        write(setup, folder, top_k=16)  # the writer never mixes settings in one folder
+    with pytest.raises(KdlmError, match="no teacher cache"):
+        check_cache(tmp_path / "empty", identity(setup))
+    # the shard size does not change the targets: training may skip that key
+    keys = tuple(key for key in IDENTITY_KEYS if key != "examples_per_shard")
+    check_cache(folder, identity(setup, per_shard=5), keys)
+
+
+def test_sampled_counts_are_an_unbiased_estimate_of_the_teacher():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(20) * 2, dim=0)
+    rows, samples = 4000, 32
+    logprobs = probs.log().expand(rows, -1)
+    num_distinct, ids, counts = sample_counts(logprobs, samples, torch.Generator().manual_seed(1))
+    row_of = torch.repeat_interleave(torch.arange(rows), num_distinct)
+    weights = torch.zeros(rows, 20, dtype=torch.float64)
+    weights.index_put_((row_of, ids), counts.double() / samples)
+    assert torch.all(weights.sum(-1) == 1)  # counts sum to N in every row
+    assert torch.all((weights > 0).sum(-1) == num_distinct)  # ids are distinct within a row
+    # mean of count/N over independent rows -> p; 5 standard errors of a binomial(N, p) / N mean
+    stderr = (probs * (1 - probs) / (samples * rows)).sqrt().double()
+    assert torch.all((weights.mean(0) - probs.double()).abs() < 5 * stderr + 1e-12)
+
+
+def test_sampled_cache_reads_as_padded_log_weights(setup, tmp_path):
+    manifest = write(setup, tmp_path / "c", kind="sampled", samples=64)
+    targets = read_targets(tmp_path / "c")
+    width = manifest["max_distinct"]
+    assert 1 < width <= 64
+    shard = load_file(str(tmp_path / "c" / "shard-00000.safetensors"))
+    assert shard["counts"].dtype == torch.uint8 and shard["ids"].dtype == torch.uint16
+    references = reference_logprobs(setup)
+    for (ids, values), reference in zip(targets, references, strict=True):
+        assert ids.shape == values.shape == (len(reference), width)
+        assert torch.allclose(values.exp().sum(-1), torch.ones(len(reference)), atol=1e-6)
+        padded = values == float("-inf")
+        assert torch.equal(ids[padded], ids[:, :1].expand_as(ids)[padded])  # padding repeats the first id
+        counts = (values.exp() * 64).round()
+        assert torch.all(counts[~padded] >= 1)
+        # every draw is an id the teacher gives real probability to
+        assert torch.all(reference.gather(-1, ids)[~padded] > math.log(1e-6))
+    # the per-token sampled frequencies track the teacher (averaged over all target tokens)
+    sampled = torch.cat([torch.zeros_like(r).scatter_add_(-1, i, v.exp()) for (i, v), r in zip(targets, references, strict=True)])
+    teacher = torch.cat(references).exp()
+    assert (sampled - teacher).abs().sum(-1).mean() < 0.6  # total variation of a 64-draw estimate, not of noise
+
+
+# ---- the real CLI: cache-teacher, then distill from the cache with the teacher's weights gone ----
+
+def run_cli(*args, cwd: Path, check_ok: bool = True):
+    env = {**os.environ, "KDLM_CACHE": str(cwd / "kdlm-cache"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([*KDLM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check_ok:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def cli_args(root: Path, output: str) -> list[str]:
+    return [
+        f"teacher.model={root / 'teacher'}", f"data.train={root / 'chat.jsonl'}", "data.heldout=4",
+        "data.teacher_answers=false", "data.max_length=96", "student.num_layers=2", "train.batch_size=4",
+        "train.max_steps=12", "train.lr=3e-3", f"train.output_dir={root / output}", "teacher.top_k=16",
+        f"teacher.cache={root / 'cache'}",
+    ]
+
+
+def test_cli_cache_teacher_then_distill_without_the_teacher_weights(tmp_path):
+    save_tiny_teacher(tmp_path / "teacher")
+    write_chat_jsonl(tmp_path / "chat.jsonl", count=24)
+    args = cli_args(tmp_path, "run")
+    out = run_cli("cache-teacher", *args, cwd=tmp_path)
+    assert "B/token" in out.stdout + out.stderr
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["kind"] == "topk" and manifest["top_k"] == 16
+    assert manifest["num_examples"] == 20
+    run_cli("build-student", *args, "student.layers=[0,3]", cwd=tmp_path)
+
+    # From here on the teacher's weights cannot be loaded: only its tokenizer and config remain.
+    weights = list((tmp_path / "teacher").glob("*.safetensors"))
+    assert weights
+    for path in weights:
+        path.unlink()
+    student = ["student.init=model", f"student.model={tmp_path / 'run' / 'student-init'}"]
+    out = run_cli("distill", *args, *student, "eval.enabled=false", cwd=tmp_path)
+    assert "teacher not loaded" in out.stdout
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["steps"] == 12 and "load_teacher_s" not in report["timings"]
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert history[-1]["kd"] < 0.8 * history[0]["kd"]  # it trained on the cached targets
+    assert (tmp_path / "run" / "student" / "config.json").is_file()
+
+    def refused(*extra) -> str:  # in-process: the same code path as the CLI, without a second interpreter start
+        from kdlm.config import load_config
+        from kdlm.pipeline import distill
+
+        with pytest.raises(KdlmError) as error:
+            distill(load_config(None, [*args, *student, "eval.enabled=false", *extra]))
+        return str(error.value)
+
+    assert "top_k: cache has 16, this run needs 8" in refused("teacher.top_k=8")
+    assert "training data" in refused("data.heldout=5")
+    assert "kdlm build-student" in refused("student.init=prune")
+    assert "not yet supported" in refused("teacher.cache_kind=sampled")
+
+
+def test_cli_cache_teacher_writes_sampled_targets(tmp_path):
+    save_tiny_teacher(tmp_path / "teacher", num_layers=2)
+    write_chat_jsonl(tmp_path / "chat.jsonl", count=12)
+    args = cli_args(tmp_path, "run") + ["teacher.cache_kind=sampled", "teacher.samples=16"]
+    run_cli("cache-teacher", *args, cwd=tmp_path)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["kind"] == "sampled" and manifest["samples"] == 16 and manifest["complete"]
+    for ids, values in read_targets(tmp_path / "cache"):
+        assert torch.equal((values.exp() * 16).round().sum(-1), torch.full((len(ids),), 16.0))
+    shutil.rmtree(tmp_path / "cache")
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from kdlm.data import encode_records, load_records
+from kdlm.models import load_model
+from kdlm.teachers.cache import cache_identity, write_cache
+
+root, folder = Path(sys.argv[1]), Path(sys.argv[2])
+teacher, tokenizer = load_model(str(root / "teacher"))
+examples = encode_records(tokenizer, load_records(str(root / "chat.jsonl")), max_length=96)
+identity = cache_identity(kind="sampled", teacher="tiny", tokenizer=tokenizer, vocab_size=teacher.config.vocab_size,
+                          examples=examples, samples=32, seed=3, bf16=True, examples_per_shard=3)
+write_cache(teacher, examples, folder, identity=identity, pad_token_id=tokenizer.pad_token_id, batch_size=2,
+            on_shard=lambda index: time.sleep(0.3), show_progress=False)
+"""
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_straight_run_files(tmp_path):
+    """The issue's criterion with a real process: SIGKILL the writer once shards exist, run it again, compare."""
+    import signal
+    import time
+
+    save_tiny_teacher(tmp_path / "teacher", num_layers=2)
+    write_chat_jsonl(tmp_path / "chat.jsonl", count=24)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+
+    def writer(folder: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(folder)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    straight = writer(tmp_path / "straight")
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    killed = writer(tmp_path / "killed")
+    manifest = tmp_path / "killed" / "manifest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not manifest.exists() or len(json.loads(manifest.read_text())["shards"]) < 2):
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=60)
+    left = json.loads(manifest.read_text())
+    assert 2 <= len(left["shards"]) < 8 and not left["complete"]  # it died mid-run (8 shards in all)
+    resumed = writer(tmp_path / "killed")
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    leftovers = {p.name for p in (tmp_path / "killed").glob("*.tmp")}
+    assert _digests(tmp_path / "killed").keys() - leftovers == _digests(tmp_path / "straight").keys()
+    assert {k: v for k, v in _digests(tmp_path / "killed").items() if k not in leftovers} == _digests(tmp_path / "straight")
+
+
+def test_hint_losses_with_a_cache_are_refused_before_any_work(tmp_path):
+    """Hints need the teacher's hidden states at every step: a cached run cannot give them, and says so."""
+    from kdlm.config import load_config
+    from kdlm.pipeline import distill
+
+    config = load_config(None, [f"train.output_dir={tmp_path / 'run'}", f"teacher.cache={tmp_path / 'cache'}",
+                                "teacher.signal=topk", "hints.hidden_weight=0.5"])
+    with pytest.raises(KdlmError, match="hint losses .* teacher.cache"):
+        distill(config)
+    assert not (tmp_path / "run").exists()
