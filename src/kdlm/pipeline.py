@@ -29,6 +29,7 @@ from kdlm.data import encode_records, load_records, split_heldout
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
 from kdlm.evaluate.report import evaluate_models, write_report
+from kdlm.losses.logits import check_sampled_settings
 from kdlm.models import (
     apply_lora,
     block_influence,
@@ -160,11 +161,9 @@ def _check_signal(config: RunConfig) -> None:
             "step, but teacher.cache trains without loading the teacher; drop teacher.cache or set the hint weights to 0"
         )
     if teacher.signal == "topk" and teacher.cache_kind == "sampled" and config.loss.kd_weight > 0:
-        raise KdlmError(
-            "training from sampled teacher targets (teacher.cache_kind=sampled) is not yet supported by the loss; "
-            "`kdlm cache-teacher` writes them, and the sparse sampled divergence will read them. "
-            "Use teacher.cache_kind=topk for now"
-        )
+        problem = check_sampled_settings(config.loss.divergence, config.loss.temperature)
+        if problem:
+            raise KdlmError(f"teacher.cache_kind=sampled: {problem} (loss.divergence, loss.temperature)")
 
 
 def distill(config: RunConfig) -> dict:
