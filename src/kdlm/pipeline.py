@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
 import shutil
 import time
@@ -155,6 +156,11 @@ def _check_signal(config: RunConfig) -> None:
     teacher = config.teacher
     if teacher.cache and teacher.signal == "online":
         raise KdlmError("teacher.cache holds cached targets, but teacher.signal=online; set teacher.signal=topk")
+    if teacher.api_base and not teacher.cache:
+        raise KdlmError(
+            "teacher.api_base: fill a cache from the server first with `kdlm cache-teacher CONFIG teacher.cache=FOLDER`, "
+            "then train from it with teacher.cache=FOLDER (the served teacher is not queried during training)"
+        )
     if teacher.cache and config.hints.enabled:
         raise KdlmError(
             "hint losses (hints.hidden_weight, hints.attention_weight) need the teacher's hidden states at every "
@@ -278,10 +284,20 @@ def run_cache_teacher(config: RunConfig) -> dict:
         raise KdlmError("kdlm cache-teacher writes cached targets; set teacher.signal=topk")
     dtype = torch.bfloat16 if config.teacher.dtype == "bfloat16" else torch.float32
     started = time.perf_counter()
-    teacher, tokenizer = load_model(config.teacher.model, dtype=dtype)
-    train_examples, _ = prepare_data(config, teacher, tokenizer)  # also answers held-out prompts: distill needs them
+    if config.teacher.api_base:  # a served teacher: its tokenizer here, its top-k log-probs over the API
+        from kdlm.teachers.api import ApiTeacher
+
+        tokenizer = load_tokenizer(config.teacher.model)
+        teacher = ApiTeacher(config.teacher.api_base, config.teacher.model, tokenizer,
+                             api_key=os.environ.get(config.teacher.api_key_env))
+        vocab_size = teacher.check_tokenizer()
+        train_examples, _ = prepare_data(config, None, tokenizer)  # teacher answers must be cached already
+    else:
+        teacher, tokenizer = load_model(config.teacher.model, dtype=dtype)
+        vocab_size = teacher.config.vocab_size
+        train_examples, _ = prepare_data(config, teacher, tokenizer)  # also answers held-out prompts: distill needs them
     folder = teacher_cache_folder(config)
-    identity = teacher_cache_identity(config, tokenizer, teacher.config.vocab_size, train_examples)
+    identity = teacher_cache_identity(config, tokenizer, vocab_size, train_examples)
     manifest = write_cache(
         teacher, train_examples, folder, identity=identity, pad_token_id=tokenizer.pad_token_id,
         batch_size=config.train.batch_size,

@@ -230,19 +230,28 @@ def _shard_tensors(
     """Run the teacher over one shard's examples (global indices first, first+1, ...)."""
     per_example: list[dict[str, Tensor] | None] = [None] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+
+    def topk_entry(values: Tensor, ids: Tensor) -> dict[str, Tensor]:
+        return {
+            "ids": ids.to(ids_dtype),
+            "logprobs": values.clamp(min=torch.finfo(VALUE_DTYPE).min).to(VALUE_DTYPE),
+            "kept_logmass": torch.logsumexp(values, dim=-1),
+        }
+
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
+        if hasattr(teacher, "score_topk"):  # a served teacher (kdlm.teachers.api): only its top-k comes back
+            for i, (values, ids) in zip(indices, teacher.score_topk([examples[i] for i in indices], top_k), strict=True):
+                per_example[i] = topk_entry(values, ids)
+            on_examples(len(indices))
+            continue
         batch = collate([examples[i] for i in indices], pad_token_id)
         logprobs = torch.log_softmax(teacher_logits(teacher, batch, bf16=bf16), dim=-1)
         counts = (batch["labels"][:, 1:] != -100).sum(dim=1).tolist()
         for i, rows in zip(indices, logprobs.split(counts), strict=True):
             if kind == "topk":
                 values, ids = rows.topk(top_k, dim=-1)
-                per_example[i] = {
-                    "ids": ids.to(ids_dtype),
-                    "logprobs": values.clamp(min=torch.finfo(VALUE_DTYPE).min).to(VALUE_DTYPE),
-                    "kept_logmass": torch.logsumexp(values, dim=-1),
-                }
+                per_example[i] = topk_entry(values, ids)
             else:
                 generator = torch.Generator().manual_seed(_example_seed(seed, first + i))
                 num_distinct, ids, draws = sample_counts(rows, samples, generator)
@@ -275,7 +284,7 @@ def write_cache(
     """Write (or finish) the teacher cache of `examples` in `folder`; returns the final manifest.
 
     Args:
-        teacher: the teacher causal LM.
+        teacher: the teacher causal LM, or a served teacher (``kdlm.teachers.api.ApiTeacher``, top-k only).
         examples: tokenised examples (`input_ids`, `labels`), in the order training indexes them.
         identity: from ``cache_identity`` (kind, k or samples, seed, fingerprints, shard size).
         pad_token_id: pads the teacher's batches.
@@ -285,6 +294,11 @@ def write_cache(
     Raises:
         KdlmError: the folder holds a cache made with other settings, or a listed shard was altered.
     """
+    if hasattr(teacher, "score_topk") and identity["kind"] != "topk":
+        raise KdlmError(
+            "a served teacher gives only its top log-probs, but sampled targets draw from the whole distribution; "
+            "use teacher.cache_kind=topk with teacher.api_base"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(folder)
@@ -300,7 +314,7 @@ def write_cache(
             if not path.is_file() or _sha256(path) != shard["sha256"]:
                 raise KdlmError(f"{path} is missing or altered; delete {folder} and run `kdlm cache-teacher` again")
     else:
-        manifest = {**identity, "value_dtype": "float16", "id_dtype": str(id_dtype(identity["vocab_size"])).split(".")[1],
+        manifest = {**identity, "source": getattr(teacher, "base_url", "model"), "value_dtype": "float16", "id_dtype": str(id_dtype(identity["vocab_size"])).split(".")[1],
                     "complete": False, "num_tokens": 0, "max_distinct": 0, "shards": []}
         _save_manifest(folder, manifest)
 
