@@ -182,11 +182,12 @@ def topk_kd_loss_sums(
 
 
 # Every divergence that is a sum of one term per token, D = Σ_x h(p_x, q_x), has an unbiased estimate from
-# tokens drawn from the teacher: Σ_x h = E_{x~p}[h(p_x, q_x) / p_x]. Only FKL and SKL are offered: their
-# term over p is log p − log q, or bounded by −log α. The others (rkl, srkl, jsd, tvd, symkl) weigh the student's
-# q and so carry q/p, unbounded where the teacher gives a token little mass: unbiased, but measured on a
-# 12-token vocabulary the std of one draw is 5-30x the loss (tests/test_sampled_loss.py). AKL is not a sum of
-# per-token terms at all (its head/tail weights sort the whole teacher distribution).
+# tokens drawn from the teacher: Σ_x h = E_{x~p}[h(p_x, q_x) / p_x]. Only FKL and SKL are offered: their term
+# over p is a log-ratio (log p − log q; log p − log(αp + (1−α)q) ≤ −log α), with no q/p factor. The others
+# (rkl, srkl, jsd, tvd, symkl) weigh the student's q and so carry q/p, unbounded where the teacher gives a token
+# little mass: unbiased, but on a 12-token vocabulary the std of one draw is 1.5-5.5x the loss against 0.5x
+# for FKL (tests/test_sampled_loss.py), and it grows without bound as the teacher's tail thins. AKL is not a
+# sum of per-token terms at all (its head/tail weights sort the whole teacher distribution).
 SAMPLED_DIVERGENCES = ("fkl", "skl")
 
 
