@@ -3,14 +3,22 @@ filled through it that equals the cache written from the local model (real serve
 
 from __future__ import annotations
 
+import threading
+import time
+from contextlib import contextmanager
+
 import httpx
 import openai
 import pytest
 import torch
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from kdlm.data import encode_records, load_records
 from kdlm.errors import KdlmError
 from kdlm.serve import ModelBackend, ServerThread
+from kdlm.serve.server import free_port
 from kdlm.teachers.api import ApiTeacher
 from kdlm.teachers.cache import cache_identity, check_cache, read_targets, write_cache
 from tiny import trained_tiny_teacher, write_chat_jsonl
@@ -153,3 +161,71 @@ def test_cache_teacher_from_the_api_without_the_teachers_weights(setup, tmp_path
     assert manifest["num_examples"] == 8  # the held-out records were split off, as training does
     examples, _ = prepare_data(config, None, tokenizer)
     check_cache(tmp_path / "cache", teacher_cache_identity(config, tokenizer, manifest["vocab_size"], examples))
+
+
+# ---- a server that scores prompts the way vLLM does, in front of kdlm serve ----
+
+def vllm_like(upstream: str) -> FastAPI:
+    """A small real HTTP app that answers where vLLM differs from kdlm serve (vllm-project/vllm#9336, #6508):
+    max_tokens=0 refused (the client then asks for 1 token and ignores it), the prompt's own token added to
+    each position's top_logprobs, and no tokenizer fingerprint in /v1/models (the client then probes)."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models():
+        listing = httpx.get(upstream + "/models").json()
+        listing["data"] = [{key: entry[key] for key in ("id", "object", "created", "owned_by")} for entry in listing["data"]]
+        return listing
+
+    @app.post("/v1/completions")
+    def completions(body: dict):
+        if body.get("max_tokens") == 0:
+            error = {"message": "max_tokens must be at least 1, got 0.", "type": "BadRequestError", "param": None, "code": 400}
+            return JSONResponse({"error": error, "object": "error"}, 400)
+        answer = httpx.post(upstream + "/completions", json={**body, "max_tokens": 0}).json()
+        for choice in answer["choices"]:
+            logprobs = choice["logprobs"]
+            for j in range(1, len(logprobs["tokens"])):
+                logprobs["top_logprobs"][j].setdefault(logprobs["tokens"][j], logprobs["token_logprobs"][j])
+            logprobs["tokens"].append("token_id:0")  # the one generated token
+            logprobs["token_logprobs"].append(-1.0)
+            logprobs["top_logprobs"].append({"token_id:0": -1.0})
+            logprobs["text_offset"].append(len(choice["text"]))
+        answer["usage"]["completion_tokens"] = len(answer["choices"])
+        return answer
+
+    return app
+
+
+@contextmanager
+def serving(app: FastAPI):
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_a_vllm_like_server_fills_the_same_cache(setup, tmp_path):
+    teacher, tokenizer, examples, server = setup
+    identity = cache_identity(kind="topk", teacher="tiny", tokenizer=tokenizer, vocab_size=teacher.config.vocab_size,
+                              examples=examples, top_k=6, bf16=False, examples_per_shard=4)
+    direct = ApiTeacher(server.url, "tiny-teacher", tokenizer)
+    write_cache(direct, examples, tmp_path / "direct", identity=identity, pad_token_id=0, batch_size=3, show_progress=False)
+    with serving(vllm_like(server.url)) as url:
+        proxied = ApiTeacher(url, "tiny-teacher", tokenizer)
+        assert proxied.check_tokenizer() == len(tokenizer)  # probed: no fingerprint listed
+        assert proxied.max_tokens == 1  # it fell back after the refusal of max_tokens=0
+        write_cache(proxied, examples, tmp_path / "proxied", identity=identity, pad_token_id=0, batch_size=3, show_progress=False)
+        other = trained_tiny_teacher(num_layers=1, steps=0)[1]
+        other.add_tokens(["café"])
+        with pytest.raises(KdlmError, match="a probe text becomes"):
+            ApiTeacher(url, "tiny-teacher", other).check_tokenizer()
+    for a, b in zip(read_targets(tmp_path / "direct"), read_targets(tmp_path / "proxied"), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))

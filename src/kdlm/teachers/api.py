@@ -48,14 +48,18 @@ class ApiTeacher:
         self.base_url, self.model, self.tokenizer = base_url, model, tokenizer
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout_s, max_retries=max_retries)
         self.vocab_size: int | None = None
+        self.max_tokens = 0  # becomes 1 for a server that refuses to score without generating
+
+    def _explain(self, error: openai.APIError, what: str) -> KdlmError:
+        if isinstance(error, openai.APIStatusError):
+            return KdlmError(f"the teacher server at {self.base_url} refused {what}: HTTP {error.status_code}: {error.message}")
+        return KdlmError(f"cannot reach the teacher server at {self.base_url} ({error}); is it running?")
 
     def _call(self, what: str, function, **kwargs):
         try:
             return function(**kwargs)
-        except openai.APIStatusError as error:
-            raise KdlmError(f"the teacher server at {self.base_url} refused {what}: HTTP {error.status_code}: {error.message}") from None
-        except openai.APIConnectionError as error:
-            raise KdlmError(f"cannot reach the teacher server at {self.base_url} ({error}); is it running?") from None
+        except (openai.APIStatusError, openai.APIConnectionError) as error:
+            raise self._explain(error, what) from None
 
     def check_tokenizer(self) -> int:
         """Refuse a server whose tokenizer differs from the local one; return the served vocabulary size.
@@ -84,10 +88,8 @@ class ApiTeacher:
         text = self.tokenizer.apply_chat_template(PROBE_MESSAGES, tokenize=False) if self.tokenizer.chat_template else (
             PROBE_MESSAGES[0]["content"]
         )
-        response = self._call("a prompt-scoring request (echo=true, max_tokens=0)", self.client.completions.create,
-                              model=self.model, prompt=text, echo=True, max_tokens=0, logprobs=0,
-                              extra_body={"return_tokens_as_token_ids": True})
-        served = self._ids(response.choices[0].logprobs.tokens)
+        response = self._score(text, 0)
+        served = self._ids(response.choices[0].logprobs.tokens[: response.usage.prompt_tokens])
         local = self.tokenizer(text)["input_ids"]
         if served != local:
             at = next((i for i, (a, b) in enumerate(zip(served, local, strict=False)) if a != b), min(len(served), len(local)))
@@ -105,6 +107,20 @@ class ApiTeacher:
             )
         return [int(name[len(ID_PREFIX) :]) for name in names]
 
+    def _score(self, prompts: list, top_k: int):
+        """One scoring request. ``max_tokens=0`` scores only (kdlm serve, OpenAI's legacy API); servers that
+        refuse it (vLLM requires max_tokens >= 1) are asked again with 1, and the generated token is ignored."""
+        what = f"a prompt-scoring request (echo=true, max_tokens={self.max_tokens}, logprobs={top_k})"
+        try:
+            return self.client.completions.create(model=self.model, prompt=prompts, echo=True, max_tokens=self.max_tokens,
+                                                  logprobs=top_k, extra_body={"return_tokens_as_token_ids": True})
+        except (openai.APIStatusError, openai.APIConnectionError) as error:
+            refused_zero = isinstance(error, openai.BadRequestError) and "max_tokens" in error.message
+            if not (refused_zero and self.max_tokens == 0):
+                raise self._explain(error, what) from None
+        self.max_tokens = 1
+        return self._score(prompts, top_k)
+
     def score_topk(self, examples: list[dict], top_k: int) -> list[tuple[Tensor, Tensor]]:
         """Per example, (log-probs (n, k) fp32 descending, ids (n, k) int64) at its n target positions.
 
@@ -112,18 +128,13 @@ class ApiTeacher:
             KdlmError: the server refused, returned fewer than k alternatives, or did not echo the ids sent.
         """
         prompts = [list(example["input_ids"]) for example in examples]
-        response = self._call(
-            f"a prompt-scoring request (echo=true, max_tokens=0, logprobs={top_k})", self.client.completions.create,
-            model=self.model, prompt=prompts, echo=True, max_tokens=0, logprobs=top_k,
-            extra_body={"return_tokens_as_token_ids": True},
-        )
-        choices = sorted(response.choices, key=lambda choice: choice.index)
+        choices = sorted(self._score(prompts, top_k).choices, key=lambda choice: choice.index)
         if len(choices) != len(prompts):
             raise KdlmError(f"the server answered {len(choices)} choices for {len(prompts)} prompts")
         results = []
         for example, prompt, choice in zip(examples, prompts, choices, strict=True):
             logprobs = choice.logprobs
-            if logprobs is None or self._ids(logprobs.tokens) != prompt:
+            if logprobs is None or self._ids(logprobs.tokens[: len(prompt)]) != prompt:  # then any generated token
                 raise KdlmError(f"the server did not echo the {len(prompt)} token ids it was sent; it cannot be used for a teacher cache")
             # the entry at position j is the distribution of token j given the tokens before it
             positions = [j for j, label in enumerate(example["labels"]) if j > 0 and label != -100]
