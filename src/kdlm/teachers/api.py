@@ -41,8 +41,6 @@ class ApiTeacher:
         timeout_s, max_retries: per request, as the ``openai`` client takes them (it retries 429/5xx).
     """
 
-    source = "api"
-
     def __init__(self, base_url: str, model: str, tokenizer, *, api_key: str | None = None, timeout_s: float = 300.0,
                  max_retries: int = 6):
         self.base_url, self.model, self.tokenizer = base_url, model, tokenizer
@@ -127,6 +125,8 @@ class ApiTeacher:
         Raises:
             KdlmError: the server refused, returned fewer than k alternatives, or did not echo the ids sent.
         """
+        if self.vocab_size is None:  # never score with an unchecked tokenizer
+            self.check_tokenizer()
         prompts = [list(example["input_ids"]) for example in examples]
         choices = sorted(self._score(prompts, top_k).choices, key=lambda choice: choice.index)
         if len(choices) != len(prompts):
@@ -150,7 +150,7 @@ class ApiTeacher:
                     )
                 values[row] = torch.tensor([value for value, _ in top])
                 ids[row] = torch.tensor([token for _, token in top])
-            if self.vocab_size is not None and ids.numel() and int(ids.max()) >= self.vocab_size:
+            if ids.numel() and int(ids.max()) >= self.vocab_size:
                 raise KdlmError(f"the server returned token id {int(ids.max())} beyond the vocabulary ({self.vocab_size})")
             results.append((values, ids))
         return results
