@@ -142,8 +142,9 @@ def test_crash_then_resume_is_byte_identical_to_a_straight_run(setup, tmp_path, 
     (folder / "shard-00002.safetensors.tmp").unlink(missing_ok=True)
     assert resumed == straight
     assert _digests(folder) == _digests(tmp_path / "straight")
-    for (ids_a, values_a), (ids_b, values_b) in zip(read_targets(folder), read_targets(tmp_path / "straight"), strict=True):
-        assert torch.equal(ids_a, ids_b) and torch.equal(values_a, values_b)
+    for resumed_target, straight_target in zip(read_targets(folder), read_targets(tmp_path / "straight"), strict=True):
+        assert len(resumed_target) == (2 if kind == "topk" else 3)
+        assert all(torch.equal(a, b) for a, b in zip(resumed_target, straight_target, strict=True))
 
 
 def test_resume_refuses_an_altered_shard(setup, tmp_path):
@@ -205,18 +206,22 @@ def test_sampled_cache_reads_as_padded_log_weights(setup, tmp_path):
     assert 1 < width <= 64
     shard = load_file(str(tmp_path / "c" / "shard-00000.safetensors"))
     assert shard["counts"].dtype == torch.uint8 and shard["ids"].dtype == torch.uint16
+    assert shard["logprobs"].dtype == torch.float16 and shard["logprobs"].shape == shard["ids"].shape
     references = reference_logprobs(setup)
-    for (ids, values), reference in zip(targets, references, strict=True):
-        assert ids.shape == values.shape == (len(reference), width)
+    for (ids, values, logprobs), reference in zip(targets, references, strict=True):
+        assert ids.shape == values.shape == logprobs.shape == (len(reference), width)
         assert torch.allclose(values.exp().sum(-1), torch.ones(len(reference)), atol=1e-6)
         padded = values == float("-inf")
         assert torch.equal(ids[padded], ids[:, :1].expand_as(ids)[padded])  # padding repeats the first id
         counts = (values.exp() * 64).round()
         assert torch.all(counts[~padded] >= 1)
-        # every draw is an id the teacher gives real probability to
-        assert torch.all(reference.gather(-1, ids)[~padded] > math.log(1e-6))
+        # every draw is an id the teacher gives real probability to, stored with its log-prob (fp16 rounding)
+        expected = reference.gather(-1, ids)[~padded]
+        assert torch.all(expected > math.log(1e-6))
+        assert torch.all((logprobs[~padded] - expected).abs() <= expected.abs() * 2**-11 + 1e-6)
+        assert torch.all(logprobs[padded] == 0)
     # the per-token sampled frequencies track the teacher (averaged over all target tokens)
-    sampled = torch.cat([torch.zeros_like(r).scatter_add_(-1, i, v.exp()) for (i, v), r in zip(targets, references, strict=True)])
+    sampled = torch.cat([torch.zeros_like(r).scatter_add_(-1, i, v.exp()) for (i, v, _), r in zip(targets, references, strict=True)])
     teacher = torch.cat(references).exp()
     assert (sampled - teacher).abs().sum(-1).mean() < 0.6  # total variation of a 64-draw estimate, not of noise
 
@@ -277,18 +282,30 @@ def test_cli_cache_teacher_then_distill_without_the_teacher_weights(tmp_path):
     assert "top_k: cache has 16, this run needs 8" in refused("teacher.top_k=8")
     assert "training data" in refused("data.heldout=5")
     assert "kdlm build-student" in refused("student.init=prune")
-    assert "not yet supported" in refused("teacher.cache_kind=sampled")
+    assert "'akl' has no unbiased estimate" in refused("teacher.cache_kind=sampled", "loss.divergence=akl")
+    assert "drawn at T=1" in refused("teacher.cache_kind=sampled", "loss.temperature=2")
 
 
-def test_cli_cache_teacher_writes_sampled_targets(tmp_path):
-    save_tiny_teacher(tmp_path / "teacher", num_layers=2)
-    write_chat_jsonl(tmp_path / "chat.jsonl", count=12)
+def test_cli_sampled_cache_then_distill_from_it_without_the_teacher_weights(tmp_path):
+    save_tiny_teacher(tmp_path / "teacher")
+    write_chat_jsonl(tmp_path / "chat.jsonl", count=24)
     args = cli_args(tmp_path, "run") + ["teacher.cache_kind=sampled", "teacher.samples=16"]
     run_cli("cache-teacher", *args, cwd=tmp_path)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["kind"] == "sampled" and manifest["samples"] == 16 and manifest["complete"]
-    for ids, values in read_targets(tmp_path / "cache"):
-        assert torch.equal((values.exp() * 16).round().sum(-1), torch.full((len(ids),), 16.0))
+    for ids, log_weights, _ in read_targets(tmp_path / "cache"):
+        assert torch.equal((log_weights.exp() * 16).round().sum(-1), torch.full((len(ids),), 16.0))
+    run_cli("build-student", *args, "student.init=random", cwd=tmp_path)  # far from the teacher: a clear KL to close
+    for path in (tmp_path / "teacher").glob("*.safetensors"):
+        path.unlink()
+    student = ["student.init=model", f"student.model={tmp_path / 'run' / 'student-init'}"]
+    out = run_cli("distill", *args, *student, "eval.enabled=false", "loss.fused=true", cwd=tmp_path)
+    assert "teacher not loaded" in out.stdout and "sampled" in out.stdout
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert len(history) == 12 and all(math.isfinite(h["kd"]) for h in history)
+    # the kd column is an unbiased estimate of KL(teacher || student): it falls as the student learns
+    first, last = sum(h["kd"] for h in history[:3]) / 3, sum(h["kd"] for h in history[-3:]) / 3
+    assert last < 0.8 * first
     shutil.rmtree(tmp_path / "cache")
 
 

@@ -42,6 +42,13 @@ class TeacherConfig(Section):
         "from the teacher at T=1 with their counts: an unbiased estimate, arXiv 2503.16870).",
     )
     samples: int = Field(64, ge=1, le=65535, description="Draws per token when cache_kind=sampled.")
+    api_base: str | None = Field(
+        None,
+        description="`kdlm cache-teacher` asks this OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1 of "
+        "`kdlm serve`) for the top_k log-probs instead of loading the teacher; `model` must name the served model "
+        "and give its tokenizer.",
+    )
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the server's API key, if any.")
 
 
 class LoraConfig(Section):

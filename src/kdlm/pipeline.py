@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
 import shutil
 import time
@@ -29,6 +30,7 @@ from kdlm.data import encode_records, load_records, split_heldout
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
 from kdlm.evaluate.report import evaluate_models, write_report
+from kdlm.losses.logits import check_sampled_settings
 from kdlm.models import (
     apply_lora,
     block_influence,
@@ -154,17 +156,20 @@ def _check_signal(config: RunConfig) -> None:
     teacher = config.teacher
     if teacher.cache and teacher.signal == "online":
         raise KdlmError("teacher.cache holds cached targets, but teacher.signal=online; set teacher.signal=topk")
+    if teacher.api_base and not teacher.cache:
+        raise KdlmError(
+            "teacher.api_base: fill a cache from the server first with `kdlm cache-teacher CONFIG teacher.cache=FOLDER`, "
+            "then train from it with teacher.cache=FOLDER (the served teacher is not queried during training)"
+        )
     if teacher.cache and config.hints.enabled:
         raise KdlmError(
             "hint losses (hints.hidden_weight, hints.attention_weight) need the teacher's hidden states at every "
             "step, but teacher.cache trains without loading the teacher; drop teacher.cache or set the hint weights to 0"
         )
     if teacher.signal == "topk" and teacher.cache_kind == "sampled" and config.loss.kd_weight > 0:
-        raise KdlmError(
-            "training from sampled teacher targets (teacher.cache_kind=sampled) is not yet supported by the loss; "
-            "`kdlm cache-teacher` writes them, and the sparse sampled divergence will read them. "
-            "Use teacher.cache_kind=topk for now"
-        )
+        problem = check_sampled_settings(config.loss.divergence, config.loss.temperature)
+        if problem:
+            raise KdlmError(f"teacher.cache_kind=sampled: {problem} (loss.divergence, loss.temperature)")
 
 
 def distill(config: RunConfig) -> dict:
@@ -279,10 +284,20 @@ def run_cache_teacher(config: RunConfig) -> dict:
         raise KdlmError("kdlm cache-teacher writes cached targets; set teacher.signal=topk")
     dtype = torch.bfloat16 if config.teacher.dtype == "bfloat16" else torch.float32
     started = time.perf_counter()
-    teacher, tokenizer = load_model(config.teacher.model, dtype=dtype)
-    train_examples, _ = prepare_data(config, teacher, tokenizer)  # also answers held-out prompts: distill needs them
+    if config.teacher.api_base:  # a served teacher: its tokenizer here, its top-k log-probs over the API
+        from kdlm.teachers.api import ApiTeacher
+
+        tokenizer = load_tokenizer(config.teacher.model)
+        teacher = ApiTeacher(config.teacher.api_base, config.teacher.model, tokenizer,
+                             api_key=os.environ.get(config.teacher.api_key_env))
+        vocab_size = teacher.check_tokenizer()
+        train_examples, _ = prepare_data(config, None, tokenizer)  # teacher answers must be cached already
+    else:
+        teacher, tokenizer = load_model(config.teacher.model, dtype=dtype)
+        vocab_size = teacher.config.vocab_size
+        train_examples, _ = prepare_data(config, teacher, tokenizer)  # also answers held-out prompts: distill needs them
     folder = teacher_cache_folder(config)
-    identity = teacher_cache_identity(config, tokenizer, teacher.config.vocab_size, train_examples)
+    identity = teacher_cache_identity(config, tokenizer, vocab_size, train_examples)
     manifest = write_cache(
         teacher, train_examples, folder, identity=identity, pad_token_id=tokenizer.pad_token_id,
         batch_size=config.train.batch_size,

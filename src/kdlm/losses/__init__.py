@@ -1,4 +1,4 @@
-"""Logit-distillation losses: one definition per divergence, used by the dense and the top-k paths."""
+"""Logit-distillation losses: one definition per divergence, used by the dense, top-k and sampled paths."""
 
 from kdlm.losses.divergences import (
     DIVERGENCES,
@@ -12,16 +12,18 @@ from kdlm.losses.divergences import (
     symkl,
     tvd,
 )
-from kdlm.losses.logits import kd_loss_sums, topk_kd_loss_sums
+from kdlm.losses.logits import SAMPLED_DIVERGENCES, kd_loss_sums, sampled_kd_loss_sums, topk_kd_loss_sums
 
 __all__ = [
     "DIVERGENCES",
+    "SAMPLED_DIVERGENCES",
     "akl",
     "fkl",
     "jsd",
     "kd_loss_sums",
     "per_token_divergence",
     "rkl",
+    "sampled_kd_loss_sums",
     "skl",
     "srkl",
     "symkl",

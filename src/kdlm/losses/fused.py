@@ -2,7 +2,8 @@
 
 The dense path holds the student's and the teacher's (N, V) logits, their softmaxes and their gradients:
 at 2,048 tokens and a 128k vocabulary that is over 10 GB. Here the lm_head projections run on chunks of
-rows, and each chunk's loss is the dense one (``kd_loss_sums`` / ``topk_kd_loss_sums``, so there is one
+rows, and each chunk's loss is the dense one (``kd_loss_sums`` / ``topk_kd_loss_sums`` /
+``sampled_kd_loss_sums``, so there is one
 definition per divergence). The gradient with respect to the chunk's logits is taken at once, turned into
 gradients for the hidden states and the lm_head weight, and the chunk's logits are freed: the backward pass
 only scales the stored gradients. Peak memory is one chunk of logits per model plus one (V, H) gradient.
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from kdlm.losses.divergences import upcast
-from kdlm.losses.logits import kd_loss_sums, topk_kd_loss_sums
+from kdlm.losses.logits import kd_loss_sums, sampled_kd_loss_sums, topk_kd_loss_sums
 
 # Rows per chunk are chosen so that one chunk of logits holds about this many elements (16 MB in fp32), so
 # that the ~10 (rows, V) buffers of a divergence stay near 200 MB. Measured at 1,024 x 49,152 on 2 cores:
@@ -71,7 +72,21 @@ class TeacherTopK:
     logprobs: Tensor  # (N, k)
 
 
-TeacherTarget = TeacherHidden | TeacherLogits | TeacherTopK | None
+@dataclass
+class TeacherSampled:
+    """Teacher tokens drawn with replacement at the target rows: distinct ids, log(count / N), teacher log p."""
+
+    ids: Tensor  # (N, D) long
+    log_weights: Tensor  # (N, D), -inf on padding
+    logprobs: Tensor  # (N, D)
+
+
+TeacherTarget = TeacherHidden | TeacherLogits | TeacherTopK | TeacherSampled | None
+
+
+def sparse_target(*tensors: Tensor) -> TeacherTopK | TeacherSampled:
+    """A cached target as ``read_targets`` gives it: (ids, logprobs) is top-k, (ids, log_weights, logprobs) sampled."""
+    return TeacherTopK(*tensors) if len(tensors) == 2 else TeacherSampled(*tensors)
 
 
 def default_chunk_rows(vocab_size: int) -> int:
@@ -94,6 +109,8 @@ def _teacher_chunks(teacher: TeacherTarget, dtype: torch.dtype):
         return lambda rows: (teacher.transform(teacher.hidden[rows].to(dtype) @ weight.T),)  # [rows]: see _keep_rows
     if isinstance(teacher, TeacherLogits):
         return lambda rows: (teacher.logits[rows],)
+    if isinstance(teacher, TeacherSampled):
+        return lambda rows: (teacher.ids[rows], teacher.log_weights[rows], teacher.logprobs[rows])
     return lambda rows: (teacher.ids[rows], teacher.logprobs[rows])
 
 
@@ -128,6 +145,8 @@ class _FusedKD(torch.autograd.Function):
                     kd = ce.new_zeros(())
                 elif isinstance(teacher, TeacherTopK):
                     kd, ce, _ = topk_kd_loss_sums(logits, *target, labels[rows], **options)
+                elif isinstance(teacher, TeacherSampled):
+                    kd, ce, _ = sampled_kd_loss_sums(logits, *target, labels[rows], **options)
                 else:
                     kd, ce, _ = kd_loss_sums(logits, *target, labels[rows], **options)
                 objective = kd_weight * kd + ce_weight * ce
@@ -186,7 +205,7 @@ def fused_kd_loss(
         student_weight: (V, H_s) the student's lm_head weight (no bias); slice it to the shared vocabulary.
         labels: (N,) target ids, ``ignore_index`` where the row is outside the loss (dropped before any matmul).
         teacher: ``TeacherHidden`` (online teacher, projected chunk by chunk), ``TeacherLogits``, ``TeacherTopK``,
-            or None for cross-entropy only (the divergence sum is then 0 and ``kd_weight`` is ignored).
+            ``TeacherSampled``, or None for cross-entropy only (the divergence sum is then 0 and ``kd_weight`` is ignored).
         divergence: a name from ``DIVERGENCES``.
         kd_weight: weight of the divergence sum in the differentiable output.
         ce_weight: weight of the cross-entropy sum.

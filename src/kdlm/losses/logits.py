@@ -1,6 +1,6 @@
-"""Token-level distillation losses from logits: dense teacher logits or a sparse top-k teacher.
+"""Token-level distillation losses from logits: dense teacher logits, a sparse top-k teacher, or sampled ids.
 
-Reduction: both functions return *sums* over the non-masked positions and the number of those positions.
+Reduction: all three functions return *sums* over the non-masked positions and the number of those positions.
 The caller divides once by the global token count of the optimizer step (METHODS.md §1), so that
 gradient accumulation and data parallelism give the same loss as one big batch.
 
@@ -178,4 +178,105 @@ def topk_kd_loss_sums(
     divergence_sum = divergence_sum.sum()
     if scale_by_t2:
         divergence_sum = divergence_sum * temperature**2
+    return divergence_sum, ce_sum, labels.numel()
+
+
+# Every divergence that is a sum of one term per token, D = Σ_x h(p_x, q_x), has an unbiased estimate from
+# tokens drawn from the teacher: Σ_x h = E_{x~p}[h(p_x, q_x) / p_x]. Only FKL and SKL are offered: their term
+# over p is a log-ratio (log p − log q; log p − log(αp + (1−α)q) ≤ −log α), with no q/p factor. The others
+# (rkl, srkl, jsd, tvd, symkl) weigh the student's q and so carry q/p, unbounded where the teacher gives a token
+# little mass: unbiased, but on a 12-token vocabulary the std of one draw is 1.5-5.5x the loss against 0.5x
+# for FKL (tests/test_sampled_loss.py), and it grows without bound as the teacher's tail thins. AKL is not a
+# sum of per-token terms at all (its head/tail weights sort the whole teacher distribution).
+SAMPLED_DIVERGENCES = ("fkl", "skl")
+
+
+def check_sampled_settings(divergence: str, temperature: float) -> str | None:
+    """Why sampled teacher targets cannot train `divergence` at `temperature`, or None when they can."""
+    if divergence == "akl":
+        return (
+            "divergence 'akl' has no unbiased estimate from sampled teacher tokens: it is not a sum of one term per "
+            "vocabulary token (its FKL/RKL weights come from a head/tail split of the whole sorted teacher "
+            f"distribution); use one of {', '.join(SAMPLED_DIVERGENCES)}, or top-k targets"
+        )
+    if divergence not in SAMPLED_DIVERGENCES:
+        return (
+            f"divergence {divergence!r} is not offered with sampled teacher tokens: its per-token terms weigh the "
+            "student's probability q, which teacher draws can only reach through q/p; that ratio is unbounded where "
+            "the teacher gives a token little mass, so the estimate, though unbiased, has unbounded variance (and "
+            "the student mass that such a loss should push away sits on tokens the teacher rarely draws). Use "
+            f"{' or '.join(SAMPLED_DIVERGENCES)}, or top-k targets for {divergence}"
+        )
+    if temperature != 1.0:
+        return (
+            f"temperature {temperature} with sampled teacher targets: the ids were drawn at T=1, and re-tempering "
+            "p^(1/T) needs the teacher's normaliser over the whole vocabulary, which samples estimate only with a "
+            "bias; use temperature 1 (or top-k targets)"
+        )
+    return None
+
+
+def sampled_kd_loss_sums(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_log_weights: Tensor,
+    teacher_logprobs: Tensor,
+    labels: Tensor,
+    *,
+    divergence: str,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    scale_by_t2: bool = False,
+    **divergence_kwargs: float,
+) -> tuple[Tensor, Tensor, int]:
+    """Like ``kd_loss_sums``, estimated from teacher tokens drawn with replacement (Sparse Logit Sampling).
+
+    Per row, N tokens were drawn from the teacher p; ``teacher_ids`` are the distinct ones and
+    ``exp(teacher_log_weights)`` = count / N their frequencies. For a divergence D = Σ_x h(p_x, q_x) the
+    estimate is Σ_i (count_i / N) · h(p_i, q_i) / p_i: an importance-sampling mean whose expectation over
+    the draws is D exactly, for the value and (the draws not depending on the student) for the gradient;
+    its variance shrinks as 1/N. The per-token term h is ``per_token_divergence`` on one-entry
+    distributions, so there is still one definition of each divergence. For FKL the estimate reads
+    Σ_i w_i (log p_i − log q_i), whose gradient q − w is that of the paper's sparse target. The student is
+    normalised over its full vocabulary. Only ``SAMPLED_DIVERGENCES`` are accepted (see there why).
+
+    Args:
+        student_logits: (N, V) student logits.
+        teacher_ids: (N, D) long, distinct sampled ids per row (padding may repeat an id with weight 0).
+        teacher_log_weights: (N, D) log(count / N), -inf on padding; each row's weights sum to 1.
+        teacher_logprobs: (N, D) the teacher's log p at those ids (T = 1); any finite value on padding.
+        labels: (N,) target ids, ``ignore_index`` where the position is outside the loss.
+        divergence: a name from ``SAMPLED_DIVERGENCES``.
+        temperature: must be 1 (see ``check_sampled_settings``).
+        ignore_index: label value of masked positions.
+        scale_by_t2: a no-op at T = 1, accepted for a uniform call.
+        **divergence_kwargs: ``alpha`` for SKL (others are ignored), see ``per_token_divergence``.
+
+    Returns:
+        (divergence sum, CE sum, number of non-masked tokens), as ``kd_loss_sums``.
+
+    Raises:
+        ValueError: an unsupported divergence or temperature, or mismatched shapes.
+    """
+    _check_temperature(temperature)
+    problem = check_sampled_settings(divergence, temperature)
+    if problem:
+        raise ValueError(problem)
+    if not teacher_ids.shape == teacher_log_weights.shape == teacher_logprobs.shape:
+        raise ValueError(
+            f"teacher_ids {tuple(teacher_ids.shape)}, teacher_log_weights {tuple(teacher_log_weights.shape)} and "
+            f"teacher_logprobs {tuple(teacher_logprobs.shape)} must have the same shape (N, D)"
+        )
+    labels, student, ids, log_weights, teacher = _keep_rows(
+        labels, ignore_index, student_logits, teacher_ids, teacher_log_weights, teacher_logprobs
+    )
+    student = upcast(student)
+    log_normaliser = torch.logsumexp(student, dim=-1, keepdim=True)
+    student_logprobs = student.gather(-1, ids) - log_normaliser
+    ce_sum = (log_normaliser.squeeze(-1) - student.gather(-1, labels.unsqueeze(-1)).squeeze(-1)).sum()
+    teacher, log_weights = upcast(teacher), upcast(log_weights)
+    terms = per_token_divergence(divergence, student_logprobs.unsqueeze(-1), teacher.unsqueeze(-1), **divergence_kwargs)
+    padding = torch.isneginf(log_weights)
+    importance = torch.exp((log_weights - teacher).masked_fill(padding, float("-inf")))  # count / (N · p)
+    divergence_sum = (importance * terms).sum()
     return divergence_sum, ce_sum, labels.numel()

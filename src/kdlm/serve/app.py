@@ -1,5 +1,9 @@
 """The OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions, /v1/completions, /v1/kdlm/stats.
 
+/v1/completions also scores prompts (``echo: true, max_tokens: 0, logprobs: k``, prompts as text or token
+ids, optionally ``return_tokens_as_token_ids`` as in vLLM), and /v1/models adds the served model's
+``vocab_size`` and ``tokenizer_fingerprint``: a white-box teacher cache can be filled from the API.
+
 Bad requests get a 4xx answer in OpenAI's error format (`{"error": {"message", "type", "param",
 "code"}}`), never a crash. For tests and benchmarks the app can inject faults (429 with Retry-After,
 500, stalls) at set rates and log every request it answers, by a fingerprint of its body.
@@ -62,9 +66,12 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str]
+    # Token-id prompts (OpenAI and vLLM accept them too) skip tokenisation: what a scoring client needs.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's extension: tokens as "token_id:N", never ambiguous
 
 
 @dataclass
@@ -163,7 +170,8 @@ def create_app(
 
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": backend.name, "object": "model", "created": 0, "owned_by": "kdlm"}]}
+        info = backend.model_info() if hasattr(backend, "model_info") else {}
+        return {"object": "list", "data": [{"id": backend.name, "object": "model", "created": 0, "owned_by": "kdlm", **info}]}
 
     @v1.get("/kdlm/stats")
     async def stats():
@@ -245,11 +253,21 @@ def create_app(
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request):
         fingerprint = await _prelude(request, body)
+        prompts = [body.prompt] if isinstance(body.prompt, str) or _is_ids(body.prompt) else body.prompt
+        if not prompts or not all(prompts):
+            raise ApiError(400, "prompt: give a string, token ids, or a non-empty list of them", "invalid_request", "prompt")
         if body.echo:
-            raise ApiError(400, "echo=true is not supported", "unsupported_parameter", "echo")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if not prompts:
-            raise ApiError(400, "prompt: give a string or a non-empty list of strings", "invalid_request", "prompt")
+            if body.max_tokens != 0 or body.stream:
+                raise ApiError(400, "echo=true is supported for scoring a prompt only: set max_tokens=0 (and no stream)",
+                               "unsupported_parameter", "echo")
+            response = await _score(body, prompts)
+            await _finish(request, fingerprint)
+            return JSONResponse(response)
+        if body.max_tokens == 0:
+            raise ApiError(400, "max_tokens=0 generates nothing; it is meant for echo=true (prompt scoring)",
+                           "invalid_request", "max_tokens")
+        if any(not isinstance(prompt, str) for prompt in prompts):
+            raise ApiError(400, "token-id prompts are supported with echo=true (prompt scoring) only", "unsupported_parameter", "prompt")
         if body.stream and len(prompts) > 1:
             raise ApiError(400, "stream=true takes a single prompt", "unsupported_parameter", "prompt")
         params = _params(body, body.max_tokens, body.logprobs or 0)
@@ -277,8 +295,44 @@ def create_app(
             "usage": _usage(sum(len(ids) for ids in all_ids), choices),
         })
 
+    async def _score(body: CompletionRequest, prompts: list) -> dict:
+        """The /v1/completions answer to echo=true, max_tokens=0: each prompt with its tokens' logprobs."""
+        if not hasattr(backend, "score"):
+            raise ApiError(400, "this backend cannot score prompts (echo=true)", "unsupported_parameter", "echo")
+        all_ids = []
+        for prompt in prompts:
+            ids = backend.encode_text(prompt) if isinstance(prompt, str) else prompt
+            if any(not 0 <= token < backend.vocab_size for token in ids):
+                raise ApiError(400, f"prompt: token ids must lie in [0, {backend.vocab_size})", "invalid_request", "prompt")
+            all_ids.append(_encode(lambda ids: ids, ids, Params(max_tokens=0)))  # the prompt alone must fit
+        scored = await backend.score(all_ids, body.logprobs or 0)
+
+        def name(token_id: int) -> str:
+            return f"token_id:{token_id}" if body.return_tokens_as_token_ids else backend.token_text(token_id)
+
+        choices = []
+        for index, tokens in enumerate(scored):
+            texts = [backend.token_text(token.token_id) for token in tokens]
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = {
+                    "tokens": [name(token.token_id) for token in tokens],
+                    "token_logprobs": [token.logprob for token in tokens],
+                    # OpenAI's shape: null at the first token, then {token: logprob}, most likely first
+                    "top_logprobs": [None] + [{name(i): value for i, value in token.top} for token in tokens[1:]],
+                    "text_offset": [sum(len(text) for text in texts[:j]) for j in range(len(texts))],
+                }
+            choices.append({"index": index, "text": "".join(texts), "finish_reason": "length", "logprobs": logprobs})
+        header = _header("cmpl", "text_completion", backend.name)
+        total = sum(len(ids) for ids in all_ids)
+        return {**header, "choices": choices, "usage": {"prompt_tokens": total, "completion_tokens": 0, "total_tokens": total}}
+
     app.include_router(v1)
     return app
+
+
+def _is_ids(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(token, int) for token in prompt)
 
 
 

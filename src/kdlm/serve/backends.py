@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from kdlm.serve.sampling import Row, decode_batch, token_entry
+from kdlm.serve.scoring import ScoredToken, score_prompts
 
 Event = tuple[int, str, dict | None, str | None]
 
@@ -147,6 +148,23 @@ class ModelBackend:
 
     def stats(self) -> dict:
         return self.scheduler.stats()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.scheduler.model.config.vocab_size
+
+    def model_info(self) -> dict:
+        """kdlm's additions to the /v1/models entry: what a client needs to check token alignment."""
+        from kdlm.teachers.cache import tokenizer_fingerprint
+
+        return {"vocab_size": self.vocab_size, "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer)}
+
+    async def score(self, prompts: list[list[int]], top_logprobs: int) -> list[list[ScoredToken]]:
+        """Score prompts in one forward pass, in a thread (beside the decoding worker; inference only)."""
+        return await asyncio.to_thread(score_prompts, self.scheduler.model, prompts, top_logprobs, self.scheduler.bf16)
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
 
 class EchoBackend:

@@ -25,24 +25,28 @@ Shard contents (safetensors; T = target tokens of the shard, "target" = a positi
 - kind ``sampled``: ``num_distinct`` (T,) uint16, how many distinct ids were drawn at each target;
   ``ids`` (D,) uint16/int32 and ``counts`` (D,) uint8 (uint16 when samples > 255), D = Σ num_distinct:
   per target, its distinct sampled ids (ascending) and how often each was drawn. Counts sum to
-  ``samples`` (N) at every target.
+  ``samples`` (N) at every target. ``logprobs`` (D,) float16: the teacher's log p at each drawn id (T = 1);
+  the importance weight count / (N · p) needs it for an unbiased value of any divergence (format 2; format
+  1 caches lack it).
 
 Why float16 and not bfloat16 for log-probs: they lie in [-30, 0] for any token worth keeping, well
 inside fp16's range, and fp16 keeps 3 more mantissa bits. Measured on the bundled teacher (top-64,
 quickstart data): max |error| 0.0078 nats for fp16 against 0.0625 for bf16 (see the README).
 
-Reader convention (``read_targets``), the interface of ``train(topk_targets=...)``: one
-``(ids, values)`` pair per example, ids int64 and values float32, both (n_targets, k):
+Reader convention (``read_targets``), the interface of ``train(topk_targets=...)``: per example, ids
+int64 and values float32, all (n_targets, k):
 
-- ``topk``: k = the cached top_k; ``values`` are teacher log-probs. They are shifted per row by
+- ``topk``: a pair ``(ids, values)``; k = the cached top_k; ``values`` are teacher log-probs. They are shifted per row by
   ``kept_logmass - logsumexp(values)`` so that the row's mass is exactly the stored fp32 kept mass: the
   loss's tail bucket ``log(1 - Σ exp(values))`` then equals the true missing mass up to fp32 rounding,
   not up to the fp16 rounding of k values.
-- ``sampled``: k = the largest number of distinct ids at any target of the cache; ``values`` are
-  ``log(count / N)``, the random-sampling estimate of the teacher distribution at T = 1 (Sparse Logit
-  Sampling, arXiv 2503.16870, proposal = the teacher itself, so the importance weight of an id is its
-  empirical frequency; E[count / N] = p exactly). The weights of a row sum to 1 (no tail). Rows with
-  fewer distinct ids are padded on the right with the row's first id and value -inf (weight 0).
+- ``sampled``: a triple ``(ids, log_weights, logprobs)``; k = the largest number of distinct ids at any
+  target of the cache; ``log_weights`` are ``log(count / N)``, the random-sampling estimate of the teacher
+  distribution at T = 1 (Sparse Logit Sampling, arXiv 2503.16870, proposal = the teacher itself, so the
+  weight of an id is its empirical frequency; E[count / N] = p exactly), and ``logprobs`` the teacher's
+  log p at the ids (``sampled_kd_loss_sums`` turns both into importance weights). The weights of a row sum
+  to 1 (no tail). Rows with fewer distinct ids are padded on the right with the row's first id, log weight
+  -inf (weight 0) and log-prob 0.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
 from kdlm.teachers.signals import teacher_logits
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sampled shards also hold the teacher log-probs of the drawn ids
 MANIFEST = "manifest.json"
 KINDS = ("topk", "sampled")
 VALUE_DTYPE = torch.float16
@@ -226,26 +230,37 @@ def _shard_tensors(
     """Run the teacher over one shard's examples (global indices first, first+1, ...)."""
     per_example: list[dict[str, Tensor] | None] = [None] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+
+    def topk_entry(values: Tensor, ids: Tensor) -> dict[str, Tensor]:
+        return {
+            "ids": ids.to(ids_dtype),
+            "logprobs": values.clamp(min=torch.finfo(VALUE_DTYPE).min).to(VALUE_DTYPE),
+            "kept_logmass": torch.logsumexp(values, dim=-1),
+        }
+
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
+        if hasattr(teacher, "score_topk"):  # a served teacher (kdlm.teachers.api): only its top-k comes back
+            for i, (values, ids) in zip(indices, teacher.score_topk([examples[i] for i in indices], top_k), strict=True):
+                per_example[i] = topk_entry(values, ids)
+            on_examples(len(indices))
+            continue
         batch = collate([examples[i] for i in indices], pad_token_id)
         logprobs = torch.log_softmax(teacher_logits(teacher, batch, bf16=bf16), dim=-1)
         counts = (batch["labels"][:, 1:] != -100).sum(dim=1).tolist()
         for i, rows in zip(indices, logprobs.split(counts), strict=True):
             if kind == "topk":
                 values, ids = rows.topk(top_k, dim=-1)
-                per_example[i] = {
-                    "ids": ids.to(ids_dtype),
-                    "logprobs": values.clamp(min=torch.finfo(VALUE_DTYPE).min).to(VALUE_DTYPE),
-                    "kept_logmass": torch.logsumexp(values, dim=-1),
-                }
+                per_example[i] = topk_entry(values, ids)
             else:
                 generator = torch.Generator().manual_seed(_example_seed(seed, first + i))
                 num_distinct, ids, draws = sample_counts(rows, samples, generator)
+                row_of = torch.repeat_interleave(torch.arange(len(rows)), num_distinct)
                 per_example[i] = {
                     "num_distinct": num_distinct.to(torch.uint16),
                     "ids": ids.to(ids_dtype),
                     "counts": draws.to(torch.uint8 if samples <= 255 else torch.uint16),
+                    "logprobs": rows[row_of, ids].clamp(min=torch.finfo(VALUE_DTYPE).min).to(VALUE_DTYPE),
                 }
         on_examples(len(indices))
     lengths = [sum(1 for label in example["labels"][1:] if label != -100) for example in examples]
@@ -269,7 +284,7 @@ def write_cache(
     """Write (or finish) the teacher cache of `examples` in `folder`; returns the final manifest.
 
     Args:
-        teacher: the teacher causal LM.
+        teacher: the teacher causal LM, or a served teacher (``kdlm.teachers.api.ApiTeacher``, top-k only).
         examples: tokenised examples (`input_ids`, `labels`), in the order training indexes them.
         identity: from ``cache_identity`` (kind, k or samples, seed, fingerprints, shard size).
         pad_token_id: pads the teacher's batches.
@@ -279,6 +294,11 @@ def write_cache(
     Raises:
         KdlmError: the folder holds a cache made with other settings, or a listed shard was altered.
     """
+    if hasattr(teacher, "score_topk") and identity["kind"] != "topk":
+        raise KdlmError(
+            "a served teacher gives only its top log-probs, but sampled targets draw from the whole distribution; "
+            "use teacher.cache_kind=topk with teacher.api_base"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(folder)
@@ -294,7 +314,7 @@ def write_cache(
             if not path.is_file() or _sha256(path) != shard["sha256"]:
                 raise KdlmError(f"{path} is missing or altered; delete {folder} and run `kdlm cache-teacher` again")
     else:
-        manifest = {**identity, "value_dtype": "float16", "id_dtype": str(id_dtype(identity["vocab_size"])).split(".")[1],
+        manifest = {**identity, "source": getattr(teacher, "base_url", "model"), "value_dtype": "float16", "id_dtype": str(id_dtype(identity["vocab_size"])).split(".")[1],
                     "complete": False, "num_tokens": 0, "max_distinct": 0, "shards": []}
         _save_manifest(folder, manifest)
 
@@ -337,8 +357,8 @@ def bytes_per_token(manifest: dict) -> float:
     return sum(shard["bytes"] for shard in manifest["shards"]) / max(1, manifest["num_tokens"])
 
 
-def read_targets(folder: Path, manifest: dict | None = None) -> list[tuple[Tensor, Tensor]]:
-    """Per example, `(ids, values)`: int64 and float32, each (n_targets, k); see the module docstring.
+def read_targets(folder: Path, manifest: dict | None = None) -> list[tuple[Tensor, ...]]:
+    """Per example, `(ids, values)` (top-k) or `(ids, log_weights, logprobs)` (sampled); see the module docstring.
 
     Raises:
         KdlmError: no manifest, an incomplete cache, or a shard whose sha256 does not match the manifest.
@@ -354,13 +374,10 @@ def read_targets(folder: Path, manifest: dict | None = None) -> list[tuple[Tenso
         if not path.is_file() or _sha256(path) != shard["sha256"]:
             raise KdlmError(f"{path} is missing or does not match its sha256 in the manifest; rebuild the cache")
         tensors = load_file(str(path))
-        if manifest["kind"] == "topk":
-            ids, values = _topk_rows(tensors)
-        else:
-            ids, values = _sampled_rows(tensors, manifest["samples"], width)
+        columns = _topk_rows(tensors) if manifest["kind"] == "topk" else _sampled_rows(tensors, manifest["samples"], width)
         offsets = tensors["token_offsets"].tolist()
         for start, end in zip(offsets[:-1], offsets[1:], strict=True):
-            targets.append((ids[start:end], values[start:end]))
+            targets.append(tuple(column[start:end] for column in columns))
     return targets
 
 
@@ -371,7 +388,7 @@ def _topk_rows(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     return tensors["ids"].to(torch.int64), values
 
 
-def _sampled_rows(tensors: dict[str, Tensor], samples: int, width: int) -> tuple[Tensor, Tensor]:
+def _sampled_rows(tensors: dict[str, Tensor], samples: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
     num_distinct = tensors["num_distinct"].to(torch.int64)
     rows = torch.repeat_interleave(torch.arange(num_distinct.numel()), num_distinct)
     row_starts = torch.cumsum(num_distinct, 0) - num_distinct
@@ -381,6 +398,8 @@ def _sampled_rows(tensors: dict[str, Tensor], samples: int, width: int) -> tuple
     if num_distinct.numel():
         ids[:] = flat_ids[row_starts.clamp(max=max(0, flat_ids.numel() - 1))].unsqueeze(1)  # pad with the first id
     values = torch.full((num_distinct.numel(), width), float("-inf"))
+    logprobs = torch.zeros(num_distinct.numel(), width)
     ids[rows, columns] = flat_ids
     values[rows, columns] = (tensors["counts"].to(torch.float64) / samples).log().float()
-    return ids, values
+    logprobs[rows, columns] = tensors["logprobs"].float()
+    return ids, values, logprobs

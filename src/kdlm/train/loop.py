@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from kdlm.config import HintConfig, LossConfig, TrainConfig
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
-from kdlm.losses import kd_loss_sums, topk_kd_loss_sums
-from kdlm.losses.fused import TeacherHidden, TeacherLogits, TeacherTopK, fused_kd_loss
+from kdlm.losses import kd_loss_sums, sampled_kd_loss_sums, topk_kd_loss_sums
+from kdlm.losses.fused import TeacherHidden, TeacherLogits, fused_kd_loss, sparse_target
 from kdlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.train.forward import (
     _unwrap,
@@ -68,8 +68,8 @@ class StudentObjective(nn.Module):
     def forward(self, batch: dict[str, Tensor], teacher_target, kd_weight: float, teacher_states: dict | None = None):
         """(weighted objective sum, divergence sum, CE sum, hint sum, number of target tokens) for one micro-batch.
 
-        ``teacher_target``: None (cross-entropy only), a (ids, logprobs) top-k pair, dense teacher logits, or
-        a ``TeacherHidden``. ``teacher_states``: the teacher's hidden states / attentions for the hint terms.
+        ``teacher_target``: None (cross-entropy only), a (ids, logprobs) top-k pair, an (ids, log_weights,
+        logprobs) sampled triple, dense teacher logits, or a ``TeacherHidden``. ``teacher_states``: the teacher's hidden states / attentions for the hint terms.
         """
         mask = target_mask(batch["labels"])
         target_ids = batch["labels"][:, 1:][mask]
@@ -108,7 +108,7 @@ class StudentObjective(nn.Module):
         count = torch.tensor(target_ids.numel())
         if self.fused:
             if isinstance(teacher_target, tuple):
-                teacher_target = TeacherTopK(*teacher_target)
+                teacher_target = sparse_target(*teacher_target)
             elif isinstance(teacher_target, Tensor):
                 teacher_target = TeacherLogits(teacher_target)
             total, kd, ce, _ = fused_kd_loss(
@@ -124,7 +124,8 @@ class StudentObjective(nn.Module):
             ce = nn.functional.cross_entropy(student_logits.float(), target_ids, reduction="sum")
             return ce, ce.new_zeros(()), ce, count
         if isinstance(teacher_target, tuple):
-            kd, ce, _ = topk_kd_loss_sums(student_logits, *teacher_target, target_ids, **options)
+            sparse_loss = topk_kd_loss_sums if len(teacher_target) == 2 else sampled_kd_loss_sums
+            kd, ce, _ = sparse_loss(student_logits, *teacher_target, target_ids, **options)
         else:
             kd, ce, _ = kd_loss_sums(student_logits, teacher_target, target_ids, **options)
         return (1 - kd_weight) * ce + kd_weight * kd, kd, ce, count
@@ -190,7 +191,7 @@ def train(
     pad_token_id: int,
     vocab_size: int,
     teacher: nn.Module | None = None,
-    topk_targets: list[tuple[Tensor, Tensor]] | None = None,
+    topk_targets: list[tuple[Tensor, ...]] | None = None,
     accelerator: Accelerator | None = None,
     run_state: dict | None = None,
     on_step: Callable[[int], None] | None = None,
@@ -204,7 +205,8 @@ def train(
         pad_token_id: used to pad micro-batches.
         vocab_size: the shared teacher/student vocabulary; logits beyond it are dropped.
         teacher: the online teacher, needed when kd_weight > 0 and no `topk_targets` are given.
-        topk_targets: per example (ids, logprobs), from `compute_topk_targets`.
+        topk_targets: per example (ids, logprobs) top-k or (ids, log_weights, logprobs) sampled targets,
+            from `kdlm.teachers.cache.read_targets`.
         run_state: extra JSON-serialisable facts stored in every checkpoint (e.g. kept layers).
         on_step: called with the step number after each optimizer step (tests use it to interrupt).
         hint_config: hidden-state / attention terms; they need the live ``teacher`` (also with top-k targets).
@@ -297,8 +299,9 @@ def train(
                     if online or hints is not None:
                         target, teacher_states = run_teacher(teacher, batch, vocab_size, bf16=config.bf16, online=online, hints=hints)
                     if use_kd and topk_targets is not None:
-                        target = tuple(
-                            torch.cat([topk_targets[i][j] for i in local]).to(accelerator.device) for j in (0, 1)
+                        target = tuple(  # (ids, logprobs) top-k or (ids, log_weights, logprobs) sampled
+                            torch.cat([topk_targets[i][j] for i in local]).to(accelerator.device)
+                            for j in range(len(topk_targets[0]))
                         )
                     last_micro = index == len(micro_batches) - 1
                     with accelerator.no_sync(objective) if not last_micro else nullcontext():
