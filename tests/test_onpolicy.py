@@ -273,3 +273,41 @@ def test_each_method_lowers_heldout_kl(setup, tmp_path, method_config, divergenc
         assert result.history[-1]["batches_replay"] > 0
         assert sum(math.isfinite(r["val_loss"]) for r in result.history) == 3
     assert after < 0.6 * before, (before, after)
+
+
+# --- the real CLI on the shipped configs, with a tiny teacher ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from tiny import save_tiny_teacher
+
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_teacher(root / "teacher")  # 4 layers: the 2-layer student is a real cut
+    write_chat_jsonl(root / "chat.jsonl", count=32)
+    return root
+
+
+@pytest.mark.parametrize("name", ["gkd", "distillm", "minillm", "imitkd"])
+def test_shipped_config_runs_end_to_end(workspace, name):
+    import json
+
+    from test_cli import base_args, run_cli
+
+    args = [*base_args(workspace, name), "train.max_steps=4", "method.max_new_tokens=8", "method.val_examples=4",
+            "method.eval_every=2", "train.bf16=false"]
+    run_cli("distill", str(CONFIGS / f"{name}.yaml"), *args, cwd=workspace)
+    report = json.loads((workspace / name / "report.json").read_text())
+    assert report["config"]["method"]["name"] == name and report["steps"] == 4
+    rows = {row["model"]: row for row in report["rows"]}
+    assert rows["student after"]["kl_to_teacher"] < rows["student before"]["kl_to_teacher"]
+    header = (workspace / name / "train_log.csv").read_text().splitlines()[0]
+    assert "generated" in header
+
+
+def test_onpolicy_method_with_cached_teacher_is_a_clear_error(workspace):
+    from test_cli import base_args, run_cli
+
+    proc = run_cli("distill", str(CONFIGS / "gkd.yaml"), *base_args(workspace, "refused"), "teacher.signal=topk",
+                   cwd=workspace, check_ok=False)
+    assert proc.returncode == 2 and "teacher.signal=online" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr

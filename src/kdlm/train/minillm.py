@@ -21,6 +21,7 @@ dataset's own batch (MiniLLM's L_PT uses a separate pre-training corpus).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import deque
 from types import SimpleNamespace
@@ -121,6 +122,15 @@ def minillm_token_losses(
     return {"pg": pg, "reg": reg, "reward": reward, "advantage": advantage, "weight": weight}
 
 
+def _cache_name(model) -> str:
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _output_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 class MixedPolicy:
     """p̃ = α·p + (1 − α)·q as a model ``decode_batch`` can sample from: each model keeps its own KV cache.
 
@@ -131,6 +141,8 @@ class MixedPolicy:
     def __init__(self, student, teacher, teacher_mix: float, vocab_size: int):
         self.student, self.teacher = student, teacher
         self.teacher_mix, self.vocab_size = teacher_mix, vocab_size
+        # transformers 5 renamed `past_key_values` to `cache` (decode_batch accepts both; so do we).
+        self._cache_names = [_cache_name(model) for model in (student, teacher)]
 
     @property
     def device(self):
@@ -155,12 +167,12 @@ class MixedPolicy:
     def forward(self, input_ids, attention_mask, position_ids, use_cache=True, past_key_values=None):
         student_cache, teacher_cache = past_key_values if past_key_values is not None else (None, None)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": True}
-        student_out = self.student(**inputs, past_key_values=student_cache)
-        teacher_out = self.teacher(**inputs, past_key_values=teacher_cache)
+        student_out = self.student(**inputs, **{self._cache_names[0]: student_cache})
+        teacher_out = self.teacher(**inputs, **{self._cache_names[1]: teacher_cache})
         log_q = F.log_softmax(student_out.logits[:, -1:, : self.vocab_size].float(), dim=-1)
         log_p = F.log_softmax(teacher_out.logits[:, -1:, : self.vocab_size].float(), dim=-1)
         mixed = torch.logaddexp(log_p + math.log(self.teacher_mix), log_q + math.log1p(-self.teacher_mix))
-        return SimpleNamespace(logits=mixed, past_key_values=(student_out.past_key_values, teacher_out.past_key_values))
+        return SimpleNamespace(logits=mixed, past_key_values=(_output_cache(student_out), _output_cache(teacher_out)))
 
     __call__ = forward
 
