@@ -198,6 +198,15 @@ def test_distillm_refuses_a_divergence_it_does_not_use(setup):
                      batch_size=2, val_examples=examples[:2])
 
 
+def test_minillm_refuses_plain_text_records(setup):
+    teacher, tokenizer, examples, _ = setup
+    method = build_method(MethodConfig(name="minillm"), student=teacher, teacher=teacher, tokenizer=tokenizer,
+                          loss_config=LossConfig(), max_steps=1, seed=0, bf16=False, vocab_size=len(tokenizer), batch_size=2)
+    text = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
+    with pytest.raises(KdlmError, match="plain-text records"):
+        method.prepare_step(0, [[examples[0], text]])
+
+
 # --- training ------------------------------------------------------------------------------------------------
 
 def _run(setup, tmp_path, method_config: MethodConfig | None, *, divergence: str, steps: int, lr: float = 3e-3):

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdlm.data.tokenize import collate
+from kdlm.errors import KdlmError
 from kdlm.losses.divergences import rkl, upcast
 from kdlm.train.forward import decoder_outputs, project, target_mask
-from kdlm.train.onpolicy import OnPolicyMethod
+from kdlm.train.onpolicy import OnPolicyMethod, prompt_ids
 
 
 def future_returns(rewards: Tensor, mask: Tensor, *, gamma: float, length_norm: bool, include_current: bool = False) -> Tensor:
@@ -190,6 +191,11 @@ class MiniLLM(OnPolicyMethod):
         self._sums = torch.zeros(4)  # pg, reg, reward, tokens
 
     def prepare_step(self, step, batches):
+        if any(not prompt_ids(example) for batch in batches for example in batch):
+            raise KdlmError(
+                "method.name=minillm samples answers to prompts, but data.train has plain-text records (no prompt); "
+                "train MiniLLM on chat or prompt/response records"
+            )
         if self.config.lm_weight > 0:
             self._lm_batches = deque(batches)
         return [self.sample(self.policy, batch) for batch in batches]
