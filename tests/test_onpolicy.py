@@ -281,6 +281,8 @@ def test_each_method_lowers_heldout_kl(setup, tmp_path, method_config, divergenc
     if method_config.name == "distillm":  # the buffer filled, then served draws; the threshold rule ran
         assert result.history[-1]["batches_replay"] > 0
         assert sum(math.isfinite(r["val_loss"]) for r in result.history) == 3
+    if method_config.name == "minillm":  # its own objective ran (the loop's default loss logs no pg/reward)
+        assert all(r["pg"] != 0 and r["reward"] < 0 for r in result.history)
     assert after < 0.6 * before, (before, after)
 
 
