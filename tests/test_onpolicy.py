@@ -198,6 +198,13 @@ def test_distillm_refuses_a_divergence_it_does_not_use(setup):
                      batch_size=2, val_examples=examples[:2])
 
 
+def test_onpolicy_method_without_the_teacher_term_is_refused(setup):
+    teacher, tokenizer, _, _ = setup
+    with pytest.raises(KdlmError, match="loss.kd_weight > 0"):
+        build_method(MethodConfig(name="gkd"), student=teacher, teacher=teacher, tokenizer=tokenizer,
+                     loss_config=LossConfig(kd_weight=0.0), max_steps=1, seed=0, bf16=False, vocab_size=10, batch_size=2)
+
+
 def test_minillm_refuses_plain_text_records(setup):
     teacher, tokenizer, examples, _ = setup
     method = build_method(MethodConfig(name="minillm"), student=teacher, teacher=teacher, tokenizer=tokenizer,

@@ -269,6 +269,9 @@ def build_method(config: MethodConfig, *, student, teacher, tokenizer, loss_conf
         return None
     if teacher is None:
         raise KdlmError(f"method.name={config.name} needs the live teacher (teacher.signal=online, no teacher.cache)")
+    if loss_config.kd_weight == 0:
+        raise KdlmError(f"method.name={config.name} distills from the teacher on generated answers; loss.kd_weight=0 turns "
+                        "the teacher off: set loss.kd_weight > 0 (the configs use 1.0)")
     common = {"student": student, "teacher": teacher, "tokenizer": tokenizer, "max_steps": max_steps, "seed": seed,
               "bf16": bf16}
     if config.name == "gkd":
