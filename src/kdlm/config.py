@@ -170,6 +170,41 @@ class EvalConfig(Section):
     text_max_tokens: int = Field(4096, ge=16)
 
 
+class MethodConfig(Section):
+    """Where the trained responses come from (shared/METHODS.md §3): the data, or the student's own samples."""
+
+    name: Literal["offpolicy", "gkd", "distillm", "minillm", "imitkd"] = Field(
+        "offpolicy",
+        description="offpolicy: the dataset's responses; gkd: student samples with probability lmbda (arXiv 2306.13649); "
+        "distillm: adaptive replay of student samples (arXiv 2402.03898); minillm: sequence-level reverse KL by "
+        "policy gradient (arXiv 2306.08543); imitkd: per-sequence mixture of data and student samples (arXiv 2009.07253). "
+        "All but offpolicy need teacher.signal=online.",
+    )
+    max_new_tokens: int = Field(64, ge=1, description="Tokens a student (or teacher) sample may have.")
+    temperature: float = Field(0.9, ge=0, description="Sampling temperature of the samples (0: greedy); the loss stays at loss.temperature.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    lmbda: float = Field(0.5, ge=0, le=1, description="gkd: fraction of micro-batches whose responses are student samples.")
+    seq_kd: bool = Field(False, description="gkd: the other micro-batches get teacher samples instead of the dataset's responses.")
+    capacity: int = Field(1000, ge=1, description="distillm: replay buffer size (examples, first in first out).")
+    init_threshold: float = Field(0.0, ge=0, le=1, description="distillm: starting probability of training on student outputs.")
+    threshold_step: float = Field(0.1, gt=0, le=1, description="distillm: how much the threshold rises at a time.")
+    loss_eps: float = Field(0.1, ge=0, description="distillm: the threshold rises when the validation loss exceeds its reference by more than this.")
+    schedule: Literal["decreasing", "constant", "increasing"] = Field(
+        "decreasing", description="distillm: fresh-sample probability s from the threshold φ: φ(1 - t/T), φ/2, or φ t/T."
+    )
+    eval_every: int = Field(10, ge=1, description="distillm: steps between validation losses.")
+    val_examples: int = Field(16, ge=1, description="distillm: training examples set aside for the validation loss.")
+    teacher_mix: float = Field(0.2, ge=0, lt=1, description="minillm: samples come from teacher_mix * p + (1 - teacher_mix) * q.")
+    gamma: float = Field(1.0, ge=0, le=1, description="minillm: discount of future rewards.")
+    length_norm: bool = Field(True, description="minillm: divide a return by the (discounted) number of its terms.")
+    clip: float = Field(0.2, gt=0, description="minillm: the importance ratio is clipped to [1 - clip, 1 + clip] (PPO).")
+    single_step: bool = Field(True, description="minillm: the immediate term is the exact token-level reverse KL.")
+    whiten: bool = Field(False, description="minillm: whiten the advantages over each micro-batch.")
+    lm_weight: float = Field(0.0, ge=0, description="minillm: weight of a cross-entropy term on the dataset batch.")
+    data_start: float = Field(1.0, ge=0, le=1, description="imitkd: probability that a sequence comes from the data at the first step.")
+    data_end: float = Field(0.0, ge=0, le=1, description="imitkd: the same at the last step (annealed linearly).")
+
+
 class RunConfig(Section):
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
@@ -178,6 +213,7 @@ class RunConfig(Section):
     hints: HintConfig = HintConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    method: MethodConfig = MethodConfig()
 
 
 def _parse_value(text: str) -> Any:

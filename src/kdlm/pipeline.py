@@ -53,6 +53,7 @@ from kdlm.teachers.cache import (
     write_cache,
 )
 from kdlm.train.loop import train, write_history
+from kdlm.train.onpolicy import build_method
 
 console = Console()
 
@@ -154,6 +155,11 @@ def teacher_cache_identity(config: RunConfig, tokenizer, vocab_size: int, train_
 
 def _check_signal(config: RunConfig) -> None:
     teacher = config.teacher
+    if config.method.name != "offpolicy" and (teacher.signal != "online" or teacher.cache):
+        raise KdlmError(
+            f"method.name={config.method.name} scores the student's own samples, which needs the live teacher at every "
+            "step: set teacher.signal=online (and leave teacher.cache unset)"
+        )
     if teacher.cache and teacher.signal == "online":
         raise KdlmError("teacher.cache holds cached targets, but teacher.signal=online; set teacher.signal=topk")
     if teacher.api_base and not teacher.cache:
@@ -226,6 +232,17 @@ def distill(config: RunConfig) -> dict:
             {"teacher": (teacher, None), "student before": (student, None)}, teacher, tokenizer, heldout_examples, config.eval, vocab_size
         )
 
+    method_val = []
+    if config.method.name == "distillm":  # DistiLLM's validation loss: training examples set aside, never trained on
+        if len(train_examples) <= config.method.val_examples:
+            raise KdlmError(f"method.val_examples={config.method.val_examples} leaves no training examples; lower it")
+        method_val, train_examples = train_examples[-config.method.val_examples :], train_examples[: -config.method.val_examples]
+    method = build_method(
+        config.method, student=student, teacher=teacher, tokenizer=tokenizer, loss_config=config.loss,
+        max_steps=config.train.max_steps, seed=config.train.seed, bf16=config.train.bf16, vocab_size=vocab_size,
+        batch_size=config.train.batch_size, val_examples=method_val,
+    )
+
     topk_targets = None
     started = time.perf_counter()
     if use_kd and config.teacher.signal == "topk":
@@ -246,10 +263,10 @@ def distill(config: RunConfig) -> dict:
     result = train(
         student, train_examples, train_config=config.train, loss_config=config.loss,
         pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size,
-        teacher=teacher if (use_kd and topk_targets is None) or config.hints.enabled else None,
+        teacher=teacher if (use_kd and topk_targets is None) or config.hints.enabled or method else None,
         topk_targets=topk_targets, accelerator=accelerator,
         run_state={"kept_layers": kept_layers, "targets_kind": manifest["kind"] if topk_targets is not None else None},
-        hint_config=config.hints,
+        hint_config=config.hints, method=method,
     )
     timings["train_s"] = result.seconds
     report: dict = {"config": config.model_dump(), "timings": timings, "steps": result.steps, "tokens": result.tokens}

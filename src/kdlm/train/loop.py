@@ -65,12 +65,16 @@ class StudentObjective(nn.Module):
         self.fused = loss.fused and plain_lm_head(student) is not None
         self.hints = hints
 
-    def forward(self, batch: dict[str, Tensor], teacher_target, kd_weight: float, teacher_states: dict | None = None):
+    def forward(self, batch: dict[str, Tensor], teacher_target, kd_weight: float, teacher_states: dict | None = None,
+                method_loss: Callable | None = None):
         """(weighted objective sum, divergence sum, CE sum, hint sum, number of target tokens) for one micro-batch.
 
         ``teacher_target``: None (cross-entropy only), a (ids, logprobs) top-k pair, an (ids, log_weights,
         logprobs) sampled triple, dense teacher logits, or a ``TeacherHidden``. ``teacher_states``: the teacher's hidden states / attentions for the hint terms.
+        ``method_loss``: a training method's own objective (MiniLLM), called here so that DDP sees it.
         """
+        if method_loss is not None:
+            return method_loss(self, batch, teacher_target)
         mask = target_mask(batch["labels"])
         target_ids = batch["labels"][:, 1:][mask]
         hint_sum = torch.zeros(())
@@ -196,6 +200,7 @@ def train(
     run_state: dict | None = None,
     on_step: Callable[[int], None] | None = None,
     hint_config: HintConfig | None = None,
+    method=None,
 ) -> TrainResult:
     """Train `student` in place on tokenised `examples`; checkpoints go to `output_dir/checkpoints`.
 
@@ -210,6 +215,8 @@ def train(
         run_state: extra JSON-serialisable facts stored in every checkpoint (e.g. kept layers).
         on_step: called with the step number after each optimizer step (tests use it to interrupt).
         hint_config: hidden-state / attention terms; they need the live ``teacher`` (also with top-k targets).
+        method: an on-policy method (``kdlm.train.onpolicy``): it may replace a step's examples by generated
+            ones (``prepare_step``), supply its own loss (``loss``) and log fields (``after_step``).
 
     Raises:
         KdlmError: on a non-finite loss (after saving the last good step) or a bad setup.
@@ -290,10 +297,15 @@ def train(
                 step_started = time.perf_counter()
                 micro_batches = schedule[step * config.grad_accum : (step + 1) * config.grad_accum]
                 step_tokens = sum(_num_targets(examples[i]) for batch in micro_batches for i in batch)
+                local_indices = [indices[rank * config.batch_size : (rank + 1) * config.batch_size] for indices in micro_batches]
+                local_examples = [[examples[i] for i in local] for local in local_indices]
+                if method is not None:  # on-policy: responses may be replaced by generated ones
+                    local_examples = method.prepare_step(step, local_examples)
+                    count = torch.tensor(float(sum(_num_targets(e) for batch in local_examples for e in batch)))
+                    step_tokens = int(accelerator.reduce(count.to(accelerator.device), reduction="sum").item())
                 sums = torch.zeros(4)  # kd, ce, hint, tokens (this process)
-                for index, global_indices in enumerate(micro_batches):
-                    local = global_indices[rank * config.batch_size : (rank + 1) * config.batch_size]
-                    batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in local], pad_token_id).items()}
+                for index, local in enumerate(local_indices):
+                    batch = {k: v.to(accelerator.device) for k, v in collate(local_examples[index], pad_token_id).items()}
                     target, teacher_states = None, None
                     online = use_kd and topk_targets is None
                     if online or hints is not None:
@@ -306,7 +318,8 @@ def train(
                     last_micro = index == len(micro_batches) - 1
                     with accelerator.no_sync(objective) if not last_micro else nullcontext():
                         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
-                            total, kd, ce, hint, count = objective(batch, target, kd_weight, teacher_states)
+                            total, kd, ce, hint, count = objective(batch, target, kd_weight, teacher_states,
+                                                                   method.loss if method is not None else None)
                         loss = total * (world / max(step_tokens, 1))
                         accelerator.backward(loss)
                     sums += torch.stack([t.detach().float().cpu() for t in (kd, ce, hint, count)])
@@ -340,6 +353,8 @@ def train(
                     "tokens_per_s": step_tokens / step_seconds,
                     "seconds": seconds_before + time.perf_counter() - started,
                 }
+                if method is not None:
+                    record.update(method.after_step(step))
                 history.append(record)
                 if accelerator.is_main_process and step % config.log_every == 0:
                     _log(record, log_file, writer)

@@ -1,0 +1,331 @@
+"""On-policy methods: hand-computed losses, GKD at lambda 0 = off-policy, DistiLLM's threshold rule,
+MiniLLM's returns and clipped ratio, and short runs of each method on tiny models that lower held-out KL."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlm.config import LossConfig, MethodConfig, TrainConfig, load_config
+from kdlm.data import encode_records, load_records
+from kdlm.errors import KdlmError
+from kdlm.evaluate.metrics import fidelity, target_logits
+from kdlm.losses import kd_loss_sums
+from kdlm.train.loop import train
+from kdlm.train.minillm import future_returns, minillm_token_losses
+from kdlm.train.onpolicy import (
+    GKD,
+    AdaptiveThreshold,
+    ReplayBuffer,
+    build_method,
+    choose_source,
+    data_probability,
+    fresh_probability,
+    prompt_ids,
+    sample_examples,
+)
+from tiny import tiny_llama, trained_tiny_teacher, write_chat_jsonl
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    teacher, tokenizer = trained_tiny_teacher(num_layers=2, steps=30)
+    data = write_chat_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", count=24)
+    examples = encode_records(tokenizer, load_records(str(data)), max_length=96)
+    return teacher, tokenizer, examples[:18], examples[18:]
+
+
+# --- each method's loss on crafted inputs, against a hand computation --------------------------------------
+
+Q, P = (0.25, 0.75), (0.5, 0.5)  # student q and teacher p over a 2-token vocabulary
+
+
+def _kl(a, b):
+    return sum(x * math.log(x / y) for x, y in zip(a, b, strict=True))
+
+
+def _config_loss(name: str) -> float:
+    """The loss a config trains with, on logits whose softmaxes are Q (student) and P (teacher)."""
+    loss = load_config(CONFIGS / f"{name}.yaml").loss
+    student = torch.log(torch.tensor([Q], dtype=torch.float64))
+    teacher = torch.log(torch.tensor([P], dtype=torch.float64))
+    value, _, _ = kd_loss_sums(student, teacher, torch.tensor([0]), divergence=loss.divergence,
+                               temperature=loss.temperature, beta=loss.beta, alpha=loss.alpha)
+    return value.item()
+
+
+def test_gkd_config_trains_with_jsd_half():
+    m = tuple(0.5 * p + 0.5 * q for p, q in zip(P, Q, strict=True))
+    assert _config_loss("gkd") == pytest.approx(0.5 * _kl(P, m) + 0.5 * _kl(Q, m), rel=1e-12)
+
+
+def test_distillm_config_trains_with_skew_reverse_kl():
+    mixture = tuple(0.9 * p + 0.1 * q for p, q in zip(P, Q, strict=True))  # α = 0.1 on the student's side
+    assert _config_loss("distillm") == pytest.approx(_kl(Q, mixture), rel=1e-12)
+
+
+def test_imitkd_config_trains_with_forward_kl():
+    assert _config_loss("imitkd") == pytest.approx(_kl(P, Q), rel=1e-12)
+
+
+def test_every_config_is_an_online_run_of_its_method():
+    for name in ("gkd", "distillm", "minillm", "imitkd"):
+        config = load_config(CONFIGS / f"{name}.yaml")
+        assert config.method.name == name and config.teacher.signal == "online"
+
+
+# --- MiniLLM: returns, importance weights and the clipped ratio by hand --------------------------------------
+
+def test_future_returns_by_hand():
+    rewards = torch.tensor([[1.0, -2.0, 3.0, 7.0], [9.0, 2.0, 4.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    single = future_returns(rewards, mask, gamma=0.5, length_norm=True)
+    # row 0: t0 = (-2 + 0.5*3) / (1 + 0.5), t1 = 3 / 1, t2 has no future; row 1: t1 = 4 / 1
+    torch.testing.assert_close(single, torch.tensor([[-0.5 / 1.5, 3.0, 0, 0], [0, 4.0, 0, 0]], dtype=torch.float64))
+    raw = future_returns(rewards, mask, gamma=0.5, length_norm=False)
+    torch.testing.assert_close(raw[0], torch.tensor([-0.5, 3.0, 0, 0], dtype=torch.float64))
+    full = future_returns(rewards, mask, gamma=0.5, length_norm=True, include_current=True)
+    torch.testing.assert_close(full[0], torch.tensor([0.75 / 1.75, -0.5 / 1.5, 3.0, 0], dtype=torch.float64))
+
+
+def test_minillm_token_losses_by_hand():
+    # One sequence of 3 sampled tokens over a 2-token vocabulary; α = 0.5, γ = 0.5, clip 0.2.
+    q_rows = [(0.9, 0.1), (0.7, 0.3), (0.4, 0.6)]
+    p_rows = [(0.1, 0.9), (0.2, 0.8), (0.5, 0.5)]
+    tokens = [0, 1, 0]
+    student_logprobs = torch.log(torch.tensor(q_rows, dtype=torch.float64)).requires_grad_(True)
+    teacher_logprobs = torch.log(torch.tensor(p_rows, dtype=torch.float64))
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    terms = minillm_token_losses(student_logprobs, teacher_logprobs, torch.tensor(tokens), mask,
+                                 teacher_mix=0.5, gamma=0.5, length_norm=True, clip=0.2, single_step=True)
+    q = [q_rows[t][y] for t, y in enumerate(tokens)]
+    p = [p_rows[t][y] for t, y in enumerate(tokens)]
+    r = [math.log(pi / qi) for pi, qi in zip(p, q, strict=True)]
+    advantage = [(r[1] + 0.5 * r[2]) / 1.5, r[2], 0.0]
+    weight = [qi / (0.5 * pi + 0.5 * qi) for pi, qi in zip(p, q, strict=True)]  # 1.8, 0.545, 0.889
+    clipped = [min(max(w, 0.8), 1.2) for w in weight]
+    pg = [max(-a * w, -a * c) for a, w, c in zip(advantage, weight, clipped, strict=True)]
+    reg = [_kl(qr, pr) for qr, pr in zip(q_rows, p_rows, strict=True)]
+    for key, expected in (("reward", r), ("advantage", advantage), ("weight", weight), ("pg", pg), ("reg", reg)):
+        torch.testing.assert_close(terms[key], torch.tensor(expected, dtype=torch.float64), msg=key)
+    # Gradient of the pg term w.r.t. log q of the sampled token: -A·w inside the clip range; 0 where the clip
+    # holds the ratio (token 0: A > 0 and w = 1.8 > 1.2); token 1 (A > 0, w < 0.8) is not held; token 2 has A = 0.
+    assert advantage[0] > 0 and weight[0] > 1.2 and advantage[1] > 0 and weight[1] < 0.8
+    (grad,) = torch.autograd.grad(terms["pg"].sum(), student_logprobs)
+    expected_grad = torch.zeros(3, 2, dtype=torch.float64)
+    expected_grad[1, 1] = -advantage[1] * weight[1]
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_minillm_without_teacher_mix_has_unit_weights():
+    logprobs = torch.log_softmax(torch.randn(4, 5, dtype=torch.float64), -1)
+    terms = minillm_token_losses(logprobs, logprobs.flip(0), torch.tensor([0, 1, 2, 3]), torch.ones(2, 2, dtype=torch.bool),
+                                 teacher_mix=0.0)
+    assert torch.equal(terms["weight"], torch.ones(4, dtype=torch.float64))
+
+
+# --- DistiLLM: the threshold rule, the source choice and the buffer -------------------------------------------
+
+def test_threshold_rises_only_when_validation_loss_worsens_by_more_than_eps():
+    rule = AdaptiveThreshold(initial=0.0, eps=0.1, step=0.1)
+    seen = []
+    for loss in [2.0, 2.05, 2.2, 2.25, 2.4, 1.0, 2.45, 3.0]:
+        rule.update(loss)
+        seen.append((round(rule.value, 10), rule.reference))
+    # 2.0 is the reference; 2.2 exceeds it by 0.2 (rise, new reference); 2.25 by 0.05 (no); 2.4 by 0.15 (rise);
+    # 1.0 improves (the reference stays 2.4); 2.45 by 0.05 (no); 3.0 by 0.6 (rise).
+    assert seen == [(0.0, 2.0), (0.0, 2.0), (0.1, 2.2), (0.1, 2.2), (0.2, 2.4), (0.2, 2.4), (0.2, 2.4), (0.3, 3.0)]
+    capped = AdaptiveThreshold(initial=0.95, eps=0.0, step=0.1)
+    capped.update(1.0)
+    capped.update(2.0)
+    assert capped.value == 1.0
+
+
+def test_source_choice_and_schedule():
+    assert fresh_probability(0.6, 25, 100, "decreasing") == pytest.approx(0.45)
+    assert fresh_probability(0.6, 25, 100, "increasing") == pytest.approx(0.15)
+    assert fresh_probability(0.6, 25, 100, "constant") == pytest.approx(0.3)
+    # s = 0.2, φ = 0.5
+    assert choose_source(0.1, 0.2, 0.5, buffer_full=True) == "fresh"
+    assert choose_source(0.3, 0.2, 0.5, buffer_full=True) == "replay"
+    assert choose_source(0.3, 0.2, 0.5, buffer_full=False) == "fresh"  # the buffer still fills
+    assert choose_source(0.7, 0.2, 0.5, buffer_full=False) == "data"
+
+
+def test_replay_buffer_is_fifo_with_capacity():
+    buffer = ReplayBuffer(3)
+    buffer.push([{"id": i} for i in range(5)])
+    assert [item["id"] for item in buffer.items] == [2, 3, 4] and buffer.full
+    import random
+
+    assert {item["id"] for item in buffer.sample(50, random.Random(0))} == {2, 3, 4}
+
+
+def test_imitkd_anneals_from_data_to_student():
+    assert data_probability(0, 11, 1.0, 0.0) == 1.0
+    assert data_probability(5, 11, 1.0, 0.0) == pytest.approx(0.5)
+    assert data_probability(10, 11, 1.0, 0.0) == 0.0
+
+
+# --- sampling from the trained student -----------------------------------------------------------------------
+
+def test_samples_keep_the_prompt_mask_the_prompt_and_restore_train_mode(setup):
+    teacher, tokenizer, examples, _ = setup
+    student = tiny_llama(len(tokenizer), num_layers=2, seed=2).train()
+    batch = examples[:3]
+    first = sample_examples(student, tokenizer, batch, max_new_tokens=8, temperature=1.0, top_p=1.0, seeds=[1, 2, 3], bf16=False)
+    again = sample_examples(student, tokenizer, batch, max_new_tokens=8, temperature=1.0, top_p=1.0, seeds=[1, 2, 3], bf16=False)
+    assert first == again and student.training
+    for original, sampled in zip(batch, first, strict=True):
+        prompt = prompt_ids(original)
+        assert sampled["input_ids"][: len(prompt)] == prompt
+        assert sampled["labels"][: len(prompt)] == [-100] * len(prompt)
+        response = sampled["labels"][len(prompt) :]
+        assert 1 <= len(response) <= 9 and response == sampled["input_ids"][len(prompt) :]
+        assert sampled["input_ids"] != original["input_ids"]
+
+
+def test_distillm_refuses_a_divergence_it_does_not_use(setup):
+    teacher, tokenizer, examples, _ = setup
+    with pytest.raises(KdlmError, match="loss.divergence=skl"):
+        build_method(MethodConfig(name="distillm"), student=teacher, teacher=teacher, tokenizer=tokenizer,
+                     loss_config=LossConfig(divergence="fkl"), max_steps=1, seed=0, bf16=False, vocab_size=10,
+                     batch_size=2, val_examples=examples[:2])
+
+
+def test_onpolicy_method_without_the_teacher_term_is_refused(setup):
+    teacher, tokenizer, _, _ = setup
+    with pytest.raises(KdlmError, match="loss.kd_weight > 0"):
+        build_method(MethodConfig(name="gkd"), student=teacher, teacher=teacher, tokenizer=tokenizer,
+                     loss_config=LossConfig(kd_weight=0.0), max_steps=1, seed=0, bf16=False, vocab_size=10, batch_size=2)
+
+
+def test_minillm_refuses_plain_text_records(setup):
+    teacher, tokenizer, examples, _ = setup
+    method = build_method(MethodConfig(name="minillm"), student=teacher, teacher=teacher, tokenizer=tokenizer,
+                          loss_config=LossConfig(), max_steps=1, seed=0, bf16=False, vocab_size=len(tokenizer), batch_size=2)
+    text = {"input_ids": [5, 6, 7], "labels": [5, 6, 7]}
+    with pytest.raises(KdlmError, match="plain-text records"):
+        method.prepare_step(0, [[examples[0], text]])
+
+
+# --- training ------------------------------------------------------------------------------------------------
+
+def _run(setup, tmp_path, method_config: MethodConfig | None, *, divergence: str, steps: int, lr: float = 3e-3):
+    teacher, tokenizer, examples, heldout = setup
+    student = tiny_llama(len(tokenizer), num_layers=2, seed=2)
+    train_examples, val = examples, []
+    if method_config is not None and method_config.name == "distillm":
+        train_examples, val = examples[:-4], examples[-4:]
+    config = TrainConfig(output_dir=str(tmp_path), max_steps=steps, batch_size=4, lr=lr, warmup_steps=0, bf16=False)
+    loss = LossConfig(divergence=divergence)
+    method = None
+    if method_config is not None:
+        method = build_method(method_config, student=student, teacher=teacher, tokenizer=tokenizer, loss_config=loss,
+                              max_steps=steps, seed=0, bf16=False, vocab_size=len(tokenizer), batch_size=4, val_examples=val)
+    result = train(student, train_examples, train_config=config, loss_config=loss, pad_token_id=tokenizer.pad_token_id,
+                   vocab_size=len(tokenizer), teacher=teacher, method=method)
+    return student, result
+
+
+def _heldout_kl(setup, model) -> float:
+    teacher, tokenizer, _, heldout = setup
+    options = {"batch_size": 6, "pad_token_id": tokenizer.pad_token_id, "vocab_size": len(tokenizer)}
+    return fidelity(model, heldout, target_logits(teacher, heldout, **options), **options)["kl_to_teacher"]
+
+
+def test_gkd_with_lambda_zero_is_the_offpolicy_loop(setup, tmp_path):
+    plain, plain_result = _run(setup, tmp_path / "plain", None, divergence="jsd", steps=3)
+    gkd, gkd_result = _run(setup, tmp_path / "gkd", MethodConfig(name="gkd", lmbda=0.0), divergence="jsd", steps=3)
+    assert [r["loss"] for r in plain_result.history] == [r["loss"] for r in gkd_result.history]
+    for (name, a), (_, b) in zip(plain.state_dict().items(), gkd.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert gkd_result.history[-1]["generated"] == 0
+    # ... and with lambda 1 it trains on other sequences, so the weights move elsewhere.
+    onpolicy, result = _run(setup, tmp_path / "gkd1", MethodConfig(name="gkd", lmbda=1.0, max_new_tokens=8), divergence="jsd", steps=1)
+    assert result.history[-1]["generated"] == 4
+    assert not torch.equal(onpolicy.lm_head.weight, _run(setup, tmp_path / "plain1", None, divergence="jsd", steps=1)[0].lm_head.weight)
+
+
+def test_gkd_samples_from_the_trained_student_module_itself(setup):
+    teacher, tokenizer, examples, _ = setup
+    student = tiny_llama(len(tokenizer), num_layers=2, seed=2)
+    calls = {"student": 0, "teacher": 0}
+    student.register_forward_hook(lambda *_: calls.__setitem__("student", calls["student"] + 1))
+    teacher.register_forward_hook(lambda *_: calls.__setitem__("teacher", calls["teacher"] + 1))
+    method = GKD(MethodConfig(name="gkd", lmbda=1.0, max_new_tokens=4), student=student, teacher=teacher,
+                 tokenizer=tokenizer, max_steps=1)
+    [[sampled]] = method.prepare_step(0, [[examples[0]]])
+    assert calls["teacher"] == 0 and 1 <= calls["student"] <= 4  # one forward per decoded token, no copy
+    seq_kd = GKD(MethodConfig(name="gkd", lmbda=0.0, seq_kd=True, max_new_tokens=4), student=student, teacher=teacher,
+                 tokenizer=tokenizer, max_steps=1)
+    seq_kd.prepare_step(0, [[examples[0]]])
+    assert 1 <= calls["teacher"] <= 4
+
+
+@pytest.mark.parametrize(
+    ("method_config", "divergence"),
+    [
+        (MethodConfig(name="gkd", lmbda=0.5, max_new_tokens=24, temperature=1.0), "jsd"),
+        (MethodConfig(name="distillm", init_threshold=0.5, capacity=8, eval_every=3, max_new_tokens=24, temperature=1.0),
+         "srkl"),
+        (MethodConfig(name="minillm", teacher_mix=0.2, max_new_tokens=24, temperature=1.0), "rkl"),
+        (MethodConfig(name="imitkd", max_new_tokens=24, temperature=1.0), "fkl"),
+    ],
+    ids=["gkd", "distillm", "minillm", "imitkd"],
+)
+def test_each_method_lowers_heldout_kl(setup, tmp_path, method_config, divergence):
+    teacher, tokenizer, _, _ = setup
+    before = _heldout_kl(setup, tiny_llama(len(tokenizer), num_layers=2, seed=2))
+    student, result = _run(setup, tmp_path, method_config, divergence=divergence, steps=10, lr=1e-2)
+    after = _heldout_kl(setup, student)
+    assert result.history[-1]["generated"] > 0
+    if method_config.name == "distillm":  # the buffer filled, then served draws; the threshold rule ran
+        assert result.history[-1]["batches_replay"] > 0
+        assert sum(math.isfinite(r["val_loss"]) for r in result.history) == 3
+    if method_config.name == "minillm":  # its own objective ran (the loop's default loss logs no pg/reward)
+        assert all(r["pg"] != 0 and r["reward"] < 0 for r in result.history)
+    assert after < 0.6 * before, (before, after)
+
+
+# --- the real CLI on the shipped configs, with a tiny teacher ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from tiny import save_tiny_teacher
+
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_teacher(root / "teacher")  # 4 layers: the 2-layer student is a real cut
+    write_chat_jsonl(root / "chat.jsonl", count=32)
+    return root
+
+
+@pytest.mark.parametrize("name", ["gkd", "distillm", "minillm", "imitkd"])
+def test_shipped_config_runs_end_to_end(workspace, name):
+    import json
+
+    from test_cli import base_args, run_cli
+
+    args = [*base_args(workspace, name), "train.max_steps=4", "method.max_new_tokens=8", "method.val_examples=4",
+            "method.eval_every=2", "train.bf16=false"]
+    run_cli("distill", str(CONFIGS / f"{name}.yaml"), *args, cwd=workspace)
+    report = json.loads((workspace / name / "report.json").read_text())
+    assert report["config"]["method"]["name"] == name and report["steps"] == 4
+    rows = {row["model"]: row for row in report["rows"]}
+    assert rows["student after"]["kl_to_teacher"] < rows["student before"]["kl_to_teacher"]
+    header = (workspace / name / "train_log.csv").read_text().splitlines()[0]
+    assert "generated" in header
+
+
+def test_onpolicy_method_with_cached_teacher_is_a_clear_error(workspace):
+    from test_cli import base_args, run_cli
+
+    proc = run_cli("distill", str(CONFIGS / "gkd.yaml"), *base_args(workspace, "refused"), "teacher.signal=topk",
+                   cwd=workspace, check_ok=False)
+    assert proc.returncode == 2 and "teacher.signal=online" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
