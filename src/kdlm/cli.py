@@ -88,6 +88,19 @@ def evaluate(
     evaluate_suite(targets, config)
 
 
+@app.command()
+def bench(
+    config: Path = typer.Argument(..., help="Bench YAML (configs/bench_cpu.yaml, configs/bench_gpu.yaml)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. seeds=[0] methods=[sft,fkl] distill.train.max_steps=10."),
+) -> None:
+    """Run a grid of methods x seeds as `kdlm distill` runs (finished runs are skipped), evaluate, report."""
+    from kdlm.bench import load_bench_config, run_bench
+
+    bench_config, root = load_bench_config(config, overrides or [])
+    run_bench(bench_config, root)
+    console.print(f"done: {Path(bench_config.output_dir) / 'report.html'}")
+
+
 @app.command("build-student")
 def build_student(
     config: Path = typer.Argument(None, help=CONFIG_HELP),
