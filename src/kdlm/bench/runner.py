@@ -51,9 +51,14 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _find(path: str, root: Path) -> Path:
-    """A path as given (relative to the working directory), else relative to the bench file."""
+    """A path as given (relative to the working directory), else relative to the bench file's folder or its parent."""
     candidate = Path(path)
-    return candidate if candidate.exists() or candidate.is_absolute() else root / candidate
+    if candidate.exists() or candidate.is_absolute():
+        return candidate
+    for folder in (root, root.parent):
+        if (folder / candidate).exists():
+            return folder / candidate
+    raise KdlmError(f"{path}: not found (relative to the working directory or to {root})")
 
 
 def make_config(base: Path | None, overrides: dict[str, Any]) -> RunConfig:
