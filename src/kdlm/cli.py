@@ -91,7 +91,7 @@ def evaluate(
 @app.command()
 def bench(
     config: Path = typer.Argument(..., help="Bench YAML (configs/bench_cpu.yaml, configs/bench_gpu.yaml)."),
-    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. seeds=[0] methods=[sft,fkl] distill.train.max_steps=10."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. seeds=\\[0] methods=\\[sft,fkl] distill.train.max_steps=10."),
 ) -> None:
     """Run a grid of methods x seeds as `kdlm distill` runs (finished runs are skipped), evaluate, report."""
     from kdlm.bench import load_bench_config, run_bench
