@@ -55,7 +55,7 @@ def markdown_table(result: dict) -> str:
     teacher = result.get("teacher")
     if teacher and metric in teacher:
         value = teacher[metric]
-        shown = f"{value[0]:.2f}" if isinstance(value, (list, tuple)) else (f"{value:.1%}" if percent else f"{value:.2f}")
+        shown = f"{value[0]:.{digits}f}" if isinstance(value, (list, tuple)) else (f"{value:.1%}" if percent else f"{value:.{digits}f}")
         lines.append(f"| - | teacher | {shown} |" + " |" * (5 + len(extra)))
     lines += ["", "≈ best: the difference from the best method is at most twice its standard error from the seed spread "
               "(sqrt(s1²/n1 + s2²/n2)); with one seed nothing is tested."]
