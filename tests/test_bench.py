@@ -178,3 +178,20 @@ def test_html_report_renders_in_headless_chromium(bench):
     assert all(width > 300 and height > 200 for _, width, height in images), images
     assert rows == 2 + len(METHODS)  # header, one row per method, the teacher
     assert (root / "report.png").stat().st_size > 20_000
+
+
+def test_self_instruct_conversion_keeps_human_outputs_and_names_bad_lines(tmp_path):
+    from kdlm.bench.runner import convert_self_instruct, flatten
+
+    source = tmp_path / "seed.jsonl"
+    rows = [{"instruction": "Add.", "instances": [{"input": "2 and 3", "output": "5"}]},
+            {"instruction": "Greet.", "instances": [{"input": "", "output": "Hello!"}]}]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    target = convert_self_instruct(source, tmp_path / "out.jsonl", limit=None)
+    records = [json.loads(line) for line in target.read_text().splitlines()]
+    assert records == [{"prompt": "Add.\n\n2 and 3", "response": "5"}, {"prompt": "Greet.", "response": "Hello!"}]
+    assert len(convert_self_instruct(source, tmp_path / "one.jsonl", limit=1).read_text().splitlines()) == 1
+    source.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(KdlmError, match="seed.jsonl:2"):
+        convert_self_instruct(source, tmp_path / "bad.jsonl", limit=None)
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e.f": 3}) == {"a.b": 1, "a.c.d": 2, "e.f": 3}
