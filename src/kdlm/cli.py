@@ -43,13 +43,62 @@ def distill(
 
 @app.command("eval")
 def evaluate(
-    config: Path = typer.Argument(None, help=CONFIG_HELP),
-    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP + " Models: eval.models=[runs/a/student,...]"),
+    targets: list[str] = typer.Argument(
+        None, help="Model folders (a `kdlm distill` run folder means its student/), bundled:NAME or hub ids. "
+        "A YAML config first (with eval.models=[...] overrides) runs the older held-out comparison instead."
+    ),
+    tasks: str = typer.Option(None, help="Comma-separated tasks (default: all): selfinst, rouge:PATH, gsm8k, svamp, pubmedqa, "
+                              "legalbench[-NAME], wikitext-2, tinyshakespeare, ppl:PATH, fidelity, cost, lm-eval:TASK."),
+    limit: int = typer.Option(None, help="Items per task (the first ones), to fit a time budget."),
+    seeds: str = typer.Option(None, help="Comma-separated sampling seeds for ROUGE-L (default 10,20,30)."),
+    shots: str = typer.Option(None, help="Comma-separated k for k-shot accuracy (default 0,3)."),
+    max_new_tokens: int = typer.Option(None, help="New tokens per ROUGE-L answer (default 128)."),
+    teacher: str = typer.Option(None, help="Teacher for fidelity and speed-up (default the bundled one; `none` to skip)."),
+    out: str = typer.Option(None, help="Output folder for eval.json, eval.md and the result cache (default runs/eval)."),
+    set_: list[str] = typer.Option(None, "--set", help="Any other setting, key=value (see kdlm.evaluate.suite.EvalSuiteConfig)."),
 ) -> None:
-    """Compare the teacher and the models in eval.models on the config's held-out teacher answers."""
-    from kdlm.pipeline import run_eval
+    """Evaluate models: ROUGE-L (sampled, several seeds), accuracy, perplexity, fidelity to the teacher, cost."""
+    targets = targets or []
+    if targets and (targets[0].endswith((".yaml", ".yml")) or "=" in targets[0]):
+        from kdlm.pipeline import run_eval
 
-    run_eval(_config(config, overrides))
+        run_eval(_config(Path(targets[0]), targets[1:]))
+        return
+    from kdlm.evaluate.suite import EvalSuiteConfig, evaluate_suite
+
+    settings: dict = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise KdlmError(f"--set {item!r} must look like key=value")
+        import yaml
+
+        settings[key.strip()] = yaml.safe_load(value)
+    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
+    for key, value in (("tasks", tasks and [t.strip() for t in tasks.split(",")]), ("limit", limit), ("seeds", seeds and ints(seeds)),
+                       ("shots", shots and ints(shots)), ("max_new_tokens", max_new_tokens), ("output_dir", out)):
+        if value is not None:
+            settings[key] = value
+    if teacher is not None:
+        settings["teacher"] = None if teacher.lower() == "none" else teacher
+    try:
+        config = EvalSuiteConfig.model_validate(settings)
+    except Exception as exc:  # pydantic's message names the field
+        raise KdlmError(f"bad eval setting: {exc}") from None
+    evaluate_suite(targets, config)
+
+
+@app.command()
+def bench(
+    config: Path = typer.Argument(..., help="Bench YAML (configs/bench_cpu.yaml, configs/bench_gpu.yaml)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. seeds=\\[0] methods=\\[sft,fkl] distill.train.max_steps=10."),
+) -> None:
+    """Run a grid of methods x seeds as `kdlm distill` runs (finished runs are skipped), evaluate, report."""
+    from kdlm.bench import load_bench_config, run_bench
+
+    bench_config, root = load_bench_config(config, overrides or [])
+    run_bench(bench_config, root)
+    console.print(f"done: {Path(bench_config.output_dir) / 'report.html'}")
 
 
 @app.command("build-student")

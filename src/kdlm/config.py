@@ -88,6 +88,11 @@ class DataConfig(Section):
     answer_top_p: float = Field(0.9, gt=0, le=1)
     heldout: int = Field(16, ge=0, description="Records held out for evaluation (by prompt, never trained on).")
     max_length: int = Field(384, ge=8, description="Tokens per sequence after the chat template.")
+    seed: int | None = Field(
+        None,
+        description="Seed of the held-out split, the teacher's answers and sampled cache targets (default: train.seed); "
+        "fix it to train several seeds on the same data (kdlm bench does).",
+    )
 
 
 class LossConfig(Section):

@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -64,17 +65,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def data_seed(config: RunConfig) -> int:
+    """The seed of everything data: held-out split, teacher answers, sampled cache targets."""
+    return config.data.seed if config.data.seed is not None else config.train.seed
+
+
 def prepare_data(config: RunConfig, teacher, tokenizer) -> tuple[list[dict], list[dict]]:
     """Load records, hold out a split by prompt, let the teacher answer prompts; returns tokenised (train, heldout)."""
     records = load_records(config.data.train)
-    train_records, heldout_records = split_heldout(records, config.data.heldout, seed=config.train.seed)
+    train_records, heldout_records = split_heldout(records, config.data.heldout, seed=data_seed(config))
     if config.data.teacher_answers:
         kwargs = {
             "teacher_name": config.teacher.model,
             "max_new_tokens": config.data.answer_max_new_tokens,
             "temperature": config.data.answer_temperature,
             "top_p": config.data.answer_top_p,
-            "seed": config.train.seed,
+            "seed": data_seed(config),
             "bf16": config.train.bf16,
         }
         train_records = _with_answers(teacher, tokenizer, train_records, config.data.samples_per_prompt, kwargs)
@@ -148,7 +154,7 @@ def teacher_cache_identity(config: RunConfig, tokenizer, vocab_size: int, train_
     teacher = config.teacher
     return cache_identity(
         kind=teacher.cache_kind, teacher=teacher.model, tokenizer=tokenizer, vocab_size=vocab_size,
-        examples=train_examples, top_k=teacher.top_k, samples=teacher.samples, seed=config.train.seed,
+        examples=train_examples, top_k=teacher.top_k, samples=teacher.samples, seed=data_seed(config),
         bf16=config.train.bf16,
     )
 
@@ -178,8 +184,13 @@ def _check_signal(config: RunConfig) -> None:
             raise KdlmError(f"teacher.cache_kind=sampled: {problem} (loss.divergence, loss.temperature)")
 
 
-def distill(config: RunConfig) -> dict:
-    """Run the whole job; returns the report (also written to output_dir/report.json and report.md)."""
+def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
+    """Run the whole job; returns the report (also written to output_dir/report.json and report.md).
+
+    Args:
+        on_step: called after each optimizer step with (step, student), e.g. to evaluate along the way
+            (kdlm bench); it must leave the student in train mode.
+    """
     _check_signal(config)
     seed_everything(config.train.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -267,6 +278,7 @@ def distill(config: RunConfig) -> dict:
         topk_targets=topk_targets, accelerator=accelerator,
         run_state={"kept_layers": kept_layers, "targets_kind": manifest["kind"] if topk_targets is not None else None},
         hint_config=config.hints, method=method,
+        on_step=(lambda step: on_step(step, student)) if on_step else None,
     )
     timings["train_s"] = result.seconds
     report: dict = {"config": config.model_dump(), "timings": timings, "steps": result.steps, "tokens": result.tokens}

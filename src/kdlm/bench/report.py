@@ -1,0 +1,177 @@
+"""The bench's outputs: a Markdown table, matplotlib plots, and one static HTML page with the plots inside.
+
+Plots are PNGs written next to the report and embedded in report.html as base64 data URIs, so the
+page is a single file that opens in any browser, offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+PLOTS = {
+    "training_loss": "Training loss against step (one line per run)",
+    "quality_vs_step": "Held-out top-1 agreement with the teacher and KL against step (mean over seeds)",
+    "quality_vs_wallclock": "Quality against training wall-clock (mean ± std over seeds)",
+    "quality_vs_flops": "Quality against estimated training FLOPs",
+}
+
+
+def _fmt(summary: dict | None, digits: int = 2, percent: bool = False) -> str:
+    if not summary or summary.get("n", 0) == 0 or math.isnan(summary["mean"]):
+        return "-"
+    scale = 100 if percent else 1
+    mean = f"{summary['mean'] * scale:.{digits}f}"
+    if summary["n"] > 1 and not math.isnan(summary["std"]):
+        mean += f" ± {summary['std'] * scale:.{digits}f}"
+    return mean + ("%" if percent else "")
+
+
+def markdown_table(result: dict) -> str:
+    """Methods ranked by the metric: mean ± std over seeds, the noise mark, cost."""
+    metric = result["metric"]
+    percent = "agreement" in metric or "shot" in metric or metric.endswith(" acc")
+    extra = [c for c in ("top-1 agreement", "KL to teacher", "ECE") if c != metric]
+    lines = [
+        f"| rank | method | {metric} | vs best | within noise of | {' | '.join(extra)} | train wall-clock (s) | FLOPs | seeds |",
+        "|" + "---|" * (8 + len(extra)),
+    ]
+    methods = result["methods"]
+    scale = max((abs(e["metric"]["mean"]) for e in methods.values() if e["metric"]["n"]), default=1)
+    digits = 1 if percent else (3 if scale < 1 else 2)
+    for method in sorted(methods, key=lambda m: methods[m]["rank"]):
+        entry = methods[method]
+        mark = {"best": "**best**", "within noise": "≈ best", "below": "below", "not tested": "n/a (1 seed)"}[entry["vs_best"]]
+        lines.append(
+            f"| {entry['rank']} | {method} | {_fmt(entry['metric'], digits, percent)} | {mark} | "
+            f"{', '.join(entry['ties']) or '-'} | "
+            + "".join(f"{_fmt(entry.get(c), 1, True) if c == 'top-1 agreement' else _fmt(entry.get(c), 3)} | " for c in extra)
+            + f"{_fmt(entry['wall_s'], 1)} | {entry['flops']['mean']:.2e} | {entry['metric']['n']} |"
+        )
+    teacher = result.get("teacher")
+    if teacher and metric in teacher:
+        value = teacher[metric]
+        shown = f"{value[0]:.{digits}f}" if isinstance(value, (list, tuple)) else (f"{value:.1%}" if percent else f"{value:.{digits}f}")
+        lines.append(f"| - | teacher | {shown} |" + " |" * (5 + len(extra)))
+    lines += ["", "≈ best: the difference from the best method is at most twice its standard error from the seed spread "
+              "(sqrt(s1²/n1 + s2²/n2)); with one seed nothing is tested."]
+    return "\n".join(lines)
+
+
+def _figure_png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def make_plots(result: dict) -> dict[str, bytes]:
+    """PNG bytes per plot name (see PLOTS)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = result["methods"]
+    order = result.get("method_order") or list(methods)
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(order)}
+    pngs = {}
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for method in order:
+        for index, run in enumerate(methods[method]["runs"]):
+            history_file = Path(run["run_dir"]) / "history.json"
+            if history_file.exists():
+                history = json.loads(history_file.read_text())
+                axis.plot([h["step"] for h in history], [h["loss"] for h in history], color=colors[method], alpha=0.8,
+                          label=method if index == 0 else None)
+    axis.set(xlabel="step", ylabel="training loss (the method's own objective)", yscale="log")
+    axis.legend(fontsize=8)
+    pngs["training_loss"] = _figure_png(figure)
+    plt.close(figure)
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in order:
+        curves = [run.get("curve") or [] for run in methods[method]["runs"]]
+        steps = sorted({point["step"] for curve in curves for point in curve})
+        for axis, key, scale in ((axes[0], "top1_agreement", 100), (axes[1], "kl_to_teacher", 1)):
+            means = []
+            for step in steps:
+                values = [p[key] for curve in curves for p in curve if p["step"] == step]
+                means.append(scale * sum(values) / len(values))
+            if steps:
+                axis.plot(steps, means, marker="o", color=colors[method], label=method)
+    axes[0].set(xlabel="step", ylabel="top-1 agreement with the teacher (%)")
+    axes[1].set(xlabel="step", ylabel="KL(teacher || student), nats/token")
+    if axes[0].lines:
+        axes[0].legend(fontsize=8)
+    else:
+        axes[0].text(0.5, 0.5, "no curve recorded (curve_every: 0)", ha="center", transform=axes[0].transAxes)
+    pngs["quality_vs_step"] = _figure_png(figure)
+    plt.close(figure)
+
+    for name, key, label in (("quality_vs_wallclock", "wall_s", "training wall-clock (s)"), ("quality_vs_flops", "flops", "estimated FLOPs")):
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for method in order:
+            entry = methods[method]
+            x, y = entry[key], entry["metric"]
+            if y["n"] == 0 or math.isnan(y["mean"]):
+                continue
+            axis.errorbar(x["mean"], y["mean"], xerr=x["std"] if x["n"] > 1 else None, yerr=y["std"] if y["n"] > 1 else None,
+                          fmt="o", color=colors[method], capsize=3, label=method)
+            axis.annotate(method, (x["mean"], y["mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        axis.set(xlabel=label, ylabel=result["metric"])
+        if key == "flops":
+            axis.set_xscale("log")
+        pngs[name] = _figure_png(figure)
+        plt.close(figure)
+    return pngs
+
+
+def _markdown_to_html_table(markdown: str) -> str:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    out = ["<table>"]
+    for index, line in enumerate(lines):
+        if index == 1:
+            continue
+        cells = [html.escape(cell.strip()).replace("**", "") for cell in line.strip("|").split("|")]
+        tag = "th" if index == 0 else "td"
+        out.append("<tr>" + "".join(f"<{tag}>{cell}</{tag}>" for cell in cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def write_bench_report(result: dict, output_dir: Path) -> Path:
+    """bench.md, plots/*.png and report.html (self-contained); returns the HTML path."""
+    table = markdown_table(result)
+    (output_dir / "bench.md").write_text(f"# kdlm bench: {output_dir}\n\n{table}\n")
+    pngs = make_plots(result)
+    plots_dir = output_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for name, data in pngs.items():
+        (plots_dir / f"{name}.png").write_bytes(data)
+        encoded = base64.b64encode(data).decode()
+        figures.append(f'<figure id="plot-{name}"><img alt="{html.escape(PLOTS[name])}" src="data:image/png;base64,{encoded}">'
+                       f"<figcaption>{html.escape(PLOTS[name])}</figcaption></figure>")
+    failures = "".join(f"<li>{html.escape(f['method'])} seed {f['seed']}: {html.escape(f['error'])}</li>" for f in result.get("failures", []))
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>kdlm bench</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}img{{max-width:520px}}</style>
+</head><body>
+<h1>kdlm bench: {html.escape(str(output_dir))}</h1>
+<p>Ranked by <b>{html.escape(result['metric'])}</b>; mean ± std over seeds {html.escape(str(result.get('seeds')))}.</p>
+{_markdown_to_html_table(table)}
+<p>≈ best: within twice the standard error of the difference (seed spread). FLOPs: 6·N_student·tokens + 2·N_teacher·teacher tokens.</p>
+{'<h2>Failed runs</h2><ul>' + failures + '</ul>' if failures else ''}
+<h2>Plots</h2>
+{''.join(figures)}
+</body></html>
+"""
+    path = output_dir / "report.html"
+    path.write_text(page)
+    return path

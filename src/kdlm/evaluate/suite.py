@@ -1,0 +1,328 @@
+"""`kdlm eval MODEL [MORE...]`: quality, fidelity to the teacher and cost of each model, as JSON and Markdown.
+
+Each (model, task) result is stored in `output_dir/results.json` as soon as it is computed, keyed by
+a fingerprint of the model folder and the task settings, so an interrupted or repeated evaluation
+computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from rich.console import Console
+
+from kdlm.data import encode_records
+from kdlm.data.tokenize import collate
+from kdlm.errors import KdlmError
+from kdlm.evaluate.answers import is_correct
+from kdlm.evaluate.metrics import speed, target_logits, text_perplexity
+from kdlm.evaluate.quality import generate_texts, mean_std, rouge_l, token_fidelity
+from kdlm.evaluate.report import SPEED_PROMPTS
+from kdlm.evaluate.tasks import Task, build_prompt, load_task
+from kdlm.models import check_vocab_compatible, describe_model, load_model
+from kdlm.teachers.answers import answer_prompts, fingerprint
+
+console = Console(stderr=True)
+DEFAULT_TASKS = ["selfinst", "gsm8k", "svamp", "pubmedqa", "legalbench", "wikitext-2", "tinyshakespeare", "fidelity", "cost"]
+
+
+class EvalSuiteConfig(BaseModel):
+    """Settings of `kdlm eval MODEL...`; every field is also a command-line option."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS), description="Tasks to run (see kdlm.evaluate.tasks), plus fidelity and cost.")
+    limit: int | None = Field(None, ge=1, description="Items per task (the first ones); None: all.")
+    seeds: list[int] = Field(default_factory=lambda: [10, 20, 30], description="Sampling seeds for ROUGE-L (MiniLLM/DistiLLM use 10, 20, ...).")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature for ROUGE-L (MiniLLM protocol: 1).")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1, description="New tokens per ROUGE-L answer (MiniLLM allows 512).")
+    max_prompt_tokens: int = Field(256, ge=8, description="Prompt tokens kept (the last ones), as MiniLLM's 256.")
+    shots: list[int] = Field(default_factory=lambda: [0, 3], description="k of the k-shot accuracy runs (greedy decoding).")
+    answer_max_new_tokens: int = Field(192, ge=1, description="New tokens per accuracy answer (labels: at most 48).")
+    perplexity_max_tokens: int = Field(4096, ge=16, description="Text tokens scored per perplexity task.")
+    teacher: str | None = Field("bundled:smollm2-135m-instruct", description="Teacher for fidelity and the speed-up/compression ratios; None: skip both.")
+    teacher_row: bool = Field(True, description="Evaluate the teacher too (its own row).")
+    fidelity_prompts: int = Field(16, ge=1, description="Held-out prompts (the last Self-Instruct user prompts) the teacher answers for KL/top-1/ECE.")
+    fidelity_max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(8, ge=1)
+    bf16: bool = Field(True, description="Generate under bf16 autocast (about 2x faster on CPU); scores stay fp32.")
+    generation_tokens: int = Field(32, ge=1, description="New tokens per prompt when timing generation.")
+    output_dir: str = Field("runs/eval")
+
+
+def resolve_model(spec: str) -> tuple[str, str]:
+    """(display name, load spec): a `kdlm distill` run folder stands for its `student/`."""
+    path = Path(spec)
+    if path.is_dir() and (path / "student").is_dir() and not (path / "config.json").exists():
+        return path.name, str(path / "student")
+    if path.is_dir():
+        return (path.parent.name if path.name == "student" else path.name), str(path)
+    return spec, spec
+
+
+def _model_key(spec: str) -> str:
+    path = Path(spec)
+    if path.is_dir():  # the weights' size and time of change: a retrained model gets a new key
+        files = sorted((str(f.relative_to(path)), f.stat().st_size, int(f.stat().st_mtime)) for f in path.rglob("*") if f.is_file())
+        return fingerprint({"spec": str(path.resolve()), "files": files})
+    return fingerprint({"spec": spec})
+
+
+class ResultStore:
+    """results.json: {"models": {name: {...}}, "keys": {name/task: fingerprint}}; saved after every task."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / "results.json"
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data.setdefault("models", {})
+        self.data.setdefault("keys", {})
+
+    def get(self, model: str, task: str, key: str):
+        if self.data["keys"].get(f"{model}/{task}") == key:
+            return self.data["models"].get(model, {}).get(task)
+        return None
+
+    def put(self, model: str, task: str, key: str, value) -> None:
+        self.data["models"].setdefault(model, {})[task] = value
+        self.data["keys"][f"{model}/{task}"] = key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=float))
+        tmp.replace(self.path)
+
+
+def rouge_task(model, tokenizer, task: Task, config: EvalSuiteConfig) -> dict:
+    """ROUGE-L x100 per seed (mean over items), then mean and std over seeds."""
+    items = task.items[: config.limit]
+    prompts = [item.prompt for item in items]
+    per_seed = []
+    for seed in config.seeds:
+        texts = generate_texts(
+            model, tokenizer, prompts, seed=seed, temperature=config.temperature, top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
+            batch_size=config.batch_size, bf16=config.bf16, label=f"{task.name} seed {seed}",
+        )
+        per_seed.append(sum(rouge_l(text, item.reference) for text, item in zip(texts, items, strict=True)) / len(items))
+    mean, std = mean_std(per_seed)
+    return {"rouge_l": mean, "rouge_l_std": std, "per_seed": per_seed, "seeds": config.seeds, "items": len(items), "example": texts[0]}
+
+
+def accuracy_task(model, tokenizer, task: Task, config: EvalSuiteConfig) -> dict:
+    """Exact-match accuracy after answer extraction, greedy, for each k in `shots`."""
+    items = task.items[: config.limit]
+    budget = config.answer_max_new_tokens if task.answer_kind == "number" else min(48, config.answer_max_new_tokens)
+    result: dict = {"items": len(items)}
+    for shots in config.shots:
+        prompts = [build_prompt(task, item, shots) for item in items]
+        texts = generate_texts(
+            model, tokenizer, prompts, seed=0, temperature=0.0, max_new_tokens=budget,
+            max_prompt_tokens=max(config.max_prompt_tokens, 1024), batch_size=config.batch_size, bf16=config.bf16,
+            label=f"{task.name} {shots}-shot",
+        )
+        correct = [is_correct(text, item.reference, kind=task.answer_kind, labels=task.labels) for text, item in zip(texts, items, strict=True)]
+        result[f"{shots}-shot"] = sum(correct) / len(items)
+        result[f"{shots}-shot_example"] = texts[0]
+    return result
+
+
+class Fidelity:
+    """The teacher's answers to held-out prompts and its logits on them, computed once for all models."""
+
+    def __init__(self, teacher, tokenizer, config: EvalSuiteConfig):
+        prompts = load_task("selfinst")[0].items[-config.fidelity_prompts :]
+        records = [{"messages": [{"role": "user", "content": item.prompt}]} for item in prompts]
+        answered = answer_prompts(
+            teacher, tokenizer, records, teacher_name=config.teacher, max_new_tokens=config.fidelity_max_new_tokens,
+            temperature=0.7, top_p=0.9, seed=0, bf16=config.bf16, batch_size=config.batch_size,
+        )
+        self.tokenizer = tokenizer
+        self.examples = encode_records(tokenizer, answered, max_length=config.max_prompt_tokens + config.fidelity_max_new_tokens + 8)
+        self.batch_size = config.batch_size
+        self.vocab_size = teacher.config.vocab_size
+        self.teacher_logits = target_logits(teacher, self.examples, batch_size=self.batch_size, pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size)
+        self.labels = []
+        for start in range(0, len(self.examples), self.batch_size):
+            labels = collate(self.examples[start : start + self.batch_size], tokenizer.pad_token_id)["labels"][:, 1:]
+            self.labels.append(labels[labels != -100])
+
+    def __call__(self, model, tokenizer) -> dict:
+        vocab = check_vocab_compatible(self.tokenizer, tokenizer, self.vocab_size, model.config.vocab_size)
+        student = target_logits(model, self.examples, batch_size=self.batch_size, pad_token_id=self.tokenizer.pad_token_id, vocab_size=vocab)
+        result = token_fidelity(student, [t[:, :vocab] for t in self.teacher_logits], self.labels)
+        result["prompts"] = len(self.examples)
+        return result
+
+
+def lm_eval_task(model, tokenizer, spec: str, config: EvalSuiteConfig) -> dict:
+    """`lm-eval:TASK`: an lm-evaluation-harness task; our local ones (kdlm_*) run offline."""
+    from kdlm.evaluate.lm_eval_bridge import LOCAL_TASKS, run_lm_eval, write_local_tasks
+
+    task = spec[len("lm-eval:") :]
+    include = write_local_tasks(Path(config.output_dir) / "lm_eval_tasks", [task]) if task in LOCAL_TASKS else None
+    results = run_lm_eval(model, tokenizer, [task], include_path=include, limit=config.limit, batch_size=config.batch_size)
+    return results.get(task, {})
+
+
+def cost_task(model, tokenizer, folder: Path | None, config: EvalSuiteConfig) -> dict:
+    info = describe_model(model, folder)
+    result = {"parameters_m": info["parameters"] / 1e6}
+    if "disk_bytes" in info:
+        result["disk_mb"] = info["disk_bytes"] / 2**20
+    result.update(speed(model, tokenizer, SPEED_PROMPTS, batch_size=min(8, config.batch_size), new_tokens=config.generation_tokens))
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": SPEED_PROMPTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    started = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=config.generation_tokens, min_new_tokens=config.generation_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    result["latency_s"] = time.perf_counter() - started  # one prompt, batch 1, `generation_tokens` new tokens
+    return result
+
+
+def _settings_key(model_key: str, task: str, config: EvalSuiteConfig) -> str:
+    fields = config.model_dump(exclude={"tasks", "output_dir", "teacher_row", "batch_size"})
+    return fingerprint({"model": model_key, "task": task, **fields})
+
+
+def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
+    """Evaluate each model (and the teacher) on every task; returns and writes the results."""
+    if not models and not (config.teacher and config.teacher_row):
+        raise KdlmError("nothing to evaluate: name at least one model folder")
+    output_dir = Path(config.output_dir)
+    store = ResultStore(output_dir)
+    extra = ("fidelity", "cost")
+    lm_eval_tasks = [spec for spec in config.tasks if spec.startswith("lm-eval:")]
+    tasks = [task for spec in config.tasks if spec not in extra and spec not in lm_eval_tasks for task in load_task(spec)]
+    specs = [resolve_model(spec) for spec in models]
+    if config.teacher and config.teacher_row:
+        specs.insert(0, ("teacher", config.teacher))
+    names = [name for name, _ in specs]
+    if len(set(names)) != len(names):
+        raise KdlmError(f"two models have the same name ({names}); pass folders with different names")
+    fidelity = None
+    for name, spec in specs:
+        model_key = _model_key(spec)
+        todo = [t for t in [*(task.name for task in tasks), *lm_eval_tasks, *(s for s in extra if s in config.tasks)]
+                if store.get(name, t, _settings_key(model_key, t, config)) is None]
+        if "fidelity" in todo and not config.teacher:
+            todo.remove("fidelity")
+        if not todo:
+            console.print(f"{name}: all results cached in {store.path}")
+            continue
+        console.print(f"[bold]{name}[/] ({spec}): {', '.join(todo)}")
+        model, tokenizer = load_model(spec)
+        folder = Path(spec) if Path(spec).is_dir() else None
+        for task in tasks:
+            if task.name not in todo:
+                continue
+            started = time.perf_counter()
+            if task.kind == "rouge":
+                value = rouge_task(model, tokenizer, task, config)
+            elif task.kind == "accuracy":
+                value = accuracy_task(model, tokenizer, task, config)
+            else:
+                value = {"perplexity": text_perplexity(model, tokenizer, task.text, max_tokens=config.perplexity_max_tokens)}
+            value["seconds"] = time.perf_counter() - started
+            store.put(name, task.name, _settings_key(model_key, task.name, config), value)
+        for spec_name in lm_eval_tasks:
+            if spec_name in todo:
+                store.put(name, spec_name, _settings_key(model_key, spec_name, config), lm_eval_task(model, tokenizer, spec_name, config))
+        if "fidelity" in todo:
+            if fidelity is None:
+                teacher, teacher_tokenizer = (model, tokenizer) if spec == config.teacher else load_model(config.teacher)
+                fidelity = Fidelity(teacher, teacher_tokenizer, config)
+                del teacher
+            try:
+                value = fidelity(model, tokenizer)
+            except KdlmError as exc:  # another tokenizer: no token-level comparison
+                value = {"error": str(exc)}
+            store.put(name, "fidelity", _settings_key(model_key, "fidelity", config), value)
+        if "cost" in todo:
+            store.put(name, "cost", _settings_key(model_key, "cost", config), cost_task(model, tokenizer, folder, config))
+        del model
+    results = {name: store.data["models"].get(name, {}) for name in names}
+    add_ratios(results, "teacher" if config.teacher and config.teacher_row else None)
+    rows = summary_rows(results)
+    report = {"models": results, "rows": rows, "settings": config.model_dump()}
+    (output_dir / "eval.json").write_text(json.dumps(report, indent=1, default=float))
+    (output_dir / "eval.md").write_text(markdown(rows, config) + "\n")
+    print(markdown(rows, config))
+    return report
+
+
+def add_ratios(results: dict, teacher: str | None) -> None:
+    """Speed-up and compression of each model over the teacher, from the cost results."""
+    base = results.get(teacher, {}).get("cost") if teacher else None
+    if not base:
+        return
+    for result in results.values():
+        cost = result.get("cost")
+        if cost:
+            cost["speedup_generate"] = cost["generate_tokens_per_s"] / base["generate_tokens_per_s"]
+            cost["speedup_forward"] = cost["forward_tokens_per_s"] / base["forward_tokens_per_s"]
+            cost["compression"] = base["parameters_m"] / cost["parameters_m"]
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One flat row per model: column title -> value."""
+    rows = []
+    for name, result in results.items():
+        row: dict = {"model": name}
+        for task, value in result.items():
+            if not isinstance(value, dict):
+                continue
+            if "rouge_l" in value:
+                row[f"{task} ROUGE-L"] = (value["rouge_l"], value["rouge_l_std"])
+            if task.startswith("lm-eval:") and "acc,none" in value:
+                row[f"{task} acc"] = value["acc,none"]
+            if "perplexity" in value:
+                row[f"{task} ppl"] = value["perplexity"]
+            for key, number in value.items():
+                if key.endswith("-shot"):
+                    row[f"{task} {key}"] = number
+        fid = result.get("fidelity", {})
+        for key, title in (("kl_to_teacher", "KL to teacher"), ("top1_agreement", "top-1 agreement"), ("ece", "ECE")):
+            if key in fid:
+                row[title] = fid[key]
+        cost = result.get("cost", {})
+        for key, title in (("parameters_m", "params (M)"), ("disk_mb", "disk (MB)"), ("forward_tokens_per_s", "forward tok/s"),
+                           ("generate_tokens_per_s", "generate tok/s"), ("latency_s", "latency (s)"), ("peak_memory_mb", "peak memory (MB)"),
+                           ("speedup_generate", "speed-up"), ("compression", "compression")):
+            if key in cost:
+                row[title] = cost[key]
+        rows.append(row)
+    return rows
+
+
+def _format(title: str, value) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"{value[0]:.2f} ± {value[1]:.2f}"
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if "shot" in title or title == "top-1 agreement" or title.endswith(" acc"):
+        return f"{value:.1%}"
+    if title in ("speed-up", "compression"):
+        return f"{value:.2f}x"
+    if title in ("KL to teacher", "ECE", "latency (s)"):
+        return f"{value:.3f}"
+    return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def markdown(rows: list[dict], config: EvalSuiteConfig | None = None) -> str:
+    """A Markdown table of `summary_rows` (a column per metric seen in any row)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [key for key in row if key not in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(c, row.get(c)) for c in columns) + " |")
+    if config is not None:
+        lines += ["", f"ROUGE-L: sampling at T={config.temperature}, top-p {config.top_p}, seeds {config.seeds} (mean ± std over seeds), "
+                  f"{config.max_new_tokens} new tokens; accuracy: greedy, exact match after answer extraction; limit {config.limit}."]
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""`kdlm bench` on a tiny grid: runs, skip on rerun, FLOP accounting, the table, and the HTML report in a real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdlm.bench.config import load_bench_config
+from kdlm.errors import KdlmError
+from kdlm.models import load_model
+from test_cli import cli_env
+from tiny import save_tiny_teacher, write_chat_jsonl
+
+METHODS = ["sft", "seqkd", "fkl", "rkl"]
+SEEDS = [0, 1]
+
+
+def _bench_yaml(root: Path) -> Path:
+    config = {
+        "output_dir": str(root / "bench"),
+        "distill": {
+            "teacher": {"model": str(root / "teacher"), "top_k": 16},
+            "data": {"train": str(root / "chat.jsonl"), "heldout": 4, "max_length": 96, "answer_max_new_tokens": 16},
+            "student": {"num_layers": 2},
+            "train": {"batch_size": 4, "max_steps": 6, "lr": 3.0e-3, "bf16": False},
+        },
+        "methods": METHODS,
+        "seeds": SEEDS,
+        "curve_every": 3,
+        "eval": {"tasks": ["fidelity", "cost"], "fidelity_prompts": 3, "fidelity_max_new_tokens": 8, "generation_tokens": 4,
+                 "batch_size": 4, "bf16": False},
+        "metric": "KL to teacher",
+        "higher_is_better": False,
+    }
+    path = root / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_bench_cli(root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "kdlm.cli", "bench", str(root / "bench.yaml"), *overrides], cwd=root,
+                          env=cli_env(root), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    save_tiny_teacher(root / "teacher")
+    write_chat_jsonl(root / "chat.jsonl", count=24)
+    _bench_yaml(root)
+    first = run_bench_cli(root)
+    return root, first
+
+
+def _run_dirs(root: Path) -> list[Path]:
+    return [root / "bench" / "runs" / f"{method}-seed{seed}" for method in METHODS for seed in SEEDS]
+
+
+def test_every_run_finishes_with_its_cost(bench):
+    root, _ = bench
+    shared = root / "bench" / "shared"
+    caches = list(shared.glob("teacher-cache-*"))
+    assert len(caches) == 1, "fkl and rkl share one teacher cache"
+    cache_tokens = json.loads((caches[0] / "manifest.json").read_text())["num_tokens"]
+    teacher_params = sum(p.numel() for p in load_model(str(root / "teacher"))[0].parameters())
+    for run_dir in _run_dirs(root):
+        done = json.loads((run_dir / "bench_run.json").read_text())
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert config["student"]["model"] == str(shared / "student-init"), "every run starts from the shared student"
+        assert config["data"]["seed"] == 0 and config["train"]["seed"] == done["seed"]
+        student_params = sum(p.numel() for p in load_model(str(run_dir / "student"))[0].parameters())
+        history = json.loads((run_dir / "history.json").read_text())
+        assert done["steps"] == 6 and done["tokens"] == history[-1]["tokens"]
+        teacher_tokens = cache_tokens if done["method"] in ("fkl", "rkl") else 0
+        assert done["flops"] == 6 * student_params * done["tokens"] + 2 * teacher_params * teacher_tokens
+        assert done["wall_s"] > 0 and [p["step"] for p in done["curve"]] == [3, 6]
+    # Same data for every seed and method: the teacher answered each prompt once (one answer cache line per prompt).
+    sft = yaml.safe_load((root / "bench" / "runs" / "sft-seed0" / "config.yaml").read_text())
+    assert sft["data"]["teacher_answers"] is False and sft["loss"]["kd_weight"] == 0
+
+
+def test_table_ranks_methods_with_noise_marks(bench):
+    root, _ = bench
+    result = json.loads((root / "bench" / "bench.json").read_text())
+    methods = result["methods"]
+    assert set(methods) == set(METHODS)
+    for method, entry in methods.items():
+        kls = [run["eval"]["KL to teacher"] for run in entry["runs"]]
+        assert entry["metric"]["mean"] == pytest.approx(sum(kls) / len(kls))
+        assert entry["metric"]["n"] == 2
+        assert entry["vs_best"] in ("best", "within noise", "below")
+        assert method not in entry["ties"]
+    # Distilling from the teacher's distribution brings the student closer to it than cross-entropy alone.
+    assert methods["fkl"]["metric"]["mean"] < methods["sft"]["metric"]["mean"]
+    best = min(methods, key=lambda m: methods[m]["metric"]["mean"])
+    assert methods[best]["vs_best"] == "best" and methods[best]["rank"] == 1
+    table = (root / "bench" / "bench.md").read_text()
+    assert all(f"| {m} |" in table for m in METHODS) and "**best**" in table
+    assert sorted(p.name for p in (root / "bench" / "plots").glob("*.png")) == [
+        "quality_vs_flops.png", "quality_vs_step.png", "quality_vs_wallclock.png", "training_loss.png"]
+
+
+def test_rerun_skips_finished_runs_and_reruns_a_missing_one(bench):
+    root, _ = bench
+    runs = _run_dirs(root)
+    stamps = {run: (run / "train_log.csv").stat().st_mtime_ns for run in runs}
+    second = run_bench_cli(root)
+    assert second.stderr.count("finished earlier") == len(runs)
+    assert all((run / "train_log.csv").stat().st_mtime_ns == stamps[run] for run in runs), "a finished run trained again"
+    # A run without its record (e.g. killed before the end) runs again; the others are still skipped.
+    victim = root / "bench" / "runs" / "rkl-seed1"
+    shutil.rmtree(victim)
+    third = run_bench_cli(root)
+    assert third.stderr.count("finished earlier") == len(runs) - 1
+    assert (victim / "bench_run.json").exists()
+
+
+def test_bad_bench_config_is_refused(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("methods: [sft, nonsense]\n")
+    with pytest.raises(KdlmError, match="unknown method 'nonsense'"):
+        load_bench_config(path)
+    path.write_text("method: [sft]\n")
+    with pytest.raises(KdlmError, match="method: unknown key"):
+        load_bench_config(path)
+
+
+def _browser() -> str | None:
+    """A headless Chromium: playwright's own download, else the system's (Debian: chromium-headless-shell)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return None
+    with sync_playwright() as p:
+        if os.path.exists(p.chromium.executable_path):
+            return p.chromium.executable_path
+    for name in ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def test_html_report_renders_in_headless_chromium(bench):
+    root, _ = bench
+    browser_path = _browser()
+    if browser_path is None:
+        pytest.skip("no headless Chromium: pip install playwright && python -m playwright install chromium "
+                    "(or apt-get install chromium-headless-shell)")
+    from playwright.sync_api import sync_playwright
+
+    report = root / "bench" / "report.html"
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.goto(report.as_uri())
+        page.wait_for_load_state("load")
+        images = page.evaluate(
+            "Array.from(document.querySelectorAll('figure img')).map(i => [i.closest('figure').id, i.naturalWidth, i.naturalHeight])"
+        )
+        rows = page.evaluate("document.querySelectorAll('table tr').length")
+        page.screenshot(path=str(root / "report.png"), full_page=True)
+        browser.close()
+    assert not errors
+    assert sorted(figure for figure, _, _ in images) == [
+        "plot-quality_vs_flops", "plot-quality_vs_step", "plot-quality_vs_wallclock", "plot-training_loss"]
+    assert all(width > 300 and height > 200 for _, width, height in images), images
+    assert rows == 2 + len(METHODS)  # header, one row per method, the teacher
+    assert (root / "report.png").stat().st_size > 20_000
+
+
+def test_self_instruct_conversion_keeps_human_outputs_and_names_bad_lines(tmp_path):
+    from kdlm.bench.runner import convert_self_instruct, flatten
+
+    source = tmp_path / "seed.jsonl"
+    rows = [{"instruction": "Add.", "instances": [{"input": "2 and 3", "output": "5"}]},
+            {"instruction": "Greet.", "instances": [{"input": "", "output": "Hello!"}]}]
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    target = convert_self_instruct(source, tmp_path / "out.jsonl", limit=None)
+    records = [json.loads(line) for line in target.read_text().splitlines()]
+    assert records == [{"prompt": "Add.\n\n2 and 3", "response": "5"}, {"prompt": "Greet.", "response": "Hello!"}]
+    assert len(convert_self_instruct(source, tmp_path / "one.jsonl", limit=1).read_text().splitlines()) == 1
+    source.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"instruction": "x"}) + "\n")
+    with pytest.raises(KdlmError, match="seed.jsonl:2"):
+        convert_self_instruct(source, tmp_path / "bad.jsonl", limit=None)
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e.f": 3}) == {"a.b": 1, "a.c.d": 2, "e.f": 3}
