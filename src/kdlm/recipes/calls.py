@@ -199,8 +199,17 @@ class Session:
             for calls in [self.teacher, *self.others]:
                 calls.close()
         finally:
+            self.loop.run_until_complete(_cancel_pending())
             self.loop.close()
             self.cache.close()
+
+
+async def _cancel_pending() -> None:
+    """Stop the tasks left in the loop (e.g. the local backend's batching worker) before it closes."""
+    pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 def run_recipe(config: GenerateConfig, backend=None) -> dict:

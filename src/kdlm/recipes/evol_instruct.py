@@ -158,8 +158,9 @@ def run(session: Session, settings: Settings) -> dict:
 
     for round_index in range(1, settings.rounds + 1):
         operations = [rng.choice(settings.operations) for _ in pool]
-        evolved = teacher.ask([Request(user(evolve_prompt(entry["instruction"], operation)), settings.evolve)
-                               for entry, operation in zip(pool, operations, strict=True)])
+        # sample=round: an instruction that failed is evolved afresh next round, not answered from the cache.
+        evolved = teacher.ask([Request(user(evolve_prompt(entry["instruction"], operation)), settings.evolve,
+                                       sample=round_index) for entry, operation in zip(pool, operations, strict=True)])
         candidates = [clean_evolution(answer.text) if answer else "" for answer in evolved]
         # Cheap rules first, so that no judge or answer request is paid for an evolution that already failed.
         alive = [index for index, text in enumerate(candidates) if elimination_reason(text, None, None) is None]

@@ -126,13 +126,16 @@ def discriminate(session: Session, settings: Settings, student: Calls, cache_poo
 
 
 def create(session: Session, settings: Settings, seeds: list[str], count: int, is_hard: bool,
-           novelty: RougeNovelty, exact: ExactDedup) -> list[str]:
+           novelty: RougeNovelty, exact: ExactDedup, round_index: int) -> list[str]:
+    kind = "hard" if is_hard else "easy"
+    session.count(f"new_{kind}", 0)
     if not seeds or not count:
         return []
-    # Seeds are cycled; the sample index tells apart two requests from the same seed.
-    requests = [Request(user(create_prompt(seeds[number % len(seeds)], is_hard)), settings.create, sample=number)
+    # Seeds are cycled; the sample index tells apart requests from the same seed, in this round and others
+    # (the same request would otherwise get the cached answer back).
+    first = round_index * (settings.new_hard + settings.new_easy) + (0 if is_hard else settings.new_hard)
+    requests = [Request(user(create_prompt(seeds[number % len(seeds)], is_hard)), settings.create, sample=first + number)
                 for number in range(count)]
-    kind = "hard" if is_hard else "easy"
     kept = []
     for answer in session.teacher.ask(requests):
         text = clean_evolution(answer.text) if answer else ""
@@ -186,8 +189,8 @@ def run(session: Session, settings: Settings) -> dict:
         if settings.train_config:
             student = session.calls(train_student(session, settings, rows, round_index))
         hard, easy = discriminate(session, settings, student, cache_pool)
-        new_hard = create(session, settings, hard, settings.new_hard, True, novelty, exact)
-        new_easy = create(session, settings, easy, settings.new_easy, False, novelty, exact)
+        new_hard = create(session, settings, hard, settings.new_hard, True, novelty, exact, round_index)
+        new_easy = create(session, settings, easy, settings.new_easy, False, novelty, exact, round_index)
         for text, origin in [*((text, "hard") for text in new_hard), *((text, "easy") for text in new_easy)]:
             train_pool.append({"instruction": text, "round": round_index, "origin": origin})
             cache_pool.append(text)

@@ -205,7 +205,7 @@ def grow_pool(session: Session, settings: Settings, seeds: list[dict], rng: rand
     novelty = RougeNovelty(seed_texts, threshold=settings.rouge_threshold)
     exact = ExactDedup(seed_texts)
     machine: list[dict] = []
-    for _ in range(settings.max_rounds):
+    for round_index in range(settings.max_rounds):
         if len(machine) >= settings.num_instructions:
             break
         requests = []
@@ -213,7 +213,8 @@ def grow_pool(session: Session, settings: Settings, seeds: list[dict], rng: rand
             shown = [entry["instruction"] for entry in rng.sample(machine, min(settings.machine_examples, len(machine)))]
             shown += rng.sample(seed_texts, min(len(seed_texts), settings.human_examples + settings.machine_examples - len(shown)))
             rng.shuffle(shown)
-            requests.append(Request(user(generation_prompt(shown, settings.classification_only)), settings.generation))
+            requests.append(Request(user(generation_prompt(shown, settings.classification_only)), settings.generation,
+                                    sample=round_index))
         for answer in session.teacher.ask(requests):
             if answer is None:
                 continue
