@@ -127,6 +127,9 @@ def test_parse_instructions_drops_the_preamble_and_marks_the_cut_item():
                                         ("Cut off he", False)]
     assert parse_instructions(text, truncated=True)[-1] == ("Cut off he", True)
     assert parse_instructions("I cannot think of any tasks.") == []  # unparseable: no numbered item
+    # A chat model's commentary after a blank line is not part of the item.
+    assert parse_instructions("9. Plan a menu for a week.\n\nThe list is numbered 9 to 16.\n10. Name a bird.") == [
+        ("Plan a menu for a week.", False), ("Name a bird.", False)]
 
 
 def test_parse_yes_no():
@@ -134,6 +137,8 @@ def test_parse_yes_no():
     assert parse_yes_no(" no, it is not.") is False
     assert parse_yes_no("**Yes**.") is True
     assert parse_yes_no("Maybe") is None
+    assert parse_yes_no("Task: No") is False  # an echoed label (the bundled teacher does this)
+    assert parse_yes_no("Task: You need to write") is None
     assert parse_yes_no("Nobody knows") is None  # "no" must be a whole word
 
 
@@ -158,6 +163,7 @@ def test_clean_instances_drops_duplicates_empty_outputs_and_copies():
     assert clean_instances(instances, limit=5) == [{"input": "a", "output": "b"}, {"input": "c", "output": "d"},
                                                    {"input": "e", "output": "f"}]
     assert len(clean_instances(instances, limit=2)) == 2
+    assert clean_instances([{"input": "", "output": "Output: \nOutput:"}, {"input": "x", "output": "y Input: z"}], 5) == []
 
 
 def test_evol_eliminator_rules():
@@ -484,3 +490,33 @@ def test_seqkd_config_trains_with_cross_entropy_on_the_teacher_written_jsonl(tmp
     assert first["tokens"] == count
     assert first["ce"] == pytest.approx(total / count, rel=1e-4)
     assert first["loss"] == pytest.approx(first["ce"]) and report["steps"] == 2
+
+
+def test_lion_retrains_a_local_student_each_round_and_a_rerun_redoes_nothing(tmp_path):
+    from tiny import save_tiny_teacher
+
+    folder = save_tiny_teacher(tmp_path / "tiny", num_layers=2)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in ["What is two plus two?", "Name a sea."]))
+    overrides = [f"teacher.model={folder}", "student.init=model", f"student.model={folder}", "data.heldout=0",
+                 "train.max_steps=1", "train.batch_size=2", "train.bf16=false", "eval.enabled=false"]
+    with AppThread(scripted_app()) as server:
+        recipe = {"name": "lion", "rounds": 1, "new_hard": 1, "new_easy": 1, "referee_retries": 0,
+                  "answer": {"max_tokens": 8}, "train_config": str(ROOT / "configs" / "seqkd.yaml"),
+                  "train_overrides": overrides,
+                  "student": {"backend": "transformers", "model": str(folder), "bf16": False, "batch_size": 2}}
+        config = recipe_config(tmp_path, server.url, recipe, prompts=str(prompts))
+        first = run_recipe(config)
+        trained = tmp_path / "data-round1" / "student"
+        stamp = (trained / "model.safetensors").stat().st_mtime
+        output = (tmp_path / "data.jsonl").read_text()
+        again = run_recipe(config)
+    # The round's imitation data is the teacher's answers to the Train Pool, and the student trained on it.
+    imitation = read_jsonl(tmp_path / "data-round1" / "imitation.jsonl")
+    assert [record["messages"][0]["content"] for record in imitation] == ["What is two plus two?", "Name a sea."]
+    assert all(record["messages"][1]["content"].startswith("Teacher answer") for record in imitation)
+    assert json.loads((tmp_path / "data-round1" / "report.json").read_text())["steps"] == 1
+    # The scripted referee rates any answer but "I don't know" 9, first position +1: every question is easy.
+    assert first["judged_easy"] == 2 and first["judged_hard"] == 0 and first["new_easy"] == 1
+    assert again["requests_sent"] == 0 and (trained / "model.safetensors").stat().st_mtime == stamp
+    assert (tmp_path / "data.jsonl").read_text() == output

@@ -115,17 +115,20 @@ _ITEM = re.compile(r"(?m)^[ \t]*\d{1,3}[ \t]*[.)][ \t]*")
 def parse_instructions(text: str, truncated: bool = False) -> list[tuple[str, bool]]:
     """The numbered items of a generation, as (instruction, cut off); text before the first number is dropped.
 
-    When the generation hit the length limit, the last item may be incomplete and is marked so.
+    An item ends at the next number or at a blank line (Self-Instruct stops generating at a blank line, so
+    what a chat model writes after one is commentary, not the instruction). When the generation hit the
+    length limit, the last item may be incomplete and is marked so.
     """
     pieces = _ITEM.split(text)[1:]
-    items = [" ".join(piece.split()) for piece in pieces]
+    items = [" ".join(re.split(r"\n[ \t]*\n", piece, maxsplit=1)[0].split()) for piece in pieces]
     items = [item for item in items if item]
     return [(item, truncated and index == len(items) - 1) for index, item in enumerate(items)]
 
 
 def parse_yes_no(text: str) -> bool | None:
-    """Yes -> True, No -> False, from the answer's first word; anything else -> None."""
-    match = re.match(r"\W*(yes|no)\b", text, flags=re.IGNORECASE)
+    """Yes -> True, No -> False, from the answer's first word (after a label the model may echo, such as
+    "Classification task:"); anything else -> None."""
+    match = re.match(r"\W*(?:(?:classification\s+)?task\s*:|answer\s*:)?\W*(yes|no)\b", text, flags=re.IGNORECASE)
     return None if match is None else match.group(1).lower() == "yes"
 
 
@@ -162,12 +165,16 @@ def parse_instances_output_first(text: str) -> list[dict]:
     return instances
 
 
+_LEFTOVER = re.compile(r"(?i)\b(?:input|output|class[ \t]*label)[ \t]*\d*[ \t]*:")
+
+
 def clean_instances(instances: list[dict], limit: int) -> list[dict]:
-    """Drop empty outputs, input == output and duplicates; keep at most `limit`."""
+    """Drop empty outputs, input == output, duplicates, and fields that still hold another field's marker
+    (a malformed block, e.g. "Output: ... Output: ..."); keep at most `limit`."""
     kept, seen = [], set()
     for instance in instances:
         key = (" ".join(instance["input"].split()), " ".join(instance["output"].split()))
-        if not key[1] or key[0] == key[1] or key in seen:
+        if not key[1] or key[0] == key[1] or key in seen or _LEFTOVER.search(key[0] + " " + key[1]):
             continue
         seen.add(key)
         kept.append(instance)
