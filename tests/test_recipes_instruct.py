@@ -24,6 +24,7 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
+from kdlm.data import load_records
 from kdlm.errors import KdlmError
 from kdlm.generate import GenerateConfig, load_generate_config
 from kdlm.recipes.calls import run_recipe
@@ -328,8 +329,8 @@ def test_lion_end_to_end_with_a_served_student(tmp_path):
 
 # ---------------------------------------------------------------- kill and resume through the CLI
 
-def _cli(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "KDLM_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+def _cli(*args: str, cwd: Path, **environment: str) -> subprocess.Popen:
+    env = {**os.environ, "KDLM_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **environment,
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.Popen([sys.executable, "-m", "kdlm.cli", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -393,19 +394,20 @@ def _tiny_folder(folder: Path, seed: int) -> Path:
     return folder
 
 
-@pytest.mark.slow
-def test_recipes_survive_gibberish_from_kdlm_serve(tmp_path):
+def _run_recipes_against_kdlm_serve(tmp_path: Path, model: str, student: Path, max_tokens: int) -> dict:
+    """Serve MODEL with `kdlm serve`, run the three recipes at tiny sizes against it, check what any teacher
+    must satisfy (whatever it writes), and return the recipes' statistics."""
     import httpx
 
     from kdlm.serve import free_port
 
-    teacher = _tiny_folder(tmp_path / "teacher", seed=0)
-    student = _tiny_folder(tmp_path / "student", seed=1)
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
-    server = _cli("serve", str(teacher), "--port", str(port), "--threads", "1", "--name", "tiny", cwd=tmp_path)
+    env_home = {"KDLM_CACHE": os.environ.get("KDLM_CACHE", str(Path.home() / ".cache" / "kdlm"))}
+    server = _cli("serve", model, "--port", str(port), "--threads", "1", "--name", "served", "--dtype", "bfloat16",
+                  cwd=tmp_path, **env_home)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             assert server.poll() is None, server.communicate()
             try:
@@ -415,14 +417,16 @@ def test_recipes_survive_gibberish_from_kdlm_serve(tmp_path):
                 pass
             assert time.monotonic() < deadline, "kdlm serve did not start"
             time.sleep(0.2)
-        sampling = {"max_tokens": 24}
-        base = {"teacher": {"model": "tiny", "base_url": url}, "limits": {"concurrency": 8, "timeout_s": 120},
+        sampling = {"max_tokens": max_tokens}
+        base = {"teacher": {"model": "served", "base_url": url}, "limits": {"concurrency": 8, "timeout_s": 300},
                 "progress": False}
         prompts = tmp_path / "prompts.jsonl"
-        prompts.write_text("".join(json.dumps({"prompt": f"Name {n} rivers."}) + "\n" for n in range(3)))
+        prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in
+                                   ["Name three rivers in Europe.", "Write a haiku about rain.", "What is 7 times 8?"]))
         runs = {
             "self_instruct": {"name": "self_instruct", "seed_tasks": str(SEEDS), "num_instructions": 3, "max_rounds": 1,
-                              "requests_per_round": 2, "generation": sampling, "classify": sampling, "instances": sampling},
+                              "requests_per_round": 2, "generation": {"max_tokens": 2 * max_tokens},
+                              "classify": {"max_tokens": 8}, "instances": sampling},
             "evol_instruct": {"name": "evol_instruct", "rounds": 1, "evolve": sampling, "answer": sampling},
             "lion": {"name": "lion", "rounds": 1, "new_hard": 1, "new_easy": 1, "referee_retries": 0,
                      "answer": sampling, "referee": sampling, "create": sampling,
@@ -436,9 +440,11 @@ def test_recipes_survive_gibberish_from_kdlm_serve(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
-    # Gibberish is parsed as far as it goes and filtered; nothing crashes, and whatever is kept passes the filters.
+    # Whatever the teacher wrote was parsed as far as it goes and filtered; what is kept passes the filters.
     machine = read_jsonl(tmp_path / "self_instruct" / "data.instructions.jsonl")
+    seeds = [task["instruction"] for task in load_seed_tasks(str(SEEDS))]
     assert all(instruction_problem(entry["instruction"]) is None for entry in machine)
+    assert all(rouge_l(seed, entry["instruction"]) < 0.7 for seed in seeds for entry in machine)
     assert results["self_instruct"]["requests_sent"] >= 2 and results["self_instruct"]["rounds"] == 1
     evol = results["evol_instruct"]
     eliminated = sum(value for key, value in evol.items() if key.startswith("eliminated_"))
@@ -447,6 +453,24 @@ def test_recipes_survive_gibberish_from_kdlm_serve(tmp_path):
     lion = results["lion"]
     assert lion["judged_hard"] + lion["judged_easy"] + lion.get("unjudged_unparseable", 0) == 3
     assert lion["records"] == 3 + lion["new_hard"] + lion["new_easy"]
+    for name in runs:  # and the output is training data
+        records = load_records(str(tmp_path / name / "data.jsonl")) if results[name]["records"] else []
+        assert len(records) == results[name]["records"]
+        assert all(record["messages"][-1]["role"] == "assistant" for record in records)
+    return results
+
+
+def test_recipes_survive_gibberish_from_kdlm_serve(tmp_path):
+    teacher = _tiny_folder(tmp_path / "teacher", seed=0)
+    student = _tiny_folder(tmp_path / "student", seed=1)
+    _run_recipes_against_kdlm_serve(tmp_path, str(teacher), student, max_tokens=24)
+
+
+@pytest.mark.slow
+def test_recipes_against_kdlm_serve_with_the_bundled_teacher(tmp_path):
+    student = _tiny_folder(tmp_path / "student", seed=1)
+    results = _run_recipes_against_kdlm_serve(tmp_path, "bundled:smollm2-135m-instruct", student, max_tokens=32)
+    assert results["evol_instruct"]["records"] >= 3  # the teacher answers the starting instructions, at least
 
 
 # ---------------------------------------------------------------- SeqKD on a recipe's output
