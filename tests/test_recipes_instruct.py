@@ -40,6 +40,7 @@ from kdlm.recipes.lion import judge, parse_scores
 from kdlm.recipes.self_instruct import (
     clean_instances,
     load_seed_tasks,
+    parse_instances,
     parse_instances_input_first,
     parse_instances_output_first,
     parse_instructions,
@@ -156,6 +157,8 @@ def test_parse_instances_input_first_and_output_first():
                                                       {"input": "Awful.", "output": "negative"},
                                                       {"input": "", "output": "neutral"}]
     assert parse_instances_output_first("no labels here") == []
+    assert parse_instances(labelled, output_first=True, truncated=True) == parse_instances_output_first(labelled)[:2]
+    assert parse_instances(text, output_first=False) == parse_instances_input_first(text)
 
 
 def test_clean_instances_drops_duplicates_empty_outputs_and_copies():

@@ -165,6 +165,13 @@ def parse_instances_output_first(text: str) -> list[dict]:
     return instances
 
 
+def parse_instances(text: str, output_first: bool, truncated: bool = False) -> list[dict]:
+    """Instances in either format; when the generation hit the length limit, the last one may be cut off
+    and is dropped (as Self-Instruct does with the last instruction of a cut generation)."""
+    instances = (parse_instances_output_first if output_first else parse_instances_input_first)(text)
+    return instances[:-1] if truncated else instances
+
+
 _LEFTOVER = re.compile(r"(?i)\b(?:input|output|class[ \t]*label)[ \t]*\d*[ \t]*:")
 
 
@@ -282,8 +289,8 @@ def run(session: Session, settings: Settings) -> dict:
                                                      settings.instances_per_task)), settings.instances))
     rows = []
     for index, (entry, answer) in enumerate(zip(machine, session.teacher.ask(requests), strict=True)):
-        parse = parse_instances_output_first if entry["is_classification"] else parse_instances_input_first
-        entry["instances"] = clean_instances(parse(answer.text) if answer else [], settings.instances_per_task)
+        found = parse_instances(answer.text, bool(entry["is_classification"]), answer.finish_reason == "length") if answer else []
+        entry["instances"] = clean_instances(found, settings.instances_per_task)
         if not entry["instances"]:
             session.count("tasks_without_instances")
         for instance in entry["instances"]:
