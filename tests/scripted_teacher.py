@@ -18,6 +18,7 @@ import time
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 WORDS = """apple river mountain engine violin harvest lantern compass garden thunder pepper marble orbit canyon
 ribbon falcon meadow quartz saddle tunnel velvet walnut yogurt zephyr anchor bakery cactus dolphin ember fossil
@@ -144,11 +145,16 @@ def scripted_app(latency_s: float = 0.0) -> FastAPI:
         return {"object": "list", "data": [{"id": "teacher", "object": "model"}, {"id": "student", "object": "model"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: dict) -> dict:
+    async def chat(body: dict):
         app.state.received += 1
         app.state.prompts.append(body["messages"][-1]["content"])
         if latency_s:
             await asyncio.sleep(latency_s)
+        prompt = body["messages"][-1]["content"]
+        if "[refuse]" in prompt:  # a request the server will never accept (a prompt too long, say)
+            return JSONResponse({"error": {"message": "prompt too long", "type": "invalid_request_error"}}, 400)
+        if "[down]" in prompt:  # a server error that outlasts the retries
+            return JSONResponse({"error": {"message": "overloaded", "type": "server_error"}}, 503)
         text = respond(body)
         app.state.answered += 1
         return {"id": "scripted", "object": "chat.completion", "created": 0, "model": body["model"],

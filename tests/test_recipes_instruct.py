@@ -302,6 +302,34 @@ def test_evol_instruct_end_to_end(tmp_path):
     assert not any("[marker] now" in prompt for prompt in sent if not prompt.startswith("Rewrite"))
 
 
+def test_refused_requests_are_skipped_and_failing_ones_stop_the_run_with_what_to_do(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in ["Name a river.", "Too long [refuse]"]))
+    with AppThread(scripted_app()) as server:
+        config = recipe_config(tmp_path, server.url, {"name": "evol_instruct", "rounds": 1}, prompts=str(prompts))
+        stats = run_recipe(config)
+        # A refused request is sent once, not retried; the recipe goes on without it.
+        assert stats["requests_refused"] == 2  # the original's answer and its evolution
+        assert [record["messages"][0]["content"] for record in read_jsonl(tmp_path / "data.jsonl")] == [
+            "Name a river.", "Name a river. (step 1)"]
+        prompts.write_text(json.dumps({"prompt": "Name a lake."}) + "\n" + json.dumps({"prompt": "Busy [down]"}) + "\n")
+        config.limits.max_retries, config.limits.backoff_s = 1, 0.01
+        before = _cached(tmp_path / "data.sqlite")
+        with pytest.raises(KdlmError, match=r"1 requests to teacher failed after 1 retries.*rerun of the same command"):
+            run_recipe(config)
+        assert _cached(tmp_path / "data.sqlite") == before + 1  # the answer that did arrive is kept
+
+
+def _cached(cache: Path) -> int:
+    if not cache.exists():
+        return 0
+    with sqlite3.connect(cache) as connection:
+        try:
+            return connection.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        except sqlite3.OperationalError:  # the table is not created yet
+            return 0
+
+
 def test_lion_end_to_end_with_a_served_student(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     lines = ["Solve this riddle about time [hard]", "Prove that the square root of two is irrational [hard]",
@@ -349,13 +377,7 @@ def test_self_instruct_cli_killed_mid_run_resumes_without_paying_twice(tmp_path)
         cache = tmp_path / "run" / "data.sqlite"
 
         def cached() -> int:
-            if not cache.exists():
-                return 0
-            with sqlite3.connect(cache) as connection:
-                try:
-                    return connection.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
-                except sqlite3.OperationalError:
-                    return 0
+            return _cached(cache)
 
         proc = _cli(*args, cwd=tmp_path)
         deadline = time.monotonic() + 90
