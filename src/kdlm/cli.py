@@ -123,7 +123,13 @@ def generate(
 
     if config is not None and "=" in str(config) and not Path(config).exists():
         overrides, config = [str(config), *(overrides or [])], None
-    run(load_generate_config(config, overrides or []))
+    settings = load_generate_config(config, overrides or [])
+    if settings.recipe is not None:  # a multi-step recipe (self-instruct, evol-instruct, lion, ...)
+        from kdlm.recipes.calls import run_recipe
+
+        run_recipe(settings)
+    else:
+        run(settings)
 
 
 @app.command()

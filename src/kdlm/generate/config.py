@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -65,6 +65,10 @@ class GenerateConfig(Section):
     sampling: SamplingSection = SamplingSection()
     limits: LimitsSection = LimitsSection()
     prices: dict[str, Price] = Field(default_factory=dict, description="Per model id: price of input and output tokens.")
+    recipe: dict[str, Any] | None = Field(
+        None, description="A black-box recipe run instead of answering `prompts` once: recipe.name (self_instruct, "
+        "evol_instruct, lion) and the recipe's settings (kdlm.recipes.<name>.Settings)."
+    )
 
 
 def load_generate_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> GenerateConfig:
