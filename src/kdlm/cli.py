@@ -74,7 +74,20 @@ def generate(
 
     if config is not None and "=" in str(config) and not Path(config).exists():
         overrides, config = [str(config), *(overrides or [])], None
-    run(load_generate_config(config, overrides or []))
+    settings = load_generate_config(config, overrides or [])
+    if settings.recipe is not None:  # a recipe module drives the engine through its stages
+        import importlib
+
+        name = str(settings.recipe.get("name", ""))
+        try:
+            module = importlib.import_module(f"kdlm.recipes.{name}") if name.isidentifier() else None
+        except ModuleNotFoundError:
+            module = None
+        if not hasattr(module, "run"):
+            raise KdlmError(f"recipe.name: unknown recipe {name!r}; see the modules of kdlm.recipes (e.g. cot, icl)")
+        module.run(settings)
+        return
+    run(settings)
 
 
 @app.command()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -65,6 +65,10 @@ class GenerateConfig(Section):
     sampling: SamplingSection = SamplingSection()
     limits: LimitsSection = LimitsSection()
     prices: dict[str, Price] = Field(default_factory=dict, description="Per model id: price of input and output tokens.")
+    recipe: dict[str, Any] | None = Field(
+        None, description="A black-box recipe run through this engine: `name` (the module under kdlm.recipes, e.g. cot "
+        "or icl) and its settings, which that module validates. `prompts` is then unused."
+    )
 
 
 def load_generate_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> GenerateConfig:
