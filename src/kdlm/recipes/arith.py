@@ -44,8 +44,8 @@ def make_problem(rng: random.Random, steps: tuple[int, int] = (2, 3), limit: int
         value += sign * amount
         operations.append((sign, amount))
         sentences.append(template.format(n=amount) + ".")
-    text = f"{name} has {start} {item}. " + " ".join(f"Then {name} {s}" for s in sentences)
-    question = f"{text} How many {item} does {name} have now?"
+    text = f"{name} has {start} {item}. " + " ".join(f"{name} {s}" for s in sentences)
+    question = f"{text} How many {item} now?"  # short: the benchmark's character-level student reads every byte
     return {"question": question, "answer": value, "operations": operations, "start": start}
 
 
@@ -86,8 +86,8 @@ class ArithTeacher:
     """A kdlm.serve backend that answers arithmetic word problems with a step-by-step rationale.
 
     What it writes depends on the last user message:
-    - one that holds a problem: step lines, then `Answer: N` (rationalisation prompts included, since
-      the steps justify the given answer when it is right);
+    - one that holds a problem: step lines, then `Answer: N`; a rationalization prompt (one that gives
+      the correct answer) is explained without a slip;
     - one without a problem that follows a problem and a rationale (the second stage of Fine-tune-CoT,
       "what is the final answer?"): `Answer: N` with the last number of that rationale;
     - otherwise: "I cannot find a problem to solve." (no answer; parsers return None).
@@ -115,7 +115,9 @@ class ArithTeacher:
             return "I cannot find a problem to solve."
         start, operations = problem
         rng = random.Random(seed)
-        slip_at = rng.randrange(len(operations)) if rng.random() < self.error_rate else None
+        # Told the correct answer (a rationalization prompt), it explains it without slipping.
+        told = "correct answer is" in user[-1].lower()
+        slip_at = rng.randrange(len(operations)) if rng.random() < self.error_rate and not told else None
         lines, value = worked_steps(start, operations, slip_at, rng.choice([-2, -1, 1, 2]))
         return " ".join(lines) + f"\nAnswer: {value}"
 
