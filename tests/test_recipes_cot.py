@@ -320,3 +320,60 @@ def test_an_unknown_recipe_is_a_clear_error(tmp_path):
     proc = subprocess.run([*KDLM, "generate", "recipe.name=nope", f"output={tmp_path}/x.jsonl"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown recipe 'nope'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp_path):
+    """`kdlm generate configs/cot.yaml` and `configs/icl.yaml` against `kdlm serve bundled:...`, at tiny sizes."""
+    import time
+
+    import httpx
+
+    from kdlm.recipes.answers import extract_answer
+    from kdlm.serve import free_port
+
+    if not (ROOT.parent / "shared" / "data").is_dir():
+        pytest.skip("../shared/data is not beside this checkout")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",  # the user's KDLM_CACHE: the converted teacher is reused
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    server = subprocess.Popen([*KDLM, "serve", "bundled:smollm2-135m-instruct", "--port", str(port), "--threads", "1",
+                               "--dtype", "bfloat16"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stdout.read()
+            try:
+                if httpx.get(url + "/models").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        common = [f"teacher.base_url={url}", "progress=false", "sampling.max_tokens=40"]
+        # SCoTD's unfiltered corpus: the 135M teacher rarely gets GSM8K right, but every parsed answer is kept.
+        cot_run = subprocess.run([*KDLM, "generate", str(ROOT / "configs" / "cot.yaml"), *common,
+                                  f"output={tmp_path}/cot.jsonl", "sampling.n=2", "recipe.task.limit=5",
+                                  "recipe.heldout=1", "recipe.demonstrations=1", "recipe.filter=none"],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert cot_run.returncode == 0, cot_run.stdout + cot_run.stderr
+        icl_run = subprocess.run([*KDLM, "generate", str(ROOT / "configs" / "icl.yaml"), *common,
+                                  f"output={tmp_path}/icl.jsonl", "sampling.max_tokens=3", "recipe.queries=2",
+                                  "recipe.heldout=1", "sampling.n=1"],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert icl_run.returncode == 0, icl_run.stdout + icl_run.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    samples_by_question = {}
+    for sample in read_jsonl(tmp_path / "cot.rationales.jsonl"):
+        question = sample["messages"][-2]["content"].split("\n\n")[0]
+        samples_by_question.setdefault(question, []).append(extract_answer(sample["messages"][-1]["content"], "number"))
+    records = read_jsonl(tmp_path / "cot.jsonl")
+    assert records and all(r["meta"]["task"] in ("label", "rationale") for r in records)
+    for record in (r for r in records if r["meta"]["task"] == "label"):  # labels are the teacher's own answers
+        assert record["response"] in samples_by_question[record["prompt"].removeprefix("[label] ")]
+    icl_records = load_records(str(tmp_path / "icl.jsonl"))
+    assert all(r["messages"][-1]["content"] in ("Yes", "No") for r in icl_records if "messages" in r)
+    assert len(read_jsonl(tmp_path / "icl.eval.jsonl")) == 3 * 2  # 3 tasks x 1 held-out query x (0, 2 shots)
