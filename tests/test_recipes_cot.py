@@ -377,3 +377,21 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
     icl_records = load_records(str(tmp_path / "icl.jsonl"))
     assert all(r["messages"][-1]["content"] in ("Yes", "No") for r in icl_records if "messages" in r)
     assert len(read_jsonl(tmp_path / "icl.eval.jsonl")) == 3 * 2  # 3 tasks x 1 held-out query x (0, 2 shots)
+
+
+def test_worked_solutions_stand_in_for_teacher_rationales(tmp_path):
+    data = ROOT.parent / "shared" / "data"
+    if not data.is_dir():
+        pytest.skip("../shared/data is not beside this checkout")
+    config = load_generate_config(ROOT / "configs" / "cot.yaml", [
+        "teacher.base_url=http://127.0.0.1:9/v1", "progress=false", f"output={tmp_path}/cot.jsonl",  # nothing listens
+        f"recipe.task.source={data}/gsm8k/train.jsonl", "recipe.task.limit=6", "recipe.heldout=1",
+        "recipe.rationales=dataset", "recipe.format=finetune_cot",
+    ])
+    stats = cot.run(config)  # no request is sent: an unreachable teacher would stop the run
+    assert stats["samples"] == 0 and stats["records"] == 5
+    solutions = {example["question"]: example for example in load_task(TaskSpec(source=f"{data}/gsm8k/train.jsonl",
+                                                                                  format="gsm8k", limit=6))}
+    for record in read_jsonl(tmp_path / "cot.jsonl"):
+        example = solutions[record["prompt"]]
+        assert record["response"] == f"{example['rationale']} --> {example['answer']} END"
