@@ -142,6 +142,19 @@ def test_step_by_step_format_has_two_prefixed_tasks_with_weights():
     assert cot.student_prompt("Q?", recipe(format="step_by_step")) == "[label] Q?"  # only the label task at inference
 
 
+def test_mt_cot_format_explains_then_answers():
+    answer, explain = cot.format_records("Q?", "3 + 4 = 7.", "7", recipe(format="mt_cot", rationale_weight=0.5), {})
+    assert (answer["prompt"], answer["response"], answer["weight"]) == ("[answer] Q?", "7", 1.0)
+    assert (explain["prompt"], explain["response"], explain["weight"]) == ("[explain] Q?", "3 + 4 = 7. --> 7 END", 0.5)
+
+
+def test_a_bad_recipe_names_the_key():
+    with pytest.raises(KdlmError, match=r"(?s)invalid recipe.*recipe.format: Input should be 'finetune_cot'"):
+        cot.parse_recipe({"task": {"source": "arith:4:0", "format": "arith"}, "format": "chain"})
+    with pytest.raises(KdlmError, match=r"recipe.task.source: Field required"):
+        cot.parse_recipe({"task": {"format": "arith"}})
+
+
 def test_accuracy_counts_unparseable_outputs_as_wrong():
     assert accuracy(["--> 7 END", "I do not know", "Answer: 3"], ["7", "7", "4"], "number") == pytest.approx(1 / 3)
 

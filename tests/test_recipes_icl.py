@@ -52,7 +52,7 @@ def test_settings_are_checked():
         icl.parse_recipe({"setting": "meta", "tasks": [arith_task()], "eval_tasks": [arith_task()]})
     with pytest.raises(KdlmError, match="eval_tasks is for setting=meta"):
         icl.parse_recipe({"tasks": [arith_task()], "eval_tasks": [arith_task("arith:30:1")]})
-    with pytest.raises(KdlmError, match="tasks.0.answer_type"):
+    with pytest.raises(KdlmError, match="recipe.tasks.0.answer_type"):
         icl.parse_recipe({"tasks": [arith_task(answer_type="words")]})
 
 

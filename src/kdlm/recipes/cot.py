@@ -83,7 +83,7 @@ def parse_recipe(tree: dict, source: str = "recipe") -> CotRecipe:
     try:
         return CotRecipe.model_validate(tree)
     except ValidationError as error:
-        raise KdlmError(_format_errors(error, source).replace("invalid config", "invalid recipe")) from None
+        raise KdlmError(_format_errors(error, source).replace("invalid config", "invalid recipe").replace("\n  ", "\n  recipe.")) from None
 
 
 # ---- prompts ---------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def parse_recipe(tree: dict, source: str = "recipe") -> IclRecipe:
     try:
         recipe = IclRecipe.model_validate(tree)
     except ValidationError as error:
-        raise KdlmError(_format_errors(error, source).replace("invalid config", "invalid recipe")) from None
+        raise KdlmError(_format_errors(error, source).replace("invalid config", "invalid recipe").replace("\n  ", "\n  recipe.")) from None
     if recipe.setting == "meta":
         if not recipe.eval_tasks:
             raise KdlmError("recipe.setting=meta evaluates on unseen tasks: set recipe.eval_tasks")
