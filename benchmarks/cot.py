@@ -19,7 +19,9 @@ The student: a 4-layer Llama (hidden 128, 0.9 M parameters) over a character-lev
 bytes plus 3 special tokens, and a compact chat template). Why: it trains in minutes on one CPU core, a digit is a token (so
 arithmetic is not hidden inside a large BPE vocabulary), and starting from random weights means whatever
 it can do comes from the distillation data alone. The bundled 135M teacher pruned to a few layers would
-be the other choice; its 49k-entry vocabulary and 576-wide layers make one step about 6x slower here.
+be the other choice, but each of its layers (width 576) costs about 20x the multiply-adds of one of ours
+per token, and its 49k-entry vocabulary adds 28 M more per target token: too slow for seeds x methods
+on a shared 2-core machine.
 
 "DSS (task means)" weights each task by the inverse of its share of target tokens, so that the loss is
 the mean CE of the label task plus lambda times the mean CE of the rationale task, as in the paper

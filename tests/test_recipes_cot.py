@@ -328,6 +328,34 @@ def test_generate_cli_runs_the_recipe_resumes_and_distill_trains_on_it(tmp_path)
     assert (tmp_path / "student" / "student" / "config.json").is_file()
 
 
+def test_a_recipe_killed_mid_run_resumes_without_asking_twice(tmp_path):
+    import signal
+    import time
+
+    teacher = ArithTeacher(error_rate=0.2, latency_s=0.05)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    with ServerThread(teacher) as server:
+        args = [*KDLM, "generate", str(ROOT / "configs" / "cot.yaml"), f"teacher.base_url={server.url}",
+                "teacher.model=arith-teacher", "progress=false", f"output={tmp_path}/cot.jsonl", "recipe.task.format=arith",
+                "recipe.task.source=arith:40:2", "recipe.task.limit=null", "recipe.heldout=0", "recipe.prompt=zero_shot",
+                "sampling.n=3", "limits.concurrency=4"]
+        first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while teacher.requests < 30:
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before it was killed"
+            time.sleep(0.01)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        asked_before = teacher.requests
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert asked_before < 40 * 3  # killed inside the rationale stage
+    samples = read_jsonl(tmp_path / "cot.rationales.jsonl")
+    assert len(samples) == 40 * 3
+    repeated = sum(times - 1 for times in teacher.seen.values())
+    assert repeated <= 4  # at most the requests in flight at the kill (limits.concurrency) were asked again
+
+
 def test_an_unknown_recipe_is_a_clear_error(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([*KDLM, "generate", "recipe.name=nope", f"output={tmp_path}/x.jsonl"], env=env,

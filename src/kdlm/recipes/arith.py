@@ -14,8 +14,11 @@ Problems come from a fixed template family: someone has some items, then gains o
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 import re
+from collections import Counter
 from collections.abc import AsyncIterator
 
 NAMES = ["Ann", "Ben", "Cy", "Dee", "Eli", "Fay", "Gus", "Ida", "Jo", "Kim", "Lu", "Max", "Ned", "Ola", "Pam"]
@@ -93,8 +96,10 @@ class ArithTeacher:
     - otherwise: "I cannot find a problem to solve." (no answer; parsers return None).
     """
 
-    def __init__(self, error_rate: float = 0.0, name: str = "arith-teacher"):
-        self.name, self.error_rate, self.requests = name, error_rate, 0
+    def __init__(self, error_rate: float = 0.0, name: str = "arith-teacher", latency_s: float = 0.0):
+        self.name, self.error_rate, self.latency_s = name, error_rate, latency_s
+        self.requests = 0
+        self.seen: Counter = Counter()  # (conversation, seed) -> times asked: a resumed run asks each once
 
     def encode_chat(self, messages: list[dict]) -> list[dict]:
         return messages
@@ -123,6 +128,9 @@ class ArithTeacher:
 
     async def stream(self, prompt_ids: list[dict], params) -> AsyncIterator[tuple]:
         self.requests += 1
+        self.seen[(json.dumps(prompt_ids, sort_keys=True), params.seed)] += 1
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         for choice in range(params.n):
             seed = None if params.seed is None else params.seed + choice
             text = self.answer(prompt_ids, seed)
