@@ -180,7 +180,7 @@ def test_malformed_task_record_names_its_line(tmp_path):
     path.write_text('{"question": "1 + 1?", "answer": 2}\n{"question": "2 + 2?", "answer": "four"}\n')
     with pytest.raises(KdlmError, match=r"task.jsonl:2.*not a number"):
         load_task(TaskSpec(source=str(path)))
-    path.write_text('{"question": "1 + 1?"}\n')
+    path.write_text('{"prompt": "1 + 1?", "answer": 2}\n')
     with pytest.raises(KdlmError, match=r"task.jsonl:1.*needs \"question\""):
         load_task(TaskSpec(source=str(path)))
 
@@ -279,6 +279,25 @@ def test_rationalization_is_the_fallback_when_no_sample_is_correct(tmp_path):
     golds = {str(p["answer"]) for p in make_dataset(30, 0)}
     assert all(cot.parse_student_output(r["response"], cot.parse_recipe(generate_config(tmp_path, "x").recipe))
                == r["meta"]["gold"] in golds for r in records)
+
+
+def test_unlabelled_questions_get_the_majority_answer_as_label(tmp_path):
+    problems = make_dataset(12, seed=5)
+    task = tmp_path / "unlabelled.jsonl"
+    task.write_text("".join(json.dumps({"question": p["question"]}) + "\n" for p in problems))
+    common = ["recipe.task.format=qa", f"recipe.task.source={task}", "recipe.heldout=0", "sampling.n=5"]
+    with ServerThread(ArithTeacher(error_rate=0.2)) as server:
+        with pytest.raises(KdlmError, match="use recipe.filter=majority"):
+            cot.run(generate_config(tmp_path, server.url, *common))
+        stats = cot.run(generate_config(tmp_path, server.url, *common, "recipe.filter=majority",
+                                        "recipe.min_agreement=0.6", "recipe.format=finetune_cot"))
+    golds = {p["question"]: str(p["answer"]) for p in problems}
+    records = read_jsonl(tmp_path / "cot.jsonl")
+    # With 5 samples at a 20% slip rate, a wrong answer almost never wins 3 votes: labels equal the truth.
+    assert stats["questions_kept"] >= 10 and stats["rationalized"] == 0
+    assert all(cot.parse_student_output(r["response"], cot.parse_recipe(generate_config(tmp_path, "x").recipe))
+               == golds[r["prompt"]] for r in records)
+    assert all(r["meta"]["gold"] is None for r in records)
 
 
 def test_two_stage_asks_for_the_answer_a_rationale_does_not_state(tmp_path):

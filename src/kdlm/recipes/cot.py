@@ -254,6 +254,10 @@ def run(config) -> dict:
     stats = {"questions": len(train), "heldout": len(heldout), "samples": 0, "unparsed": 0, "kept": 0,
              "questions_kept": 0, "rationalized": 0, "records": 0}
 
+    unlabelled = sum(example["answer"] is None for example in train)
+    if unlabelled and (recipe.filter == "gold" or recipe.format == "label_only"):
+        raise KdlmError(f"{unlabelled} training questions have no gold answer: use recipe.filter=majority "
+                        "(self-consistency labels them) with a teacher-written format")
     if recipe.format == "label_only":
         samples = {i: [{"rationale": "", "answer": example["answer"], "source": "gold"}] for i, example in enumerate(train)}
     elif recipe.rationales == "dataset":

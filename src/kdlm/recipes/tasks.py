@@ -1,7 +1,7 @@
 """Labelled tasks for the reasoning and in-context recipes, and greedy evaluation of a student on them.
 
 A task is a list of examples `{"id", "question", "answer", "rationale"}`: the gold answer already in the
-parsers' normal form (kdlm.recipes.answers), and a worked solution when the data set has one (GSM8K's
+parsers' normal form (kdlm.recipes.answers), None for an unlabelled question, and a worked solution when the data set has one (GSM8K's
 solutions, SVAMP's equations, the synthetic task's steps), which can stand in for teacher rationales.
 """
 
@@ -62,8 +62,8 @@ def load_task(spec: TaskSpec) -> list[dict]:
         raw = {"qa": _qa, "gsm8k": _gsm8k, "svamp": _svamp, "pubmedqa": _pubmedqa, "legalbench": _legalbench}[spec.format](path)
     examples = []
     for index, (where, question, answer, rationale) in enumerate(raw[: spec.limit] if spec.limit else raw):
-        try:
-            gold = normalise_gold(answer, spec.answer_type, spec.labels)
+        try:  # an unlabelled question (qa without "answer") has gold None: filter=majority labels it
+            gold = None if answer is None else normalise_gold(answer, spec.answer_type, spec.labels)
         except ValueError as error:
             raise KdlmError(f"{where}: {error}; fix the record or the task's answer_type/labels") from None
         examples.append({"id": index, "question": question, "answer": gold, "rationale": rationale})
@@ -82,9 +82,10 @@ def _qa(path: Path) -> list[tuple]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise KdlmError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("question"), str) or "answer" not in record:
-            raise KdlmError(f'{where}: a task record needs "question" (str) and "answer", got {line[:120]}')
-        rows.append((where, record["question"], record["answer"], record.get("rationale")))
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+            raise KdlmError(f'{where}: a task record needs "question" (a string) and, when labelled, "answer"; '
+                            f"got {line[:120]}")
+        rows.append((where, record["question"], record.get("answer"), record.get("rationale")))
     return rows
 
 
