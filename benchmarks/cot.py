@@ -189,7 +189,7 @@ def main() -> None:
 
     data = counts["finetune_cot"]
     print(f"\nteacher: {data['samples']} rationales for {data['questions']} questions ({args.error_rate:.0%} slip rate); "
-          f"{data['kept']} kept by the gold filter, {data['rationalized']} questions rationalized; "
+          f"{data['kept']} distinct correct ones kept for {data['questions_kept']} questions ({data['rationalized']} by rationalization); "
           f"{len(heldout)} held-out questions; {args.steps} steps x batch {args.batch_size} per run; "
           f"total {time.perf_counter() - started:.0f} s\n")
     print("| method | training records | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean | spread (sd) | train s/run |")
