@@ -7,6 +7,9 @@ Every record is normalised to one of two shapes:
   assistant is *prompt-only*, to be answered by the teacher first.
 - plain text: `{"text": str}`, for language modelling (every token is a target).
 
+Either may carry `"weight"`: a number >= 0 that multiplies the loss of each of its target tokens
+(default 1), e.g. the rationale task of Distilling Step-by-Step.
+
 Simple extra keys of a record (strings, numbers, booleans) are kept under `"meta"`.
 """
 
@@ -26,7 +29,7 @@ ACCEPTED_SHAPES = (
     '{"prompt": str, "response": str}, {"prompt": str}, '
     '{"instruction": str, "input": str, "output": str} (input and output optional), {"text": str}'
 )
-_SHAPE_KEYS = {"messages", "prompt", "response", "instruction", "input", "output", "text", "meta"}
+_SHAPE_KEYS = {"messages", "prompt", "response", "instruction", "input", "output", "text", "meta", "weight"}
 
 
 def load_records(source: str, *, split: str = "train") -> list[dict]:
@@ -124,6 +127,11 @@ def normalise_record(raw: object, where: str) -> dict:
     else:
         keys = ", ".join(sorted(map(str, raw))) or "none"
         raise KdlmError(f"{where}: unknown record shape (keys: {keys}); accepted: {ACCEPTED_SHAPES}")
+    if raw.get("weight") is not None:  # a per-record loss weight (e.g. a recipe's task weight)
+        weight = raw["weight"]
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0 or weight == float("inf"):
+            raise KdlmError(f'{where}: "weight" must be a finite number >= 0 (it multiplies the record\'s loss), got {weight!r}')
+        record["weight"] = float(weight)
     meta = dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {}
     meta.update({key: value for key, value in raw.items() if key not in _SHAPE_KEYS and _is_simple(value)})
     if meta:

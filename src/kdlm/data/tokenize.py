@@ -83,6 +83,8 @@ def encode_records(tokenizer, records: list[dict], *, max_length: int) -> list[d
     for index, record in enumerate(records):
         if "text" in record:
             windows = encode_text(tokenizer, record["text"], max_length=max_length)
+            if "weight" in record:
+                windows = [dict(window, weight=record["weight"]) for window in windows]
             examples.extend(windows)
             dropped += not windows
             continue
@@ -91,6 +93,8 @@ def encode_records(tokenizer, records: list[dict], *, max_length: int) -> list[d
                 f"record {index + 1} has no response: generate teacher answers first (data.teacher_answers: true)"
             )
         example = encode_chat(tokenizer, record["messages"], max_length=max_length)
+        if "weight" in record:
+            example["weight"] = record["weight"]
         if any(label != IGNORE_INDEX for label in example["labels"]):
             examples.append(example)
         else:
@@ -114,7 +118,8 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, Tensor]:
 
     Returns:
         `input_ids` (B, T) padded with `pad_token_id`, `attention_mask` (B, T) with 1 on real tokens,
-        and `labels` (B, T) with -100 on padding.
+        and `labels` (B, T) with -100 on padding; `weights` (B,) when an example carries a `weight`
+        (the others count 1).
     """
     if pad_token_id is None:
         raise KdlmError(
@@ -130,7 +135,10 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, Tensor]:
         input_ids[row, :size] = torch.tensor(example["input_ids"], dtype=torch.long)
         attention_mask[row, :size] = 1
         labels[row, :size] = torch.tensor(example["labels"], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any("weight" in example for example in examples):
+        batch["weights"] = torch.tensor([float(example.get("weight", 1.0)) for example in examples])
+    return batch
 
 
 def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:

@@ -67,7 +67,7 @@ class GenerateConfig(Section):
     prices: dict[str, Price] = Field(default_factory=dict, description="Per model id: price of input and output tokens.")
     recipe: dict[str, Any] | None = Field(
         None, description="A black-box recipe run instead of answering `prompts` once: recipe.name (self_instruct, "
-        "evol_instruct, lion) and the recipe's settings (kdlm.recipes.<name>.Settings)."
+        "evol_instruct, lion, cot, icl: a module of kdlm.recipes) and that recipe's settings, which it validates."
     )
 
 

@@ -217,13 +217,15 @@ def run_recipe(config: GenerateConfig, backend=None) -> dict:
     import importlib
 
     name = (config.recipe or {}).get("name")
-    known = ("self_instruct", "evol_instruct", "lion")
+    known = ("self_instruct", "evol_instruct", "lion", "cot", "icl")
     try:
-        module = importlib.import_module(f"kdlm.recipes.{name}") if isinstance(name, str) else None
+        module = importlib.import_module(f"kdlm.recipes.{name}") if isinstance(name, str) and name.isidentifier() else None
     except ModuleNotFoundError:
         module = None
     if module is None or not hasattr(module, "run"):
-        raise KdlmError(f"recipe.name must name a recipe (e.g. {', '.join(known)}), got {name!r}")
+        raise KdlmError(f"recipe.name must name a recipe (one of {', '.join(known)}), got {name!r}")
+    if not hasattr(module, "Settings"):  # cot, icl: the module validates config.recipe itself
+        return module.run(config)
     settings = parse_settings(module.Settings, config)
     session = Session(config, backend=backend)
     try:

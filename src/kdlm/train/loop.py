@@ -2,6 +2,8 @@
 
 Objective per optimizer step (shared/METHODS.md §1):
     L = [(1 - w) * sum CE + w * sum D(teacher || student)] / (number of target tokens in the global batch)
+Records with a `weight` (a recipe's task weight) train with cross-entropy only, each target token's CE
+multiplied by its example's weight; the denominator stays the number of target tokens.
 The sums run over the micro-batches of the step on every process; the denominator is counted from
 the schedule itself, so gradient accumulation and data parallelism give the same gradient as one big
 batch. The teacher is frozen, in eval mode, without gradients; with `teacher.signal: topk` it does
@@ -96,6 +98,13 @@ class StudentObjective(nn.Module):
                                   "num_kv_heads": _num_kv_heads(self.student)}
                 hint_sum = hint_sum + hints.config.attention_weight * hints.attention_sum(student_states, teacher_states, mask)
         hidden = outputs.last_hidden_state[:, :-1][mask]
+        if "weights" in batch:  # per-example loss weights (records with "weight"): cross-entropy only
+            if teacher_target is not None:
+                raise KdlmError("records with a \"weight\" train with cross-entropy only: set loss.kd_weight=0")
+            token_weights = batch["weights"][:, None].expand(mask.shape)[mask]
+            ce = (token_weights * nn.functional.cross_entropy(
+                project(self.student, hidden)[:, : self.vocab_size].float(), target_ids, reduction="none")).sum()
+            return ce + hint_sum, ce.new_zeros(()), ce, hint_sum.detach(), torch.tensor(target_ids.numel())
         total, kd, ce, count = self._logit_loss(hidden, target_ids, teacher_target, kd_weight)
         return total + hint_sum, kd, ce, hint_sum.detach(), count
 

@@ -1,0 +1,327 @@
+"""Chain-of-thought distillation: the teacher writes rationales, filters keep the right ones, and the
+student learns them in one of the published formats (shared/METHODS.md §8.5-§8.8, §8.10).
+
+Steps of `kdlm generate configs/cot.yaml` (a `recipe:` section with `name: cot`):
+
+1. Load a labelled task (kdlm.recipes.tasks); hold out `heldout` questions for evaluation; take
+   `demonstrations` worked examples for few-shot prompts.
+2. Rationales: the teacher answers every training question `sampling.n` times (SCoTD's many samples,
+   Fine-tune-CoT's diverse reasoning) under a zero-shot prompt (the question and a step-by-step cue)
+   or a few-shot one (worked examples as earlier turns). With `rationales: dataset` the data set's
+   worked solutions stand in for the teacher and nothing is sent.
+3. Answers: parsed from each rationale (kdlm.recipes.answers). `two_stage` asks the teacher, for those
+   that state none, what its final answer is (Fine-tune-CoT's second stage).
+4. Filter: `gold` keeps rationales whose answer equals the gold label (Fine-tune-CoT, MT-CoT's COTE);
+   `majority` keeps those that agree with the majority answer, at least `min_agreement` of the samples
+   (self-consistency, for unlabelled data); `none` keeps all (SCoTD's default, DSS `label_type llm`).
+   `rationalize` asks the teacher to explain the gold answer for questions with no correct sample and
+   keeps its explanation when it reaches that answer (MT-CoT's CROP).
+5. Format (one JSONL record per kept rationale, `kdlm distill` trains on it):
+   - `finetune_cot`: question -> "rationale --> answer END" (the student must learn to stop);
+   - `step_by_step`: "[label] question" -> answer (weight 1) and "[rationale] question" -> rationale
+     (weight `rationale_weight`, the paper's lambda); only the label task runs at inference;
+   - `mt_cot`: "[answer] question" -> answer and "[explain] question" -> "rationale --> answer END";
+   - `label_only`: question -> answer (the fine-tuning baseline; no teacher needed).
+   Held-out questions go to OUTPUT.heldout.jsonl as prompts in the same format, gold under `meta`.
+
+Every teacher request goes through the generation engine with one SQLite cache for all stages, so a
+rerun after a kill sends only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.console import Console
+
+from kdlm.config import _format_errors
+from kdlm.errors import KdlmError
+from kdlm.recipes.answers import ANSWER_MARKERS, END_MARKER, END_SPLIT, extract_answer, majority_vote
+from kdlm.recipes.tasks import TaskSpec, load_task
+
+console = Console(stderr=True)
+
+# Our wording of the zero-shot CoT cue (Kojima et al., arXiv 2205.11916), and of the line that fixes
+# where the answer goes so that it can be parsed.
+STEP_CUE = "Work through it one step at a time, then write the result on a last line as 'Answer: <answer>'."
+FINAL_ANSWER_CUE = "So what is your final answer? Reply with the answer only, as 'Answer: <answer>'."
+RATIONALIZE = (
+    "{question}\n\nThe correct answer is {answer}. Explain step by step how to reach it, "
+    "then write 'Answer: {answer}' on a last line."
+)
+ARROW = " --> "
+
+
+class CotRecipe(BaseModel):
+    """The `recipe:` section of a chain-of-thought generate config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["cot"] = "cot"
+    task: TaskSpec
+    heldout: int = Field(0, ge=0, description="Questions held out for evaluation (the last ones of the task).")
+    rationales: Literal["teacher", "dataset"] = Field("teacher", description="dataset: worked solutions, no teacher.")
+    prompt: Literal["zero_shot", "few_shot"] = Field("zero_shot")
+    demonstrations: int = Field(4, ge=1, description="few_shot: worked examples shown (taken out of training).")
+    two_stage: bool = Field(True, description="Ask for the final answer when a rationale states none.")
+    filter: Literal["gold", "majority", "none"] = Field("gold")
+    min_agreement: float = Field(0.5, ge=0, le=1, description="filter=majority: least share of samples agreeing.")
+    rationalize: bool = Field(True, description="filter=gold: explain the gold answer where no sample is correct.")
+    distinct: bool = Field(True, description="Keep each distinct rationale of a question once.")
+    format: Literal["finetune_cot", "step_by_step", "mt_cot", "label_only"] = Field("finetune_cot")
+    rationale_weight: float = Field(1.0, ge=0, description="step_by_step / mt_cot: weight of the rationale task.")
+    label_prefix: str = Field("[label] ", description="step_by_step: prefix of the label task.")
+    rationale_prefix: str = Field("[rationale] ", description="step_by_step: prefix of the rationale task.")
+    seed: int = Field(0, description="Shuffles the task before the split.")
+
+
+def parse_recipe(tree: dict, source: str = "recipe") -> CotRecipe:
+    try:
+        return CotRecipe.model_validate(tree)
+    except ValidationError as error:
+        raise KdlmError(_format_errors(error, source).replace("invalid config", "invalid recipe").replace("\n  ", "\n  recipe.")) from None
+
+
+# ---- prompts ---------------------------------------------------------------------------------------
+
+
+def zero_shot_messages(question: str) -> list[dict]:
+    return [{"role": "user", "content": f"{question}\n\n{STEP_CUE}"}]
+
+
+def few_shot_messages(question: str, demonstrations: list[dict]) -> list[dict]:
+    """Worked examples as earlier turns, each answered in the form asked of the teacher."""
+    messages = []
+    for demo in demonstrations:
+        messages.append({"role": "user", "content": f"{demo['question']}\n\n{STEP_CUE}"})
+        messages.append({"role": "assistant", "content": f"{demo['rationale']}\nAnswer: {demo['answer']}"})
+    return messages + zero_shot_messages(question)
+
+
+def final_answer_messages(messages: list[dict], rationale: str) -> list[dict]:
+    """Fine-tune-CoT's second stage: the first prompt, the teacher's rationale, and a cue for the answer."""
+    return [*messages, {"role": "assistant", "content": rationale}, {"role": "user", "content": FINAL_ANSWER_CUE}]
+
+
+def rationalize_messages(question: str, answer: str) -> list[dict]:
+    """Rationalisation prompting (MT-CoT's RP): explain a given answer."""
+    return [{"role": "user", "content": RATIONALIZE.format(question=question, answer=answer)}]
+
+
+def split_rationale(text: str) -> str:
+    """The reasoning without its answer statement: the text before the last answer marker, stripped."""
+    text = END_SPLIT.split(text, maxsplit=1)[0]
+    markers = list(ANSWER_MARKERS.finditer(text))
+    return (text[: markers[-1].start()] if markers else text).strip()
+
+
+# ---- selection -------------------------------------------------------------------------------------
+
+
+def select_rationales(samples: list[dict], gold: str | None, mode: str, min_agreement: float = 0.5,
+                     distinct: bool = True) -> tuple[list[dict], dict]:
+    """The samples to train on, and what the filter saw.
+
+    Args:
+        samples: `{"rationale", "answer"}` per teacher sample of one question (`answer` None: unparseable).
+        gold: the gold answer, or None for unlabelled data.
+        mode: "gold" (answer == gold), "majority" (answer == the majority answer, with enough agreement;
+            the majority answer becomes the label) or "none".
+
+    Returns:
+        (kept samples, each with the `label` to train on; info {"vote": Vote, "correct": int}).
+    """
+    vote = majority_vote([sample["answer"] for sample in samples])
+    info = {"vote": vote, "correct": sum(gold is not None and sample["answer"] == gold for sample in samples)}
+    if mode == "gold":
+        if gold is None:
+            raise KdlmError("filter=gold needs gold answers; use filter=majority for unlabelled questions")
+        kept = [dict(sample, label=gold) for sample in samples if sample["answer"] == gold]
+    elif mode == "majority":
+        if vote.answer is None or vote.agreement < min_agreement:
+            kept = []
+        else:
+            kept = [dict(sample, label=vote.answer) for sample in samples if sample["answer"] == vote.answer]
+    elif mode == "none":
+        kept = [dict(sample, label=sample["answer"]) for sample in samples if sample["answer"] is not None]
+    else:
+        raise ValueError(f"unknown filter {mode!r}")
+    if distinct:
+        seen, unique = set(), []
+        for sample in kept:
+            if sample["rationale"] not in seen:
+                seen.add(sample["rationale"])
+                unique.append(sample)
+        kept = unique
+    return kept, info
+
+
+# ---- student formats -------------------------------------------------------------------------------
+
+
+def student_prompt(question: str, recipe: CotRecipe) -> str:
+    """What the student sees at inference."""
+    if recipe.format == "step_by_step":
+        return recipe.label_prefix + question
+    if recipe.format == "mt_cot":
+        return "[answer] " + question
+    return question
+
+
+def format_records(question: str, rationale: str, label: str, recipe: CotRecipe, meta: dict) -> list[dict]:
+    """Training records of one kept rationale in the recipe's format."""
+    chain = f"{rationale}{ARROW}{label} {END_MARKER}"
+    if recipe.format == "finetune_cot":
+        return [{"prompt": question, "response": chain, "meta": meta}]
+    if recipe.format == "label_only":
+        return [{"prompt": question, "response": label, "meta": meta}]
+    if recipe.format == "step_by_step":
+        return [
+            {"prompt": recipe.label_prefix + question, "response": label, "weight": 1.0, "meta": {**meta, "task": "label"}},
+            {"prompt": recipe.rationale_prefix + question, "response": rationale, "weight": recipe.rationale_weight,
+             "meta": {**meta, "task": "rationale"}},
+        ]
+    return [  # mt_cot: the explanation task writes the reasoning, then the answer
+        {"prompt": "[answer] " + question, "response": label, "weight": 1.0, "meta": {**meta, "task": "answer"}},
+        {"prompt": "[explain] " + question, "response": chain, "weight": recipe.rationale_weight,
+         "meta": {**meta, "task": "explain"}},
+    ]
+
+
+def parse_student_output(text: str, recipe: CotRecipe) -> str | None:
+    task = recipe.task
+    return extract_answer(text, task.answer_type, task.labels)
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+    temporary.replace(path)
+
+
+def _ask(config, name: str, prompts: list[list[dict]], n: int, temperature: float | None = None) -> dict:
+    """Send `prompts` (n samples each) through the engine; {(prompt index, sample): answer text}."""
+    from kdlm.generate import generate
+
+    output = Path(config.output)
+    stage = output.with_name(f"{output.stem}.{name}.jsonl")
+    prompt_file = output.with_name(f"{output.stem}.{name}.prompts.jsonl")
+    _write_jsonl(prompt_file, [{"messages": messages} for messages in prompts])
+    sampling = config.sampling.model_copy(update={"n": n} | ({} if temperature is None else {"temperature": temperature}))
+    stage_config = config.model_copy(update={
+        "prompts": str(prompt_file), "output": str(stage), "limit": None, "sampling": sampling,
+        "cache": config.cache or str(output.with_suffix(".sqlite")),  # one cache for every stage
+    })
+    generate(stage_config)
+    answers = {}
+    for line in stage.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        answers[(record["meta"]["prompt_index"], record["meta"]["sample"])] = record["messages"][-1]["content"]
+    return answers
+
+
+def split_task(examples: list[dict], recipe: CotRecipe) -> tuple[list[dict], list[dict], list[dict]]:
+    """(demonstrations, training questions, held-out questions), after a seeded shuffle."""
+    examples = list(examples)
+    random.Random(recipe.seed).shuffle(examples)
+    demos: list[dict] = []
+    if recipe.rationales == "teacher" and recipe.prompt == "few_shot":
+        demos = [example for example in examples if example["rationale"]][: recipe.demonstrations]
+        if len(demos) < recipe.demonstrations:
+            raise KdlmError(f"few_shot needs {recipe.demonstrations} examples with worked solutions; "
+                            f"the task has {len(demos)}")
+        examples = [example for example in examples if example not in demos]
+    if recipe.heldout >= len(examples):
+        raise KdlmError(f"heldout={recipe.heldout} leaves no training questions of {len(examples)}")
+    cut = len(examples) - recipe.heldout
+    return demos, examples[:cut], examples[cut:]
+
+
+def run(config) -> dict:
+    """Run the recipe of a generate config (`config.recipe`); returns counts (also printed)."""
+    recipe = parse_recipe(config.recipe, f"recipe of {config.output}")
+    task = recipe.task
+    demos, train, heldout = split_task(load_task(task), recipe)
+    output = Path(config.output)
+    stats = {"questions": len(train), "heldout": len(heldout), "samples": 0, "unparsed": 0, "kept": 0,
+             "questions_kept": 0, "rationalized": 0, "records": 0}
+
+    unlabelled = sum(example["answer"] is None for example in train)
+    if unlabelled and (recipe.filter == "gold" or recipe.format == "label_only"):
+        raise KdlmError(f"{unlabelled} training questions have no gold answer: use recipe.filter=majority "
+                        "(self-consistency labels them) with a teacher-written format")
+    if recipe.format == "label_only":
+        samples = {i: [{"rationale": "", "answer": example["answer"], "source": "gold"}] for i, example in enumerate(train)}
+    elif recipe.rationales == "dataset":
+        missing = [example["id"] for example in train if not example["rationale"]]
+        if missing:
+            raise KdlmError(f"rationales=dataset: {len(missing)} questions have no worked solution (first id {missing[0]})")
+        samples = {i: [{"rationale": split_rationale(example["rationale"]), "answer": example["answer"],
+                        "source": "dataset"}] for i, example in enumerate(train)}
+    else:
+        build = (lambda q: few_shot_messages(q, demos)) if recipe.prompt == "few_shot" else zero_shot_messages
+        prompts = [build(example["question"]) for example in train]
+        texts = _ask(config, "rationales", prompts, config.sampling.n)
+        samples = {i: [] for i in range(len(train))}
+        for (index, _), text in sorted(texts.items()):
+            answer = extract_answer(text, task.answer_type, task.labels)
+            samples[index].append({"rationale": split_rationale(text), "answer": answer, "source": "teacher", "text": text})
+        unparsed = [(i, k) for i, group in samples.items() for k, sample in enumerate(group) if sample["answer"] is None]
+        if recipe.two_stage and unparsed:
+            second = _ask(config, "final-answers", [final_answer_messages(prompts[i], samples[i][k]["text"])
+                                                    for i, k in unparsed], 1, temperature=0.0)
+            for position, (i, k) in enumerate(unparsed):
+                if (position, 0) in second:
+                    samples[i][k]["answer"] = extract_answer(second[(position, 0)], task.answer_type, task.labels)
+        stats["samples"] = sum(len(group) for group in samples.values())
+        stats["unparsed"] = sum(s["answer"] is None for group in samples.values() for s in group)
+
+    kept: dict[int, list[dict]] = {}
+    for index, example in enumerate(train):
+        mode = "none" if recipe.format == "label_only" else recipe.filter
+        kept[index], _ = select_rationales(samples[index], example["answer"] if mode == "gold" else None, mode,
+                                           recipe.min_agreement, recipe.distinct)
+    empty = [i for i in range(len(train)) if not kept[i]]
+    if recipe.rationales == "teacher" and recipe.filter == "gold" and recipe.rationalize and empty \
+            and recipe.format != "label_only":
+        texts = _ask(config, "rationalizations", [rationalize_messages(train[i]["question"], train[i]["answer"])
+                                                  for i in empty], 1, temperature=0.0)
+        for position, i in enumerate(empty):
+            text = texts.get((position, 0))
+            if text is not None and extract_answer(text, task.answer_type, task.labels) == train[i]["answer"]:
+                kept[i] = [{"rationale": split_rationale(text), "answer": train[i]["answer"], "label": train[i]["answer"],
+                            "source": "rationalization"}]
+                stats["rationalized"] += 1
+
+    records = []
+    for index, example in enumerate(train):
+        for sample in kept[index]:
+            meta = {"id": example["id"], "gold": example["answer"], "source": sample["source"]}
+            records.extend(format_records(example["question"], sample["rationale"], sample["label"], recipe, meta))
+    stats["kept"] = sum(len(group) for group in kept.values())
+    stats["questions_kept"] = sum(bool(group) for group in kept.values())
+    stats["records"] = len(records)
+    if not records:
+        raise KdlmError("no rationale passed the filter: check the teacher's answers in the stage files next to "
+                        f"{output}, or loosen recipe.filter")
+    _write_jsonl(output, records)
+    if heldout:
+        _write_jsonl(output.with_name(f"{output.stem}.heldout.jsonl"), [
+            {"prompt": student_prompt(example["question"], recipe), "meta": {"id": example["id"], "gold": example["answer"]}}
+            for example in heldout
+        ])
+    console.print(
+        f"cot: {stats['questions']} questions, {stats['samples']} teacher samples ({stats['unparsed']} without an answer), "
+        f"{stats['kept']} rationales kept for {stats['questions_kept']} questions ({stats['rationalized']} by "
+        f"rationalization) -> {stats['records']} records in {output}",
+        highlight=False,
+    )
+    return stats

@@ -1,0 +1,176 @@
+"""Labelled tasks for the reasoning and in-context recipes, and greedy evaluation of a student on them.
+
+A task is a list of examples `{"id", "question", "answer", "rationale"}`: the gold answer already in the
+parsers' normal form (kdlm.recipes.answers), None for an unlabelled question, and a worked solution when the data set has one (GSM8K's
+solutions, SVAMP's equations, the synthetic task's steps), which can stand in for teacher rationales.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kdlm.errors import KdlmError
+from kdlm.recipes.answers import extract_answer, normalise_gold
+
+FORMATS = ("qa", "gsm8k", "svamp", "pubmedqa", "legalbench", "arith")
+CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: "48/2 = <<48/2=24>>24"
+
+
+class TaskSpec(BaseModel):
+    """Where a task's examples come from and how its answers are read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="Name in reports (default: the file's folder or name).")
+    source: str = Field(..., description="File path; for format=arith, `arith:COUNT:SEED` (synthetic problems).")
+    format: Literal["qa", "gsm8k", "svamp", "pubmedqa", "legalbench", "arith"] = Field(
+        "qa", description="qa: JSONL with question, answer (and optional rationale); the others: those data sets' files."
+    )
+    answer_type: Literal["number", "label"] = Field("number", description="How answers are parsed.")
+    labels: list[str] | None = Field(None, description="answer_type=label: the label set (e.g. [yes, no, maybe]).")
+    instruction: str | None = Field(None, description="A line that states the task, put before k-shot prompts.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N examples.")
+
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        path = Path(self.source)
+        return path.parent.name if self.format in ("legalbench", "gsm8k", "svamp", "pubmedqa") else path.stem
+
+
+def load_task(spec: TaskSpec) -> list[dict]:
+    """The task's examples, gold answers normalised.
+
+    Raises:
+        KdlmError: a missing or malformed file (the message names the line or record), a gold answer that
+            does not parse, or an empty task.
+    """
+    if spec.answer_type == "label" and not spec.labels:
+        raise KdlmError(f"task {spec.source}: answer_type=label needs `labels`, e.g. labels: [yes, no, maybe]")
+    if spec.format == "arith":
+        raw = _arith(spec.source)
+    else:
+        path = Path(spec.source).expanduser()
+        if not path.is_file():
+            raise KdlmError(f"task file not found: {path} (format {spec.format})")
+        raw = {"qa": _qa, "gsm8k": _gsm8k, "svamp": _svamp, "pubmedqa": _pubmedqa, "legalbench": _legalbench}[spec.format](path)
+    examples = []
+    for index, (where, question, answer, rationale) in enumerate(raw[: spec.limit] if spec.limit else raw):
+        try:  # an unlabelled question (qa without "answer") has gold None: filter=majority labels it
+            gold = None if answer is None else normalise_gold(answer, spec.answer_type, spec.labels)
+        except ValueError as error:
+            raise KdlmError(f"{where}: {error}; fix the record or the task's answer_type/labels") from None
+        examples.append({"id": index, "question": question, "answer": gold, "rationale": rationale})
+    if not examples:
+        raise KdlmError(f"task {spec.source} has no examples")
+    return examples
+
+
+def _qa(path: Path) -> list[tuple]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise KdlmError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+            raise KdlmError(f'{where}: a task record needs "question" (a string) and, when labelled, "answer"; '
+                            f"got {line[:120]}")
+        rows.append((where, record["question"], record.get("answer"), record.get("rationale")))
+    return rows
+
+
+def _gsm8k(path: Path) -> list[tuple]:
+    rows = []
+    for where, question, solution, _ in _qa(path):
+        rationale, _, answer = str(solution).rpartition("####")
+        if not _:
+            raise KdlmError(f"{where}: a GSM8K answer ends with '#### N'")
+        rows.append((where, question, answer.strip(), CALCULATOR.sub("", rationale).strip()))
+    return rows
+
+
+def _svamp(path: Path) -> list[tuple]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = []
+    for index, item in enumerate(data):
+        question = f"{item['Body'].strip().rstrip('.')}. {item['Question'].strip()}"
+        equation = item["Equation"].strip()
+        answer = item["Answer"]
+        rows.append((f"{path}: record {index + 1}", question, answer, f"{equation} = {answer:g}."))
+    return rows
+
+
+def _pubmedqa(path: Path) -> list[tuple]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rows = []
+    for key, item in data.items():
+        contexts = " ".join(item["CONTEXTS"]) if isinstance(item["CONTEXTS"], list) else str(item["CONTEXTS"])
+        question = f"Context: {contexts}\nQuestion: {item['QUESTION']}"
+        rows.append((f"{path}: {key}", question, item["final_decision"], item.get("LONG_ANSWER")))
+    return rows
+
+
+def _legalbench(path: Path) -> list[tuple]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t")
+        if not reader.fieldnames or not {"label", "text"} <= set(reader.fieldnames):
+            raise KdlmError(f"{path}: a LegalBench classification TSV has `label` and `text` columns")
+        return [(f"{path}:{number}", row["text"], row["label"], None) for number, row in enumerate(reader, start=2)]
+
+
+def _arith(source: str) -> list[tuple]:
+    from kdlm.recipes.arith import make_dataset, worked_steps
+
+    try:
+        prefix, count, seed = source.split(":")
+        count, seed = int(count), int(seed)
+        assert prefix == "arith"
+    except (ValueError, AssertionError):
+        raise KdlmError(f"format=arith takes source arith:COUNT:SEED, e.g. arith:500:0; got {source!r}") from None
+    rows = []
+    for problem in make_dataset(count, seed):
+        lines, _ = worked_steps(problem["start"], problem["operations"])
+        rows.append((f"arith {source}", problem["question"], problem["answer"], " ".join(lines)))
+    return rows
+
+
+def greedy_outputs(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """The model's greedy answers to single-turn chat prompts (its chat template), in order."""
+    import torch
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [
+                tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+                for prompt in prompts[start : start + batch_size]
+            ]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = generated[:, batch["input_ids"].shape[1] :]
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def accuracy(outputs: list[str], golds: list[str], answer_type: str, labels: list[str] | None = None) -> float:
+    """Share of outputs whose parsed answer equals the gold one (an unparseable output counts as wrong)."""
+    if not golds:
+        raise ValueError("accuracy over no examples")
+    hits = sum(extract_answer(text, answer_type, labels) == gold for text, gold in zip(outputs, golds, strict=True))
+    return hits / len(golds)
