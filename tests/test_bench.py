@@ -195,3 +195,20 @@ def test_self_instruct_conversion_keeps_human_outputs_and_names_bad_lines(tmp_pa
     with pytest.raises(KdlmError, match="seed.jsonl:2"):
         convert_self_instruct(source, tmp_path / "bad.jsonl", limit=None)
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e.f": 3}) == {"a.b": 1, "a.c.d": 2, "e.f": 3}
+
+
+def test_every_standard_method_resolves_to_the_config_it_names():
+    """Each grid method's overrides land in a valid `kdlm distill` config that the pipeline accepts."""
+    from kdlm.bench.config import STANDARD_METHODS
+    from kdlm.bench.runner import _pick, make_config, uses_cache
+    from kdlm.pipeline import _check_signal
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+    for name, overrides in STANDARD_METHODS.items():
+        config = make_config(base, overrides)
+        for key, value in overrides.items():
+            assert _pick(config, key) == value, (name, key)
+        _check_signal(config)  # refused combinations (e.g. on-policy from a cache) raise here
+        on_policy = config.method.name != "offpolicy"
+        assert not (on_policy and uses_cache(config)), name
+    assert {"gkd", "distillm", "minillm", "imitkd"} <= set(STANDARD_METHODS)

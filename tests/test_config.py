@@ -21,6 +21,15 @@ def test_every_shipped_config_loads_and_names_its_command():
 
             assert load_generate_config(path).sampling.n >= 1
             continue
+        if first_line.startswith("# kdlm bench "):  # a grid of `kdlm distill` runs over a base config
+            from kdlm.bench import load_bench_config
+            from kdlm.bench.runner import _find, make_config
+
+            bench, folder = load_bench_config(path)
+            base = _find(bench.base, folder) if bench.base else None
+            for method in bench.methods:
+                assert make_config(base, bench.method(method)).train.max_steps >= 0
+            continue
         config = load_config(path)
         assert config.train.max_steps >= 0
 

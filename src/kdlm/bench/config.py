@@ -25,6 +25,15 @@ STANDARD_METHODS: dict[str, dict[str, Any]] = {
     "akl": {"loss.divergence": "akl"},
     "fkl-online": {"loss.divergence": "fkl", "teacher.signal": "online"},
     "fkl-hidden": {"loss.divergence": "fkl", "teacher.signal": "online", "hints.hidden_weight": 1.0},
+    "fkl-sampled": {"loss.divergence": "fkl", "teacher.cache_kind": "sampled", "teacher.samples": 64},
+    # On-policy methods (configs/gkd.yaml etc.): the live teacher scores the student's own samples.
+    "gkd": {"teacher.signal": "online", "loss.divergence": "jsd", "loss.beta": 0.5, "method.name": "gkd",
+            "method.lmbda": 0.5, "method.max_new_tokens": 64},
+    "distillm": {"teacher.signal": "online", "loss.divergence": "srkl", "loss.alpha": 0.1, "method.name": "distillm",
+                 "method.init_threshold": 0.5, "method.max_new_tokens": 64},
+    "minillm": {"teacher.signal": "online", "loss.divergence": "rkl", "method.name": "minillm",
+                "method.teacher_mix": 0.2, "method.max_new_tokens": 64},
+    "imitkd": {"teacher.signal": "online", "loss.divergence": "fkl", "method.name": "imitkd", "method.max_new_tokens": 64},
 }
 
 

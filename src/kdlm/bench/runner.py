@@ -9,7 +9,8 @@ every method that trains from the same cache, so methods differ only in their ob
 Cost per run: wall-clock of training, and FLOPs estimated as 6 * N_student * tokens for the student
 (forward + backward) plus 2 * N_teacher * tokens for each teacher forward: every step with an online
 teacher, once over the training set with a cached one (charged in full to each run that uses the
-cache). Tokens are the target tokens trained on; the teacher's answer generation is not counted.
+cache). Tokens are the target tokens trained on; the teacher's answer generation and the student's own
+sampling in on-policy methods (GKD, DistiLLM, MiniLLM, ImitKD) are not counted: their wall-clock includes it.
 """
 
 from __future__ import annotations
