@@ -8,13 +8,15 @@ once with a message that names the key and the file. Field descriptions double a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kdlm.errors import KdlmError
 from kdlm.losses.divergences import DIVERGENCES
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Section(BaseModel):
@@ -254,12 +256,12 @@ def _format_errors(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML config and apply `key=value` overrides.
+def load_yaml_model(model: type[M], path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+                    what: str = "config", sections: str = "sections", example: str = "train.max_steps=50") -> M:
+    """Read a YAML file into the pydantic `model`, after `key=value` overrides (dotted keys, typed values).
 
-    Args:
-        path: YAML file, or None for the defaults.
-        overrides: strings like `train.max_steps=50`.
+    Shared by every kdlm config (distill, generate, bench). `what` names the file in the not-found error,
+    `sections` lists its top-level keys for the not-a-mapping error, `example` shows a valid override.
 
     Raises:
         KdlmError: missing file, bad YAML, unknown key or bad value (the message names the key and the file).
@@ -270,24 +272,30 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise KdlmError(f"config file not found: {path}")
+            raise KdlmError(f"{what} file not found: {path}")
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise KdlmError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
-            raise KdlmError(f"{path}: the top level must be a mapping of sections (teacher, student, data, ...)")
+            raise KdlmError(f"{path}: the top level must be a mapping of {sections}")
     for item in overrides:
         if "=" not in item:
-            raise KdlmError(f"override {item!r} must look like key=value, e.g. train.max_steps=50")
+            raise KdlmError(f"override {item!r} must look like key=value, e.g. {example}")
         key, _, text = item.partition("=")
         apply_override(tree, key.strip(), _parse_value(text))
     if overrides:
         source += " with overrides " + " ".join(overrides)
     try:
-        return RunConfig.model_validate(tree)
+        return model.model_validate(tree)
     except ValidationError as exc:
         raise KdlmError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a `kdlm distill` YAML config (None: the defaults) and apply `key=value` overrides such as
+    `train.max_steps=50`; errors name the key and the file (see `load_yaml_model`)."""
+    return load_yaml_model(RunConfig, path, overrides, sections="sections (teacher, student, data, ...)")
 
 
 def dump_config(config: RunConfig, path: Path) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from kdlm.config import _format_errors, _parse_value, apply_override
+from kdlm.config import load_yaml_model
 from kdlm.errors import KdlmError
 from kdlm.evaluate.suite import EvalSuiteConfig
 
@@ -73,21 +72,8 @@ class BenchConfig(BaseModel):
 def load_bench_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[BenchConfig, Path]:
     """Read a bench YAML with `key=value` overrides; returns the config and the file's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise KdlmError(f"bench config not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise KdlmError(f"{path}: not valid YAML: {exc}") from None
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise KdlmError(f"override {item!r} must look like key=value, e.g. seeds=[0]")
-        apply_override(tree, key.strip(), _parse_value(text))
-    try:
-        config = BenchConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise KdlmError(_format_errors(exc, str(path))) from None
+    config = load_yaml_model(BenchConfig, path, overrides, what="bench config", example="seeds=[0]",
+                             sections="sections (base, distill, methods, seeds, eval, ...)")
     for name in config.methods:
         config.method(name)
     return config, path.parent

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from kdlm.config import _format_errors, _parse_value, apply_override
-from kdlm.errors import KdlmError
+from kdlm.config import load_yaml_model
 
 
 class Section(BaseModel):
@@ -72,32 +70,6 @@ class GenerateConfig(Section):
 
 
 def load_generate_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> GenerateConfig:
-    """Read a generate config (YAML) and apply `key=value` overrides.
-
-    Raises:
-        KdlmError: missing file, bad YAML, unknown key or bad value (the message names the key and the file).
-    """
-    tree: dict = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise KdlmError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise KdlmError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(tree, dict):
-            raise KdlmError(f"{path}: the top level must be a mapping (prompts, output, teacher, sampling, limits)")
-    for item in overrides:
-        if "=" not in item:
-            raise KdlmError(f"override {item!r} must look like key=value, e.g. sampling.n=4")
-        key, _, text = item.partition("=")
-        apply_override(tree, key.strip(), _parse_value(text))
-    if overrides:
-        source += " with overrides " + " ".join(overrides)
-    try:
-        return GenerateConfig.model_validate(tree)
-    except ValidationError as exc:
-        raise KdlmError(_format_errors(exc, source)) from None
+    """Read a generate config (YAML) and apply `key=value` overrides; errors name the key and the file."""
+    return load_yaml_model(GenerateConfig, path, overrides, sections="sections (prompts, output, teacher, sampling, limits)",
+                           example="sampling.n=4")
