@@ -212,3 +212,16 @@ def test_every_standard_method_resolves_to_the_config_it_names():
         on_policy = config.method.name != "offpolicy"
         assert not (on_policy and uses_cache(config)), name
     assert {"gkd", "distillm", "minillm", "imitkd"} <= set(STANDARD_METHODS)
+
+
+def test_decode_tokens_sum_the_log_across_a_resume(tmp_path):
+    from kdlm.bench.runner import decode_tokens
+
+    log = tmp_path / "train_log.csv"
+    assert decode_tokens(log) == {"student": 0, "teacher": 0}  # no log: nothing sampled
+    # Cumulative counters; the run resumed after step 2 and counted again from 0.
+    log.write_text("step,loss,decode_tokens_student,decode_tokens_teacher\n1,1.0,10,0\n2,1.0,25,4\n"
+                   "3,1.0,5,0\n4,1.0,12,4\n")
+    assert decode_tokens(log) == {"student": 25 + 12, "teacher": 4 + 4}
+    log.write_text("step,loss\n1,1.0\n")  # an off-policy run
+    assert decode_tokens(log) == {"student": 0, "teacher": 0}

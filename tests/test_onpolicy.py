@@ -262,10 +262,26 @@ def test_gkd_samples_from_the_trained_student_module_itself(setup):
                  tokenizer=tokenizer, max_steps=1)
     [[sampled]] = method.prepare_step(0, [[examples[0]]])
     assert calls["teacher"] == 0 and 1 <= calls["student"] <= 4  # one forward per decoded token, no copy
+    # The cost counters (kdlm bench's FLOP estimate) charge the sampled sequence to the model that ran it.
+    assert method.counters() == {"generated": 1, "decode_tokens_student": len(sampled["input_ids"]),
+                                 "decode_tokens_teacher": 0}
     seq_kd = GKD(MethodConfig(name="gkd", lmbda=0.0, seq_kd=True, max_new_tokens=4), student=student, teacher=teacher,
                  tokenizer=tokenizer, max_steps=1)
-    seq_kd.prepare_step(0, [[examples[0]]])
+    [[by_teacher]] = seq_kd.prepare_step(0, [[examples[0]]])
     assert 1 <= calls["teacher"] <= 4
+    assert seq_kd.counters()["decode_tokens_teacher"] == len(by_teacher["input_ids"])
+    assert seq_kd.counters()["decode_tokens_student"] == 0
+
+
+def test_minillm_mixture_sampling_is_charged_to_both_models(setup):
+    teacher, tokenizer, examples, _ = setup
+    student = tiny_llama(len(tokenizer), num_layers=2, seed=2)
+    method = build_method(MethodConfig(name="minillm", teacher_mix=0.2, max_new_tokens=4), student=student,
+                          teacher=teacher, tokenizer=tokenizer, loss_config=LossConfig(divergence="rkl"), max_steps=1,
+                          seed=0, bf16=False, vocab_size=len(tokenizer), batch_size=2)
+    [batch] = method.prepare_step(0, [examples[:2]])
+    total = sum(len(example["input_ids"]) for example in batch)
+    assert method.counters() == {"generated": 2, "decode_tokens_student": total, "decode_tokens_teacher": total}
 
 
 @pytest.mark.parametrize(

@@ -166,7 +166,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:i
 <h1>kdlm bench: {html.escape(str(output_dir))}</h1>
 <p>Ranked by <b>{html.escape(result['metric'])}</b>; mean ± std over seeds {html.escape(str(result.get('seeds')))}.</p>
 {_markdown_to_html_table(table)}
-<p>≈ best: within twice the standard error of the difference (seed spread). FLOPs: 6·N_student·tokens + 2·N_teacher·teacher tokens.</p>
+<p>≈ best: within twice the standard error of the difference (seed spread). FLOPs: 6·N_student·tokens + 2·N_teacher·teacher tokens, plus 2·N per token each model runs while sampling (on-policy methods).</p>
 {'<h2>Failed runs</h2><ul>' + failures + '</ul>' if failures else ''}
 <h2>Plots</h2>
 {''.join(figures)}

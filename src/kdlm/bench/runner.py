@@ -9,12 +9,14 @@ every method that trains from the same cache, so methods differ only in their ob
 Cost per run: wall-clock of training, and FLOPs estimated as 6 * N_student * tokens for the student
 (forward + backward) plus 2 * N_teacher * tokens for each teacher forward: every step with an online
 teacher, once over the training set with a cached one (charged in full to each run that uses the
-cache). Tokens are the target tokens trained on; the teacher's answer generation and the student's own
-sampling in on-policy methods (GKD, DistiLLM, MiniLLM, ImitKD) are not counted: their wall-clock includes it.
+cache), plus 2 * N * tokens for each model's sampling in on-policy methods (GKD, DistiLLM, MiniLLM, ImitKD:
+prompt and decoded tokens, from the run's training log). Tokens are the target tokens trained on; the
+teacher's answer generation, shared by every method, is not counted.
 """
 
 from __future__ import annotations
 
+import csv
 import gc
 import json
 import shutil
@@ -214,17 +216,42 @@ class Bench:
             teacher_tokens = (read_manifest(run_dir / "teacher_cache") or {}).get("num_tokens", tokens)
         if config.teacher.signal == "online" and config.loss.kd_weight > 0:
             teacher_tokens = tokens
+        decode = decode_tokens(run_dir / "train_log.csv")
         done = {
             "method": method, "seed": seed, "fingerprint": identity, "run_dir": str(run_dir),
             "wall_s": wall, "train_s": train_s, "steps": report["steps"], "tokens": tokens,
             "student_parameters": student_parameters, "teacher_parameters": teacher_parameters,
-            "teacher_tokens": teacher_tokens,
-            "flops": 6 * student_parameters * tokens + 2 * teacher_parameters * teacher_tokens,
+            "teacher_tokens": teacher_tokens, "decode_tokens": decode,
+            "flops": 6 * student_parameters * tokens + 2 * teacher_parameters * teacher_tokens
+            + 2 * student_parameters * decode["student"] + 2 * teacher_parameters * decode["teacher"],
             "curve": curve, "curve_eval_s": probe["eval_s"],
         }
         done_file.write_text(json.dumps(done, indent=1))
         gc.collect()
         return done
+
+
+def decode_tokens(train_log: Path) -> dict[str, int]:
+    """Tokens the student and the teacher ran while sampling during a run, from its training log.
+
+    The logged counters are cumulative and start again from 0 when a run resumes, so each drop starts a
+    new segment. Off-policy runs log none.
+    """
+    counts = {"student": 0, "teacher": 0}
+    if not train_log.exists():
+        return counts
+    with train_log.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for name in counts:
+        previous = 0
+        for row in rows:
+            value = row.get(f"decode_tokens_{name}")
+            if value in (None, "", "nan"):
+                continue
+            value = int(float(value))
+            counts[name] += value - previous if value >= previous else value
+            previous = value
+    return counts
 
 
 def run_bench(config: BenchConfig, root: Path = Path(".")) -> dict:

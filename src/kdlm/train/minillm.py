@@ -234,4 +234,4 @@ class MiniLLM(OnPolicyMethod):
         pg, reg, reward, count = self._sums.tolist()
         self._sums.zero_()
         count = max(count, 1)
-        return {"generated": self.generated, "pg": pg / count, "reg": reg / count, "reward": reward / count}
+        return {**self.counters(), "pg": pg / count, "reg": reg / count, "reward": reward / count}

@@ -85,18 +85,30 @@ class OnPolicyMethod:
         self.bf16 = bf16
         self.rng = random.Random(seed)
         self.generated = 0  # sequences sampled so far (for the log)
+        # Tokens each model has run through while sampling (prompt prefill + decoded), for the cost estimate
+        # of `kdlm bench`: decoding costs about 2 x parameters FLOPs per token and model.
+        self.decode_tokens = {"student": 0, "teacher": 0}
 
     def sample(self, model, examples: list[dict]) -> list[dict]:
         seeds = [self.rng.getrandbits(63) for _ in examples]
         self.generated += len(examples)
-        return sample_examples(model, self.tokenizer, examples, max_new_tokens=self.config.max_new_tokens,
-                               temperature=self.config.temperature, top_p=self.config.top_p, seeds=seeds, bf16=self.bf16)
+        out = sample_examples(model, self.tokenizer, examples, max_new_tokens=self.config.max_new_tokens,
+                              temperature=self.config.temperature, top_p=self.config.top_p, seeds=seeds, bf16=self.bf16)
+        processed = sum(len(new["input_ids"]) for old, new in zip(examples, out, strict=True) if new is not old)
+        runners = ["student"] if model is self.student else ["teacher"] if model is self.teacher else ["student", "teacher"]
+        for name in runners:  # anything else is MiniLLM's mixture, which runs both models at every token
+            self.decode_tokens[name] += processed
+        return out
+
+    def counters(self) -> dict:
+        """Cumulative facts for the training log: sequences sampled, and tokens run by each model to sample them."""
+        return {"generated": self.generated, **{f"decode_tokens_{k}": v for k, v in self.decode_tokens.items()}}
 
     def prepare_step(self, step: int, batches: list[list[dict]]) -> list[list[dict]]:
         return batches
 
     def after_step(self, step: int) -> dict:
-        return {"generated": self.generated}
+        return self.counters()
 
 
 class GKD(OnPolicyMethod):
@@ -231,7 +243,7 @@ class DistiLLM(OnPolicyMethod):
         return total / max(count, 1)
 
     def after_step(self, step):
-        record = {"generated": self.generated, "threshold": self.threshold.value, "val_loss": math.nan,
+        record = {**self.counters(), "threshold": self.threshold.value, "val_loss": math.nan,
                   **{f"batches_{k}": v for k, v in self.sources.items()}}
         if step % self.config.eval_every == 0:
             record["val_loss"] = self.validation_loss()
