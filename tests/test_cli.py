@@ -49,7 +49,12 @@ def base_args(root: Path, output: str) -> list[str]:
 @pytest.mark.parametrize("signal", ["topk", "online"])
 def test_distill_end_to_end_brings_the_student_closer(workspace, signal):
     out = f"run-{signal}"
-    run_cli("distill", *base_args(workspace, out), f"teacher.signal={signal}", "teacher.top_k=16", cwd=workspace)
+    proc = run_cli("distill", *base_args(workspace, out), f"teacher.signal={signal}", "teacher.top_k=16", cwd=workspace)
+    from kdlm.precision import resolve_precision
+
+    said = resolve_precision("auto", "cpu").describe()
+    assert " ".join(said.split()) in " ".join(proc.stdout.split())  # says what it chose, and why
+    assert "bf16: auto" in (workspace / out / "config.yaml").read_text()  # the saved config stays portable
     report = json.loads((workspace / out / "report.json").read_text())
     rows = {row["model"]: row for row in report["rows"]}
     assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0, abs=1e-5)

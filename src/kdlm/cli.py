@@ -139,7 +139,7 @@ def serve(
     port: int = typer.Option(8000),
     api_key: str = typer.Option(None, envvar="KDLM_API_KEY", help="Require `Authorization: Bearer KEY`."),
     name: str = typer.Option(None, help="Model id clients send (default: MODEL)."),
-    dtype: str = typer.Option("float32", help="float32, or bfloat16 autocast (about 2x faster on CPU)."),
+    dtype: str = typer.Option("auto", help="auto (bf16 autocast only where the hardware runs it fast), float32 or bfloat16."),
     max_batch: int = typer.Option(32, help="Most sequences decoded together in one batch."),
     batch_wait_ms: float = typer.Option(5.0, help="How long to gather concurrent requests into one batch."),
     latency_ms: float = typer.Option(0.0, help="echo only: seconds/1000 each answer takes."),

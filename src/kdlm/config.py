@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kdlm.errors import KdlmError
 from kdlm.losses.divergences import DIVERGENCES
+from kdlm.precision import Bf16Setting
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -158,7 +159,12 @@ class TrainConfig(Section):
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    bf16: bool = Field(True, description="bf16 autocast (CPU and GPU); weights and optimizer stay fp32.")
+    bf16: Bf16Setting = Field(
+        "auto",
+        description="bf16 autocast for the teacher's answers, its cache and training (weights and optimizer stay fp32): "
+        "auto picks it only where the hardware runs it fast (CUDA with bf16; CPUs with avx512_bf16 or AMX), "
+        "fp32 elsewhere; true/false force it.",
+    )
     seed: int = 0
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on Ctrl-C).")
     log_every: int = Field(1, ge=1)

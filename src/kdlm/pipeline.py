@@ -44,6 +44,7 @@ from kdlm.models import (
     save_student,
     select_layers,
 )
+from kdlm.precision import resolve_precision
 from kdlm.teachers.answers import answer_prompts
 from kdlm.teachers.cache import (
     IDENTITY_KEYS,
@@ -184,6 +185,13 @@ def _check_signal(config: RunConfig) -> None:
             raise KdlmError(f"teacher.cache_kind=sampled: {problem} (loss.divergence, loss.temperature)")
 
 
+def with_precision(config: RunConfig, device: torch.device | str | None = None) -> RunConfig:
+    """A copy of ``config`` whose ``train.bf16`` is a resolved bool (``auto`` asks the hardware); says which and why."""
+    precision = resolve_precision(config.train.bf16, device)
+    console.print(precision.describe(), highlight=False)
+    return config.model_copy(update={"train": config.train.model_copy(update={"bf16": precision.bf16})})
+
+
 def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
     """Run the whole job; returns the report (also written to output_dir/report.json and report.md).
 
@@ -199,6 +207,7 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, output_dir / "config.yaml")
+    config = with_precision(config, accelerator.device)  # config.yaml keeps "auto"; the run uses the resolved value
     timings: dict[str, float] = {}
     use_kd = config.loss.kd_weight > 0
     from_cache = config.teacher.cache is not None  # train without ever loading the teacher's weights
@@ -311,6 +320,7 @@ def run_cache_teacher(config: RunConfig) -> dict:
     """
     if config.teacher.signal == "online":
         raise KdlmError("kdlm cache-teacher writes cached targets; set teacher.signal=topk")
+    config = with_precision(config)
     dtype = torch.bfloat16 if config.teacher.dtype == "bfloat16" else torch.float32
     started = time.perf_counter()
     if config.teacher.api_base:  # a served teacher: its tokenizer here, its top-k log-probs over the API
@@ -344,6 +354,7 @@ def run_eval(config: RunConfig) -> list[dict]:
     """`kdlm eval`: the teacher and each model of eval.models on the config's held-out teacher answers."""
     if not config.eval.models:
         raise KdlmError("nothing to evaluate: set eval.models=[path/to/student,...]")
+    config = with_precision(config)
     teacher, tokenizer = load_model(config.teacher.model)
     _, heldout = prepare_data(config, teacher, tokenizer)
     if not heldout:
@@ -361,6 +372,7 @@ def run_eval(config: RunConfig) -> list[dict]:
 
 def run_build_student(config: RunConfig) -> Path:
     """`kdlm build-student`: build and save the student without training; prints its size."""
+    config = with_precision(config)
     teacher, tokenizer = load_model(config.teacher.model)
     train_examples, _ = prepare_data(config, teacher, tokenizer) if config.student.layers == "influence" else ([], [])
     student, kept_layers, _ = build_student(config, teacher, tokenizer, train_examples, None)

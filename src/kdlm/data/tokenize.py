@@ -127,17 +127,18 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, Tensor]:
         )
     length = max(len(example["input_ids"]) for example in examples)
     shape = (len(examples), length)
-    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.long)
-    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    # Batches are built on the CPU; the training loop moves them to its device.
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long, device="cpu")
+    attention_mask = torch.zeros(shape, dtype=torch.long, device="cpu")
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long, device="cpu")
     for row, example in enumerate(examples):
         size = len(example["input_ids"])
-        input_ids[row, :size] = torch.tensor(example["input_ids"], dtype=torch.long)
+        input_ids[row, :size] = torch.tensor(example["input_ids"], dtype=torch.long, device="cpu")
         attention_mask[row, :size] = 1
-        labels[row, :size] = torch.tensor(example["labels"], dtype=torch.long)
+        labels[row, :size] = torch.tensor(example["labels"], dtype=torch.long, device="cpu")
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if any("weight" in example for example in examples):
-        batch["weights"] = torch.tensor([float(example.get("weight", 1.0)) for example in examples])
+        batch["weights"] = torch.tensor([float(example.get("weight", 1.0)) for example in examples], device="cpu")
     return batch
 
 

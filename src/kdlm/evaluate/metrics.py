@@ -75,7 +75,7 @@ def text_perplexity(model, tokenizer, text: str, *, max_tokens: int = 4096, wind
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([ids[start : start + window]])
+        chunk = torch.tensor([ids[start : start + window]], device=model.device)
         if chunk.shape[1] < 2:
             break
         logits = model(input_ids=chunk).logits.float()
@@ -120,7 +120,8 @@ def speed(model, tokenizer, prompts: list[str], *, batch_size: int = 8, new_toke
     """
     model.eval()
     weights = sum(t.numel() * t.element_size() for t in model.parameters())
-    ids = torch.randint(0, min(tokenizer.vocab_size, model.config.vocab_size), (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, min(tokenizer.vocab_size, model.config.vocab_size), (batch_size, seq_len),
+                        generator=torch.Generator().manual_seed(0), device="cpu").to(model.device)
     model(input_ids=ids[:, :16])  # warm-up
     with PeakRSS() as memory:
         started = time.perf_counter()

@@ -24,6 +24,7 @@ from kdlm.evaluate.metrics import speed, target_logits, text_perplexity
 from kdlm.evaluate.quality import generate_texts, mean_std, rouge_l, token_fidelity
 from kdlm.evaluate.report import SPEED_PROMPTS
 from kdlm.evaluate.tasks import Task, build_prompt, load_task
+from kdlm.precision import Bf16Setting
 from kdlm.models import check_vocab_compatible, describe_model, load_model
 from kdlm.teachers.answers import answer_prompts, fingerprint
 
@@ -51,7 +52,9 @@ class EvalSuiteConfig(BaseModel):
     fidelity_prompts: int = Field(16, ge=1, description="Held-out prompts (the last Self-Instruct user prompts) the teacher answers for KL/top-1/ECE.")
     fidelity_max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(8, ge=1)
-    bf16: bool = Field(True, description="Generate under bf16 autocast (about 2x faster on CPU); scores stay fp32.")
+    bf16: Bf16Setting = Field(
+        "auto", description="Generate under bf16 autocast (auto: only where the hardware runs it fast); scores stay fp32."
+    )
     generation_tokens: int = Field(32, ge=1, description="New tokens per prompt when timing generation.")
     output_dir: str = Field("runs/eval")
 

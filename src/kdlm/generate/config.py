@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from kdlm.config import load_yaml_model
+from kdlm.precision import Bf16Setting
 
 
 class Section(BaseModel):
@@ -23,7 +24,9 @@ class TeacherSection(Section):
     api_key: str | None = Field(None, description="API key; prefer api_key_env so that it stays out of files.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable read when api_key is not set.")
     batch_size: int = Field(16, ge=1, description="Local backends: sequences decoded together.")
-    bf16: bool = Field(True, description="transformers backend: bf16 autocast (about 2x faster on CPU).")
+    bf16: Bf16Setting = Field(
+        "auto", description="transformers backend: bf16 autocast; auto: only where the hardware runs it fast (see kdlm.precision)."
+    )
 
 
 class SamplingSection(Section):

@@ -125,7 +125,7 @@ class _FusedKD(torch.autograd.Function):
         weight = student_weight.detach().to(dtype)
         hidden_grad = torch.zeros_like(student_hidden) if need_hidden_grad else None
         accumulate = torch.promote_types(student_weight.dtype, torch.float32)
-        weight_grad = torch.zeros(student_weight.shape, dtype=accumulate) if need_weight_grad else None
+        weight_grad = torch.zeros(student_weight.shape, dtype=accumulate, device=student_weight.device) if need_weight_grad else None
         total = student_hidden.new_zeros((), dtype=accumulate)
         kd_total, ce_total = total.clone(), total.clone()
         teacher_rows = _teacher_chunks(teacher, dtype)

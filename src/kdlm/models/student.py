@@ -46,7 +46,7 @@ def block_influence(
     mask = attention_mask.bool()
     if not mask.any():
         raise KdlmError("block_influence got an attention_mask with no real token; give a non-empty batch.")
-    scores = torch.zeros(len(layers))
+    scores = torch.zeros(len(layers), device="cpu")
 
     def score_layer(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

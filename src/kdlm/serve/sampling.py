@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kdlm.precision import Bf16Setting, bf16_enabled
+
 
 @dataclass
 class Row:
@@ -96,7 +98,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 @torch.no_grad()
 def decode_batch(
-    model, tokenizer, rows: list[Row], on_delta: DeltaCallback | None = None, bf16: bool = False
+    model, tokenizer, rows: list[Row], on_delta: DeltaCallback | None = None, bf16: Bf16Setting = False
 ) -> list[RowResult]:
     """Generate every row in one batched decode.
 
@@ -106,7 +108,7 @@ def decode_batch(
         rows: the sequences to generate.
         on_delta: called after every step for each row that produced text or finished; text held back
             (a possible start of a stop string, an incomplete character) comes with a later call.
-        bf16: run the forward passes under bf16 autocast.
+        bf16: run the forward passes under bf16 autocast (True, False or "auto", see kdlm.precision).
 
     Returns:
         One result per row, in order.
@@ -127,7 +129,7 @@ def decode_batch(
         generators.append(torch.Generator(device=device).manual_seed(seed % 2**63))  # any int the API accepts
     results = [RowResult() for _ in rows]
     sent = [0] * len(rows)  # characters of each row's text already passed to on_delta
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16_enabled(bf16, device) else contextlib.nullcontext()
 
     # transformers 5 renamed `past_key_values` to `cache`; accept both.
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kdlm.precision import Bf16Setting, bf16_enabled
+
 
 @dataclass
 class ScoredToken:
@@ -22,7 +24,7 @@ class ScoredToken:
 
 
 @torch.no_grad()
-def score_prompts(model, prompts: list[list[int]], top_logprobs: int, bf16: bool = False) -> list[list[ScoredToken]]:
+def score_prompts(model, prompts: list[list[int]], top_logprobs: int, bf16: Bf16Setting = False) -> list[list[ScoredToken]]:
     """Log-probs of each prompt token given the ones before it, and the top alternatives at each position.
 
     Args:
@@ -38,7 +40,7 @@ def score_prompts(model, prompts: list[list[int]], top_logprobs: int, bf16: bool
     for i, ids in enumerate(prompts):  # right padding: positions count from 0 in every row
         input_ids[i, : len(ids)] = torch.tensor(ids, device=device)
         mask[i, : len(ids)] = 1
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16_enabled(bf16, device) else contextlib.nullcontext()
     with autocast:
         logits = model(input_ids=input_ids, attention_mask=mask).logits
     results = []

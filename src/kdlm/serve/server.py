@@ -20,7 +20,7 @@ def build_backend(
     model: str,
     *,
     name: str | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
     max_batch: int = 32,
     batch_wait_ms: float = 5.0,
     latency_ms: float = 0.0,
@@ -30,17 +30,18 @@ def build_backend(
     Args:
         model: the model spec, or `echo` (answers the prompt's words after `latency_ms`).
         name: the model id clients must send; defaults to the spec.
-        dtype: float32, or bfloat16 to run the forward passes under bf16 autocast (weights stay fp32).
+        dtype: auto, float32, or bfloat16 to run the forward passes under bf16 autocast (weights stay fp32); auto
+            picks bf16 only where the hardware runs it fast (kdlm.precision).
     """
     if model == ECHO:
         return EchoBackend(latency_ms, name=name or ECHO)
-    if dtype not in ("float32", "bfloat16"):
-        raise KdlmError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise KdlmError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
     from kdlm.models import load_model
 
     loaded, tokenizer = load_model(model)
     return ModelBackend(name or model, loaded, tokenizer, max_batch=max_batch, wait_ms=batch_wait_ms,
-                        bf16=dtype == "bfloat16")
+                        bf16="auto" if dtype == "auto" else dtype == "bfloat16")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kdlm.errors import KdlmError
 from kdlm.models.loading import cache_dir
+from kdlm.precision import Bf16Setting, bf16_enabled
 
 
 def fingerprint(payload: dict) -> str:
@@ -42,7 +43,7 @@ def answer_prompts(
     top_p: float = 0.9,
     batch_size: int = 32,
     seed: int = 0,
-    bf16: bool = True,
+    bf16: Bf16Setting = "auto",
     cache_file: Path | None = None,
 ) -> list[dict]:
     """Return chat records whose last message is the teacher's answer, generating only uncached ones.
@@ -54,8 +55,8 @@ def answer_prompts(
         teacher_name: identifies the teacher in the cache key (its spec string).
         samples_per_prompt: answers per prompt; sample i of a prompt is seeded independently.
         temperature: 0 means greedy decoding.
-        bf16: generate under bf16 autocast (about 2x faster on CPU than fp32, measured with
-            batch 32 on the bundled teacher); part of the cache key, since it changes the answers.
+        bf16: generate under bf16 autocast: True, False or "auto" (where the hardware runs it fast, see
+            kdlm.precision); the resolved value is part of the cache key, since it changes the answers.
         cache_file: defaults to `cache_dir()/answers/<settings fingerprint>.jsonl`.
 
     Returns:
@@ -67,7 +68,7 @@ def answer_prompts(
         "temperature": temperature,
         "top_p": top_p,
         "seed": seed,
-        "bf16": bf16,
+        "bf16": bf16_enabled(bf16, model.device if model is not None else None),
     }
     if cache_file is None:
         cache_file = cache_dir() / "answers" / f"{fingerprint(settings)}.jsonl"

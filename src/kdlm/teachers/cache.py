@@ -212,14 +212,14 @@ def sample_counts(logprobs: Tensor, samples: int, generator: torch.Generator) ->
         (num_distinct (n,), ids (D,), counts (D,)), int64; per row, ids ascending; counts sum to `samples`.
     """
     if logprobs.shape[0] == 0:  # an example without target tokens
-        empty = torch.zeros(0, dtype=torch.int64)
+        empty = torch.zeros(0, dtype=torch.int64, device=logprobs.device)
         return empty, empty, empty
     draws = torch.multinomial(logprobs.float().exp(), samples, replacement=True, generator=generator)
     draws, _ = draws.sort(dim=1)
     new = torch.ones_like(draws, dtype=torch.bool)
     new[:, 1:] = draws[:, 1:] != draws[:, :-1]
     starts = new.flatten().nonzero().squeeze(1)
-    ends = torch.cat([starts[1:], torch.tensor([draws.numel()])])
+    ends = torch.cat([starts[1:], torch.tensor([draws.numel()], device=starts.device)])
     return new.sum(dim=1), draws.flatten()[starts], ends - starts
 
 
@@ -245,17 +245,19 @@ def _shard_tensors(
                 per_example[i] = topk_entry(values, ids)
             on_examples(len(indices))
             continue
-        batch = collate([examples[i] for i in indices], pad_token_id)
+        device = next(teacher.parameters()).device
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in indices], pad_token_id).items()}
         logprobs = torch.log_softmax(teacher_logits(teacher, batch, bf16=bf16), dim=-1)
         counts = (batch["labels"][:, 1:] != -100).sum(dim=1).tolist()
         for i, rows in zip(indices, logprobs.split(counts), strict=True):
             if kind == "topk":
                 values, ids = rows.topk(top_k, dim=-1)
-                per_example[i] = topk_entry(values, ids)
+                per_example[i] = topk_entry(values.cpu(), ids.cpu())
             else:
+                rows = rows.cpu()  # drawn on the CPU with a CPU generator: the same draws on every device
                 generator = torch.Generator().manual_seed(_example_seed(seed, first + i))
                 num_distinct, ids, draws = sample_counts(rows, samples, generator)
-                row_of = torch.repeat_interleave(torch.arange(len(rows)), num_distinct)
+                row_of = torch.repeat_interleave(torch.arange(len(rows), device="cpu"), num_distinct)
                 per_example[i] = {
                     "num_distinct": num_distinct.to(torch.uint16),
                     "ids": ids.to(ids_dtype),
@@ -264,7 +266,7 @@ def _shard_tensors(
                 }
         on_examples(len(indices))
     lengths = [sum(1 for label in example["labels"][1:] if label != -100) for example in examples]
-    tensors = {"token_offsets": torch.tensor([0, *lengths]).cumsum(0)}
+    tensors = {"token_offsets": torch.tensor([0, *lengths], device="cpu").cumsum(0)}
     for name in per_example[0] if per_example else ():
         tensors[name] = torch.cat([item[name] for item in per_example]).contiguous()
     return tensors

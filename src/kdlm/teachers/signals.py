@@ -12,12 +12,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdlm.precision import Bf16Setting, bf16_enabled
 from kdlm.train.forward import project, target_hidden_states
 
 
-def teacher_logits(teacher, batch: dict[str, Tensor], *, bf16: bool) -> Tensor:
+def teacher_logits(teacher, batch: dict[str, Tensor], *, bf16: Bf16Setting) -> Tensor:
     """Teacher logits at the batch's target positions, (N, V), fp32. No gradients."""
-    device_type = batch["input_ids"].device.type
-    with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+    device = batch["input_ids"].device
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_enabled(bf16, device)):
         hidden, _ = target_hidden_states(teacher, batch["input_ids"], batch["attention_mask"], batch["labels"])
         return project(teacher, hidden).float()

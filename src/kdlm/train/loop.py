@@ -38,6 +38,7 @@ from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
 from kdlm.losses import kd_loss_sums, sampled_kd_loss_sums, topk_kd_loss_sums
 from kdlm.losses.fused import TeacherHidden, TeacherLogits, fused_kd_loss, sparse_target
+from kdlm.precision import bf16_enabled
 from kdlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.train.forward import (
     _unwrap,
@@ -79,7 +80,7 @@ class StudentObjective(nn.Module):
             return method_loss(self, batch, teacher_target)
         mask = target_mask(batch["labels"])
         target_ids = batch["labels"][:, 1:][mask]
-        hint_sum = torch.zeros(())
+        hint_sum = batch["input_ids"].new_zeros((), dtype=torch.float32)
         if self.hints is None:
             outputs = decoder_outputs(self.student, batch["input_ids"], batch["attention_mask"])
         else:
@@ -104,7 +105,7 @@ class StudentObjective(nn.Module):
             token_weights = batch["weights"][:, None].expand(mask.shape)[mask]
             ce = (token_weights * nn.functional.cross_entropy(
                 project(self.student, hidden)[:, : self.vocab_size].float(), target_ids, reduction="none")).sum()
-            return ce + hint_sum, ce.new_zeros(()), ce, hint_sum.detach(), torch.tensor(target_ids.numel())
+            return ce + hint_sum, ce.new_zeros(()), ce, hint_sum.detach(), _count(target_ids)
         total, kd, ce, count = self._logit_loss(hidden, target_ids, teacher_target, kd_weight)
         return total + hint_sum, kd, ce, hint_sum.detach(), count
 
@@ -118,7 +119,7 @@ class StudentObjective(nn.Module):
             "lam": self.loss.lam,
             "akl_alpha": self.loss.akl_alpha,
         }
-        count = torch.tensor(target_ids.numel())
+        count = _count(target_ids)
         if self.fused:
             if isinstance(teacher_target, tuple):
                 teacher_target = sparse_target(*teacher_target)
@@ -144,6 +145,11 @@ class StudentObjective(nn.Module):
         return (1 - kd_weight) * ce + kd_weight * kd, kd, ce, count
 
 
+def _count(target_ids: Tensor) -> Tensor:
+    """The number of target tokens, as a tensor on their device (summed across processes later)."""
+    return torch.tensor(target_ids.numel(), device=target_ids.device)
+
+
 def _num_kv_heads(model) -> int:
     config = _unwrap(model).config
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -152,7 +158,8 @@ def _num_kv_heads(model) -> int:
 def run_teacher(teacher: nn.Module, batch: dict[str, Tensor], vocab_size: int, *, bf16: bool, online: bool,
                 hints: HintObjective | None) -> tuple[TeacherHidden | None, dict | None]:
     """One teacher forward (no gradients): the online logit target and/or the states the hint terms need."""
-    with torch.no_grad(), torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+    device = batch["input_ids"].device
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_enabled(bf16, device)):
         store, handles = capture_values(teacher, [t for _, t in hints.attention_pairs]) if hints else ({}, [])
         try:
             outputs = decoder_outputs(teacher, batch["input_ids"], batch["attention_mask"],
@@ -274,6 +281,7 @@ def train(
         length_grouped=config.length_grouped,
     )
     device_type = accelerator.device.type
+    use_bf16 = bf16_enabled(config.bf16, accelerator.device)
     history: list[dict] = []
     log_file, writer = _open_logs(output_dir, accelerator, resumed=start_step > 0)
     step = start_step
@@ -326,7 +334,7 @@ def train(
                         )
                     last_micro = index == len(micro_batches) - 1
                     with accelerator.no_sync(objective) if not last_micro else nullcontext():
-                        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.bf16):
+                        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_bf16):
                             total, kd, ce, hint, count = objective(batch, target, kd_weight, teacher_states,
                                                                    method.loss if method is not None else None)
                         loss = total * (world / max(step_tokens, 1))

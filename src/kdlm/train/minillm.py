@@ -228,7 +228,7 @@ class MiniLLM(OnPolicyMethod):
         nll = -student_logprobs.detach().gather(-1, tokens[:, None]).sum()
         self._sums += torch.stack([pg.detach().cpu(), reg.detach().cpu(), terms["reward"].sum().cpu(),
                                    torch.tensor(float(count))]).float()
-        return total, reg.detach(), nll, torch.zeros(()), torch.tensor(count)
+        return total, reg.detach(), nll, nll.new_zeros(()), torch.tensor(count, device=tokens.device)
 
     def after_step(self, step):
         pg, reg, reward, count = self._sums.tolist()

@@ -235,7 +235,7 @@ class DistiLLM(OnPolicyMethod):
         total = count = 0.0
         loss = self.loss_config
         for s_logits, t_logits in zip(student_logits, self._teacher_logits, strict=True):
-            labels = torch.zeros(s_logits.shape[0], dtype=torch.long)  # every row is a target; CE unused
+            labels = torch.zeros(s_logits.shape[0], dtype=torch.long, device=s_logits.device)  # all targets; CE unused
             divergence, _, num = kd_loss_sums(s_logits, t_logits, labels, divergence=loss.divergence,
                                               temperature=loss.temperature, alpha=loss.alpha)
             total += divergence.item()
