@@ -165,6 +165,22 @@ def serve(
     console.print(f"serving {backend.name!r} at http://{host}:{port}/v1", highlight=False)
     run_server(backend, host=host, port=port, api_key=api_key, faults=faults, request_log=request_log)
 
+@app.command()
+def plan(
+    config: Path = typer.Argument(None, help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    gpus: int = typer.Option(0, help="Plan for this many GPUs (0: this machine: its GPUs if any, else its CPU)."),
+    gpu_memory: float = typer.Option(80.0, help="GiB per GPU when --gpus is given."),
+    gpu_name: str = typer.Option("H100", help="GPU model for the time estimate when --gpus is given."),
+    mfu: float = typer.Option(0.4, help="Model FLOPs utilisation assumed on a GPU."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the plan as JSON here."),
+) -> None:
+    """Memory per device and time per step of a distill config, from the models' configs (no weights loaded)."""
+    from kdlm.plan import run_plan
+
+    run_plan(_config(config, overrides), gpus=gpus, gpu_memory=gpu_memory, gpu_name=gpu_name, mfu=mfu, json_out=json_out)
+
+
 @app.command("cache-teacher")
 def cache_teacher(
     config: Path = typer.Argument(None, help=CONFIG_HELP),

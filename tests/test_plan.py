@@ -1,0 +1,118 @@
+"""`kdlm plan`: parameter counts, the memory model against closed forms and measurements, the advice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from kdlm.config import RunConfig
+from kdlm.plan import (
+    GIB,
+    ModelShape,
+    activation_bytes,
+    model_states_bytes,
+    recommend,
+    shape_from_config,
+    step_flops,
+)
+from test_cli import run_cli
+from tiny import save_tiny_teacher, tiny_llama
+
+
+def test_parameter_counts_from_the_config_equal_the_real_model():
+    model = tiny_llama(300, num_layers=3)
+    shape = shape_from_config(model.config)
+    assert shape.params == sum(p.numel() for p in model.parameters())
+    assert shape.largest_layer == sum(p.numel() for p in model.model.layers[0].parameters())
+    pruned = shape_from_config(model.config, num_layers=1)
+    assert pruned.params == shape.params - 2 * shape.largest_layer
+    frozen = shape_from_config(model.config, trainable="no-embeddings")
+    assert frozen.trainable == shape.params - 300 * 64  # tied: one embedding matrix
+
+
+def test_model_states_match_the_zero_papers_published_figures():
+    """ZeRO (arXiv 1910.02054, Figure 1): a 7.5B model with Adam needs 120 GB per device under data parallelism
+    (16 bytes per parameter) and 1.9 GB with parameters, gradients and optimizer states sharded over 64 devices."""
+    psi = 7.5e9
+    shape = ModelShape(params=int(psi), trainable=int(psi), layers=32, hidden=4096, kv_hidden=4096,
+                       intermediate=11008, vocab=32000, largest_layer=0)
+    assert sum(model_states_bytes(shape, "ddp", 64).values()) == pytest.approx(120e9)
+    assert sum(model_states_bytes(shape, "fsdp", 64).values()) == pytest.approx(1.875e9)  # published: 1.9 GB
+    zero2 = sum(model_states_bytes(shape, "zero2", 64).values())
+    assert zero2 == pytest.approx(4 * psi + 12 * psi / 64)  # fp32 weights stay whole: kdlm keeps no fp16 copy
+
+
+def test_activation_estimate_is_within_a_quarter_of_the_saved_tensors_of_a_real_step():
+    """The per-token activation model against the bytes autograd actually saves (counted with saved-tensor hooks)."""
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 512, (2, 96))
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    for bf16 in (False, True):
+        storages.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model.model(input_ids=ids)
+        measured = sum(storages.values()) - 4 * 128 * 192  # without the embedding output, saved once
+        estimate = activation_bytes(shape_from_config(config), 192, bf16, checkpointing=False)
+        assert 0.75 < estimate / measured < 1.25, (bf16, estimate, measured)
+
+
+def test_step_flops_closed_form():
+    shape = ModelShape(params=1000, trainable=1000, layers=1, hidden=10, kv_hidden=10, intermediate=10, vocab=20,
+                       largest_layer=800)  # tied: 200 embedding + 800 decoder
+    assert step_flops(shape, None, 5) == 6 * 1000 * 5
+    teacher = ModelShape(params=3000, trainable=0, layers=1, hidden=10, kv_hidden=10, intermediate=10, vocab=20,
+                         largest_layer=2600, untied=True)  # input embedding 200 costs nothing
+    assert step_flops(shape, teacher, 5) == 6 * 1000 * 5 + 2 * 2800 * 5
+
+
+def _config(**train):
+    return RunConfig.model_validate({"train": {"batch_size": 8, **train}, "data": {"max_length": 512}})
+
+
+BIG_STUDENT = ModelShape(params=8_000_000_000, trainable=8_000_000_000, layers=32, hidden=4096, kv_hidden=1024,
+                         intermediate=14336, vocab=128256, largest_layer=218_000_000)
+BIG_TEACHER = ModelShape(params=70_000_000_000, trainable=0, layers=80, hidden=8192, kv_hidden=1024,
+                         intermediate=28672, vocab=128256, largest_layer=856_000_000)
+
+
+def test_advice_shards_when_one_device_cannot_hold_the_student():
+    config = _config()
+    config.teacher.cache = "cache"  # trained from a cache: the 70B teacher is not loaded
+    plan, notes = recommend(config, BIG_STUDENT, BIG_TEACHER, devices=8, device_memory_gib=80, bf16=True, gpu=True,
+                            flops_per_second=4e14)
+    assert plan.strategy in ("zero2", "fsdp") and plan.fits and plan.total_gib <= 72
+    assert notes[0].startswith(f"strategy: {plan.strategy}")
+    single, single_notes = recommend(config, BIG_STUDENT, BIG_TEACHER, devices=1, device_memory_gib=80, bf16=True,
+                                     gpu=True, flops_per_second=4e14)
+    assert not single.fits and "does not fit" in single_notes[0] and "student.lora" in single_notes[0]
+
+
+def test_advice_sends_a_teacher_that_crowds_the_device_to_a_cache():
+    plan, notes = recommend(_config(), BIG_STUDENT, BIG_TEACHER, devices=8, device_memory_gib=80, bf16=True, gpu=True,
+                            flops_per_second=4e14)
+    assert any("kdlm cache-teacher" in note for note in notes)
+
+
+def test_kdlm_plan_on_a_local_model(tmp_path):
+    teacher = save_tiny_teacher(tmp_path / "teacher")
+    run_cli("plan", f"teacher.model={teacher}", "student.num_layers=2", "--json", str(tmp_path / "plan.json"), cwd=tmp_path)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    real = tiny_llama(259, num_layers=4)
+    assert plan["teacher"]["params"] == sum(p.numel() for p in real.parameters())
+    assert plan["student"]["layers"] == 2 and plan["fits"] and plan["total_gib"] * GIB > plan["parts_gib"]["runtime"]
+    missing = run_cli("plan", "teacher.model=/nonexistent/model", cwd=tmp_path, check_ok=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
