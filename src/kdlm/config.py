@@ -112,6 +112,11 @@ class LossConfig(Section):
         "logits; false: the dense path (full logits, then the loss).",
     )
     chunk_rows: int | None = Field(None, ge=1, description="Tokens per chunk of the fused loss (default: ~16M logits).")
+    allow_onpolicy_ce: bool = Field(
+        False,
+        description="Let an on-policy method (gkd, distillm, imitkd) train kd_weight < 1, i.e. cross-entropy on the "
+        "student's own samples, which has collapsed training (jongwooko/distillm#16); refused unless true.",
+    )
 
     @field_validator("divergence")
     @classmethod
