@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -61,8 +62,12 @@ def test_layer_maps():
 
 def test_head_mismatch_and_bad_projection_are_clear_errors():
     teacher = tiny_llama(50, num_layers=2).config
-    with pytest.raises(KdlmError, match="num_attention_heads in student .2. and teacher .4."):
+    with pytest.raises(KdlmError, match="num_attention_heads in student .2. and teacher .4.*hints.relation_heads"):
         HintObjective(HintConfig(attention_weight=1), narrow_llama(50, heads=2, kv_heads=2).config, teacher)
+    # MiniLMv2 relation heads need no head match, only widths they divide (student q 32, kv 16; teacher 64, 32)
+    HintObjective(HintConfig(attention_weight=1, relation_heads=4), narrow_llama(50, heads=2, kv_heads=1).config, teacher)
+    with pytest.raises(KdlmError, match=r"hints.relation_heads=32 must divide the student's query width \(32\) and key/value width \(16\)"):
+        HintObjective(HintConfig(attention_weight=1, relation_heads=32), narrow_llama(50, heads=2, kv_heads=1).config, teacher)
     with pytest.raises(KdlmError, match="identity needs equal widths"):
         HintObjective(HintConfig(hidden_weight=1, projection_init="identity"), narrow_llama(50).config, teacher)
     with pytest.raises(KdlmError, match="widths differ"):
@@ -82,8 +87,8 @@ def test_hidden_terms_by_hand():
     mask = torch.tensor([[False, True, True, False], [True, True, False, False]])
     student_config = LlamaConfig(hidden_size=3, num_hidden_layers=2, num_attention_heads=1)
     teacher_config = LlamaConfig(hidden_size=4, num_hidden_layers=4, num_attention_heads=1)
-    for loss in ("mse", "cosine"):
-        hints = HintObjective(HintConfig(hidden_weight=1, hidden_loss=loss), student_config, teacher_config)
+    for loss, reduce in (("mse", "mean"), ("cosine", "mean"), ("mse", "sum")):
+        hints = HintObjective(HintConfig(hidden_weight=1, hidden_loss=loss, hidden_reduce=reduce), student_config, teacher_config)
         expected = 0.0
         for index, (s, t) in enumerate([(0, 1), (1, 3)]):
             weight = hints.projections[index].weight.detach().double()
@@ -95,7 +100,30 @@ def test_hidden_terms_by_hand():
                 else:
                     expected += 1 - float(x @ y / (x.norm() * y.norm()))
         actual = hints.hidden_sum(student_states, teacher_states, mask)
-        assert math.isclose(actual.item(), expected, rel_tol=1e-5)
+        assert math.isclose(actual.item(), expected / 2 if reduce == "mean" else expected, rel_tol=1e-5)  # 2 pairs
+
+
+def test_pairs_in_hf_hidden_states_numbering():
+    """DistillKit's layer_mapping counts HF's hidden_states: 0 is the embedding output, i is block i - 1."""
+    gen = torch.Generator().manual_seed(1)
+    student_states = tuple(torch.randn(2, 5, 3, generator=gen) for _ in range(3))  # embeddings + 2 blocks
+    teacher_states = tuple(torch.randn(2, 5, 3, generator=gen) for _ in range(5))  # embeddings + 4 blocks
+    mask = torch.tensor([[False, True, True, False], [True, True, False, False]])
+    student_config = LlamaConfig(hidden_size=3, num_hidden_layers=2, num_attention_heads=1)
+    teacher_config = LlamaConfig(hidden_size=3, num_hidden_layers=4, num_attention_heads=1)
+
+    def objective(pairs, layer_index):
+        config = HintConfig(hidden_weight=1, layer_map="pairs", pairs=pairs, layer_index=layer_index)
+        return HintObjective(config, student_config, teacher_config)
+
+    hf = objective([(0, 0), (1, 2), (-1, -1)], "hf_hidden_states")
+    assert hf.hidden_pairs == [(0, 0), (1, 2), (2, 4)]
+    assert objective([(0, 1), (-1, -1)], "block").hidden_pairs == [(1, 2), (2, 4)]  # the same states, counted by block
+    expected = sum(float(((student_states[s][b, p] - teacher_states[t][b, p]) ** 2).mean())
+                   for s, t in [(0, 0), (1, 2), (2, 4)] for b, p in mask.nonzero().tolist()) / 3
+    assert math.isclose(hf.hidden_sum(student_states, teacher_states, mask).item(), expected, rel_tol=1e-5)
+    with pytest.raises(KdlmError, match=r"student hidden state 3 is out of range .the student has 3 hidden states"):
+        objective([(3, 0)], "hf_hidden_states")
 
 
 def test_attention_transfer_by_hand(setup):
@@ -151,6 +179,51 @@ def test_attention_transfer_by_hand(setup):
     assert math.isclose(hint_sum.item(), expected, rel_tol=1e-4)
 
 
+def test_minilmv2_relations_by_hand_across_head_counts(setup):
+    """Q-Q, K-K, V-V relations over 4 relation heads, a 2-head student and a 4-head teacher, in float64 loops."""
+    tokenizer, examples, teacher = setup
+    student = narrow_llama(len(tokenizer), heads=2, kv_heads=1)
+    config = HintConfig(attention_weight=1.0, attention_pairs=[(0, 1), (-1, -1)], relation_heads=4)
+    hints = HintObjective(config, student.config, teacher.config)
+    assert not hints.needs_attention_probs  # no eager attention needed
+    batch = collate(examples[:2], tokenizer.pad_token_id)
+    objective = StudentObjective(student, LossConfig(kd_weight=0.0), len(tokenizer), hints)
+    _, teacher_states = run_teacher(teacher, batch, len(tokenizer), bf16=False, online=False, hints=hints)
+    _, _, _, hint_sum, count = objective(batch, None, 0.0, teacher_states)
+
+    captured = {}
+    handles = [getattr(model.model.layers[i].self_attn, name).register_forward_hook(
+                   lambda _m, _i, output, key=(tag, name, i): captured.__setitem__(key, output.detach().double()))
+               for tag, model, layers in (("s", student, (0, 1)), ("t", teacher, (1, 3)))
+               for i in layers for name in ("q_proj", "k_proj", "v_proj")]
+    with torch.no_grad():
+        for model in (student, teacher):
+            model.model(**{k: batch[k] for k in ("input_ids", "attention_mask")})
+    for handle in handles:
+        handle.remove()
+
+    def relation(vectors, head, row, length):  # softmax over the keys a causal row sees, of one relation head
+        d = vectors.shape[-1] // 4
+        x = vectors[:, head * d:(head + 1) * d]
+        exps = torch.exp(x[: min(row + 1, length)] @ x[row] / math.sqrt(d))
+        return exps / exps.sum()
+
+    def kl(p, q):
+        return float((p * (p.log() - q.log())).sum())
+
+    expected = 0.0
+    for b in range(2):
+        length = int(batch["attention_mask"][b].sum())
+        for p in range(batch["labels"].shape[1] - 1):
+            if batch["labels"][b, p + 1] == -100:
+                continue
+            for (s, t), name, head in itertools.product([(0, 1), (1, 3)], ("q_proj", "k_proj", "v_proj"), range(4)):
+                expected += kl(relation(captured[("t", name, t)][b], head, p, length),
+                               relation(captured[("s", name, s)][b], head, p, length)) / 4
+    assert int(count) > 10
+    assert math.isclose(hint_sum.item(), expected, rel_tol=1e-4)
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -179,6 +252,16 @@ def test_hint_terms_decrease_and_projections_are_checkpointed(setup, tmp_path, h
     pairs = 0 if not hint_config.hidden_weight else 1 if hint_config.layer_map == "last" else 2
     assert projections == {f"hints.projections.{i}.weight" for i in range(pairs)}
     assert not any("hints" in name for name in student.state_dict())  # the exported student has none
+
+
+def test_minilmv2_relations_train_a_student_with_other_head_counts(setup, tmp_path):
+    tokenizer = setup[0]
+    student = narrow_llama(len(tokenizer), heads=2, kv_heads=1)  # the teacher has 4 heads, 2 key/value heads
+    # The relation KLs are small (~0.02 per token at the start), hence the weight.
+    _, result = _train(setup, tmp_path, HintConfig(attention_weight=20.0, relation_heads=4), steps=12, student=student, lr=1e-2)
+    hint = [r["hint"] for r in result.history]
+    assert hint[-1] < 0.8 * hint[0]
+    assert student.config._attn_implementation != "eager"  # relations need no attention probabilities
 
 
 def test_resume_restores_the_projections(setup, tmp_path):

@@ -205,6 +205,31 @@ def test_onpolicy_method_without_the_teacher_term_is_refused(setup):
                      loss_config=LossConfig(kd_weight=0.0), max_steps=1, seed=0, bf16=False, vocab_size=10, batch_size=2)
 
 
+@pytest.mark.parametrize("method_config", [MethodConfig(name="gkd"), MethodConfig(name="distillm"),
+                                           MethodConfig(name="imitkd", data_end=0.5)], ids=["gkd", "distillm", "imitkd"])
+def test_cross_entropy_on_student_samples_needs_an_opt_in(setup, method_config):
+    teacher, tokenizer, examples, _ = setup
+
+    def build(**loss):
+        return build_method(method_config, student=teacher, teacher=teacher, tokenizer=tokenizer,
+                            loss_config=LossConfig(divergence="srkl", **loss), max_steps=1, seed=0, bf16=False,
+                            vocab_size=10, batch_size=2, val_examples=examples[:2])
+
+    with pytest.raises(KdlmError, match=r"loss.kd_weight=0.7 puts 0.3 x cross-entropy on the student's own samples.*"
+                                        r"loss.allow_onpolicy_ce=true"):
+        build(kd_weight=0.7)
+    assert build(kd_weight=0.7, allow_onpolicy_ce=True) is not None
+    assert build(kd_weight=1.0) is not None
+
+
+def test_cross_entropy_is_allowed_where_no_student_sample_is_trained(setup):
+    teacher, tokenizer, _, _ = setup
+    for method_config in (MethodConfig(name="gkd", lmbda=0.0, seq_kd=True), MethodConfig(name="imitkd", data_end=1.0)):
+        assert build_method(method_config, student=teacher, teacher=teacher, tokenizer=tokenizer,
+                            loss_config=LossConfig(kd_weight=0.5), max_steps=1, seed=0, bf16=False, vocab_size=10,
+                            batch_size=2) is not None
+
+
 def test_minillm_refuses_plain_text_records(setup):
     teacher, tokenizer, examples, _ = setup
     method = build_method(MethodConfig(name="minillm"), student=teacher, teacher=teacher, tokenizer=tokenizer,
@@ -336,6 +361,15 @@ def test_shipped_config_runs_end_to_end(workspace, name):
     assert rows["student after"]["kl_to_teacher"] < rows["student before"]["kl_to_teacher"]
     header = (workspace / name / "train_log.csv").read_text().splitlines()[0]
     assert "generated" in header
+
+
+def test_onpolicy_cross_entropy_is_refused_before_any_model_loads(workspace):
+    from test_cli import base_args, run_cli
+
+    proc = run_cli("distill", str(CONFIGS / "gkd.yaml"), *base_args(workspace, "refused-ce"), "loss.kd_weight=0.5",
+                   cwd=workspace, check_ok=False)
+    assert proc.returncode == 2 and "loss.allow_onpolicy_ce=true" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr and not (workspace / "refused-ce" / "report.json").exists()
 
 
 def test_onpolicy_method_with_cached_teacher_is_a_clear_error(workspace):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from kdlm.data import encode_records, load_records
 from kdlm.data.tokenize import collate
@@ -72,7 +72,8 @@ def test_topk_round_trip_ids_values_and_missing_mass(setup, tmp_path):
     assert len(targets) == len(references) == len(setup[2])
     exact_rows = 0
     for (ids, values), reference in zip(targets, references, strict=True):
-        assert ids.dtype == torch.int64 and values.dtype == torch.float32 and ids.shape == values.shape == (len(reference), 8)
+        assert ids.dtype == torch.int64 and values.dtype == torch.float32
+        assert ids.shape == (len(reference), 8) and values.shape == (len(reference), 9)  # k log-probs, then the tail
         top_values, top_ids = reference.topk(9, dim=-1)
         # ids exact wherever the reference has no near-tie at the cut (batched and single runs differ by ~1e-6)
         clear = (top_values[:, :-1] - top_values[:, 1:]).min(dim=-1).values > 1e-4
@@ -80,11 +81,33 @@ def test_topk_round_trip_ids_values_and_missing_mass(setup, tmp_path):
         exact_rows += int(clear.sum())
         # values: fp16 rounding (half an ulp is 2^-11 relative) plus the per-row mass correction
         expected = reference.gather(-1, ids)
-        assert torch.all((values - expected).abs() <= expected.abs() * 2**-10 + 1e-5)
-        # the missing mass is the fp32 one, not the one of the rounded values
-        missing = 1 - values.exp().sum(-1)
-        assert torch.allclose(missing, 1 - top_values[:, :8].exp().sum(-1), atol=2e-6)
+        assert torch.all((values[:, :8] - expected).abs() <= expected.abs() * 2**-10 + 1e-5)
+        # the tail column is the log of the missing mass, summed over the other tokens (exact in log space)
+        outside = reference.double().scatter(-1, ids, float("-inf")).logsumexp(-1)
+        torch.testing.assert_close(values[:, 8].double(), outside, rtol=0, atol=1e-4)
+        # and the k values carry the rest of the mass: the k+1 buckets sum to 1
+        torch.testing.assert_close(values.logsumexp(-1), torch.zeros(len(values)), rtol=0, atol=1e-6)
     assert exact_rows > 400  # the check above did compare ids
+
+
+def test_a_cache_written_before_tail_logmass_still_reads(setup, tmp_path):
+    """Old shards hold kept_logmass (log Σ_k p) instead: the tail is derived from it, to fp32 resolution."""
+    manifest = write(setup, tmp_path / "c", top_k=8)
+    new_targets = read_targets(tmp_path / "c")
+    for shard in manifest["shards"]:
+        path = tmp_path / "c" / shard["file"]
+        tensors = load_file(str(path))
+        tail = tensors.pop("tail_logmass").double()
+        tensors["kept_logmass"] = torch.log1p(-tail.exp()).float()  # what the old writer stored
+        save_file(tensors, str(path), metadata={"kind": "topk"})
+        shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    old_targets = read_targets(tmp_path / "c")
+    for (old_ids, old_values), (new_ids, new_values) in zip(old_targets, new_targets, strict=True):
+        assert torch.equal(old_ids, new_ids) and old_values.shape == new_values.shape
+        torch.testing.assert_close(old_values[:, :8], new_values[:, :8], rtol=0, atol=1e-5)
+        new_mass, old_mass = new_values[:, 8].exp(), old_values[:, 8].exp()  # tails below ~1e-6 read as empty
+        torch.testing.assert_close(old_mass, new_mass, rtol=0, atol=2e-6)
 
 
 @pytest.mark.parametrize("top_k", [8, 32, 64, 128])
@@ -92,7 +115,7 @@ def test_topk_bytes_per_token(setup, tmp_path, top_k):
     manifest = write(setup, tmp_path / "c", top_k=top_k)
     shard = load_file(str(tmp_path / "c" / manifest["shards"][0]["file"]))
     assert shard["ids"].dtype == torch.uint16 and shard["logprobs"].dtype == torch.float16
-    # 2 B id + 2 B log-prob per entry, 4 B kept mass per token, plus offsets and headers (small)
+    # 2 B id + 2 B log-prob per entry, 4 B tail log-mass per token, plus offsets and headers (small)
     assert 4 * top_k + 4 < bytes_per_token(manifest) < 4 * top_k + 4 + 10
     assert manifest["id_dtype"] == "uint16" and manifest["value_dtype"] == "float16"
 

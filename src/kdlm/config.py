@@ -113,6 +113,11 @@ class LossConfig(Section):
         "logits; false: the dense path (full logits, then the loss).",
     )
     chunk_rows: int | None = Field(None, ge=1, description="Tokens per chunk of the fused loss (default: ~16M logits).")
+    allow_onpolicy_ce: bool = Field(
+        False,
+        description="Let an on-policy method (gkd, distillm, imitkd) train kd_weight < 1, i.e. cross-entropy on the "
+        "student's own samples, which has collapsed training (jongwooko/distillm#16); refused unless true.",
+    )
 
     @field_validator("divergence")
     @classmethod
@@ -135,12 +140,27 @@ class HintConfig(Section):
     )
     num_layers: int | None = Field(None, ge=1, description="layer_map=last: how many pairs (default 1).")
     every: int = Field(2, ge=1, description="layer_map=every: teacher layers per student layer.")
-    pairs: list[tuple[int, int]] | None = Field(None, description="Explicit [[student, teacher], ...] block pairs; -1 is the last.")
+    pairs: list[tuple[int, int]] | None = Field(None, description="Explicit [[student, teacher], ...] pairs (counted as layer_index says); -1 is the last.")
+    layer_index: Literal["block", "hf_hidden_states"] = Field(
+        "block",
+        description="How hints.pairs count: block (0 = the first decoder block's output) or hf_hidden_states (an index "
+        "into HF's output_hidden_states, as DistillKit's layer_mapping: 0 = the embedding output, i = block i-1's output).",
+    )
+    hidden_reduce: Literal["mean", "sum"] = Field(
+        "mean", description="Combine the hidden-state term's layer pairs by their mean (DistillKit) or their sum."
+    )
     project: Literal["auto", "always", "never"] = Field(
         "auto", description="Learned linear projection of the student's states: where widths differ (auto), always, never."
     )
     projection_init: Literal["xavier", "identity", "zero"] = Field("xavier", description="identity needs equal widths.")
     attention_weight: float = Field(0.0, ge=0, description="Weight of MiniLM attention + value-relation transfer (0: off).")
+    relation_heads: int | None = Field(
+        None,
+        ge=1,
+        description="Attention transfer as MiniLMv2 (arXiv 2012.15828): query-query, key-key and value-value relations "
+        "over this many relation heads, so head counts may differ; unset: MiniLM's attention distributions and value "
+        "relations per head (equal head counts).",
+    )
     attention_pairs: list[tuple[int, int]] | None = Field(None, description="Block pairs for attention transfer; default the last ([[-1, -1]]).")
 
     @property

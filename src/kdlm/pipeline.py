@@ -55,7 +55,7 @@ from kdlm.teachers.cache import (
     write_cache,
 )
 from kdlm.train.loop import train, write_history
-from kdlm.train.onpolicy import build_method
+from kdlm.train.onpolicy import build_method, check_method_loss
 
 console = Console()
 
@@ -162,6 +162,7 @@ def teacher_cache_identity(config: RunConfig, tokenizer, vocab_size: int, train_
 
 def _check_signal(config: RunConfig) -> None:
     teacher = config.teacher
+    check_method_loss(config.method, config.loss)  # before any model is loaded
     if config.method.name != "offpolicy" and (teacher.signal != "online" or teacher.cache):
         raise KdlmError(
             f"method.name={config.method.name} scores the student's own samples, which needs the live teacher at every "

@@ -66,10 +66,10 @@ class TeacherLogits:
 
 @dataclass
 class TeacherTopK:
-    """A sparse teacher: top-k ids and their log-probs at the target rows."""
+    """A sparse teacher: top-k ids and their log-probs at the target rows (see ``topk_kd_loss_sums``)."""
 
     ids: Tensor  # (N, k) long
-    logprobs: Tensor  # (N, k)
+    logprobs: Tensor  # (N, k), or (N, k+1) with the log of the missing mass last (as read_targets gives it)
 
 
 @dataclass

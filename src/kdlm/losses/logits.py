@@ -17,9 +17,9 @@ from torch import Tensor
 
 from kdlm.losses.divergences import per_token_divergence, upcast
 
-# Teacher tail mass below this is read as exactly 0: cached top-k log-probs carry fp32 (or worse) rounding,
-# so a sum of ~1 - 1e-7 says "no tail", not "a tail of 1e-7".
-TAIL_MASS_EPS = 1e-6
+# A tail derived from k log-probs (no stored tail column) is known only down to their rounding: a kept mass
+# within this many ulps of 1 (fp32: 9.5e-7, fp64: 1.8e-15) says "no tail", not "a tail of that size".
+TAIL_RESOLUTION_ULPS = 8
 
 
 def _keep_rows(labels: Tensor, ignore_index: int, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -89,35 +89,61 @@ def kd_loss_sums(
     return divergence_sum, ce_sum, labels.numel()
 
 
-def _log_one_minus_exp(x: Tensor) -> Tensor:
+def log_one_minus_exp(x: Tensor) -> Tensor:
     """log(1 − eˣ) for x ≤ 0, accurate both near 0 (via expm1) and far below it (via log1p)."""
     x = x.clamp(max=0.0)
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _teacher_buckets(topk_logprobs: Tensor, temperature: float) -> Tensor:
-    """(n, k) cached log-probs -> (n, k+1) bucket log-probs at ``temperature``, tail last."""
-    kept = torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
-    tail = _log_one_minus_exp(kept).masked_fill(kept >= math.log1p(-TAIL_MASS_EPS), float("-inf"))
+def tail_logmass_from_kept(kept_logmass: Tensor, resolution_dtype: torch.dtype) -> Tensor:
+    """log(1 − Σ_k p) from log Σ_k p; -inf where the tail is below what ``resolution_dtype`` resolves.
+
+    Args:
+        kept_logmass: (...) log of the top-k mass, computed from values of ``resolution_dtype``.
+        resolution_dtype: the dtype the k log-probs were rounded to; fixes the smallest tail told from 0.
+
+    Returns:
+        (...) the log of the missing mass, -inf for an empty (or unresolvable) tail.
+    """
+    unresolved = kept_logmass > -TAIL_RESOLUTION_ULPS * torch.finfo(resolution_dtype).eps
+    return log_one_minus_exp(kept_logmass).masked_fill(unresolved, float("-inf"))
+
+
+def _teacher_buckets(teacher_logprobs: Tensor, top_k: int, input_dtype: torch.dtype, temperature: float) -> Tensor:
+    """(n, k) or (n, k+1) teacher log-probs -> (n, k+1) bucket log-probs at ``temperature``, tail last.
+
+    With k+1 columns the last is the log of the missing mass as the cache stores it (exact however small);
+    with k it is derived from the k values, exact down to the rounding of ``input_dtype``.
+    """
+    if teacher_logprobs.shape[-1] == top_k:
+        kept = torch.logsumexp(teacher_logprobs, dim=-1, keepdim=True)
+        teacher_logprobs = torch.cat([teacher_logprobs, tail_logmass_from_kept(kept, input_dtype)], dim=-1)
     # Re-temper p_i ∝ p_i^(1/T) over the buckets; this also renormalises a sum that rounding put above 1.
-    return F.log_softmax(torch.cat([topk_logprobs, tail], dim=-1) / temperature, dim=-1)
+    return F.log_softmax(teacher_logprobs / temperature, dim=-1)
+
+
+def _logsumexp_rest(logits: Tensor, excluded_ids: Tensor) -> Tensor:
+    """(n, V) logits -> (n, 1) log-sum-exp over the columns not in ``excluded_ids`` (n, k); -inf if none."""
+    rest = logits.scatter(-1, excluded_ids, float("-inf"))
+    lse = torch.logsumexp(rest, dim=-1, keepdim=True)
+    empty = torch.isneginf(lse)
+    if empty.any():  # k = V, or -inf logits: the backward of an all -inf log-sum-exp is NaN, so feed it zeros
+        lse = torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1, keepdim=True).masked_fill(empty, float("-inf"))
+    return lse
 
 
 def _student_buckets(student_logits: Tensor, topk_ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """(n, V) logits -> (n, k+1) bucket log-probs (the k ids, then the rest) and the (n, 1) log-normaliser.
 
-    One log-sum-exp over the vocabulary is the only (n, V) pass; the tail is log(1 − Σ q_k) from the k
-    gathered entries. Its fp32 rounding (about 1e-7 of the mass) is why a kept mass above 1 − ``TAIL_MASS_EPS``
-    is read as an empty tail, as on the teacher side; with k = V the tail is then exactly empty.
+    The tail is a log-sum-exp over the other V − k logits, not log(1 − Σ q_k): that difference cancels once
+    the tail falls below the rounding of the kept mass (fp32: ~1e-7), and its value and gradient with it.
+    The normaliser is assembled from the two parts, so the (n, V) work is that one log-sum-exp.
     """
     scaled = student_logits / temperature if temperature != 1.0 else student_logits
-    log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
-    kept_logprobs = scaled.gather(-1, topk_ids) - log_normaliser
-    kept = torch.logsumexp(kept_logprobs, dim=-1, keepdim=True)
-    empty = kept >= math.log1p(-TAIL_MASS_EPS)
-    # log(1 − e^0) has an infinite derivative: feed it a harmless value where the tail is empty anyway.
-    tail = _log_one_minus_exp(kept.masked_fill(empty, -1.0)).masked_fill(empty, float("-inf"))
-    return torch.cat([kept_logprobs, tail], dim=-1), log_normaliser
+    kept_logits = scaled.gather(-1, topk_ids)
+    rest = _logsumexp_rest(scaled, topk_ids)
+    log_normaliser = torch.logaddexp(torch.logsumexp(kept_logits, dim=-1, keepdim=True), rest)
+    return torch.cat([kept_logits, rest], dim=-1) - log_normaliser, log_normaliser
 
 
 def topk_kd_loss_sums(
@@ -135,11 +161,12 @@ def topk_kd_loss_sums(
     """Like ``kd_loss_sums`` but against a sparse teacher: top-k log-probs plus a tail bucket.
 
     Both sides become k+1 buckets (METHODS.md §2.9 ``symmetric_uniform``): the k teacher ids, then the
-    missing mass. The teacher tail is log(1 − Σ p_k), -inf when that mass is below ``TAIL_MASS_EPS``; the
-    student is normalised over its full vocabulary, gathered at the ids, and its tail is the mass of all
-    other tokens. The divergence is then the same ``per_token_divergence`` as the dense path; with k = V it
-    equals ``kd_loss_sums``. RKL-type losses only see the student's tail as one bucket, so they are an
-    approximation of the dense ones for k < V.
+    missing mass. The teacher's tail is the (k+1)-th column when given (``read_targets`` stores it, exact
+    however small), else log(1 − Σ p_k), read as empty below the rounding of the k values
+    (``TAIL_RESOLUTION_ULPS``). The student is normalised over its full vocabulary, gathered at the ids,
+    and its tail is the log-sum-exp of all other logits (exact at any gap). The divergence is then the
+    same ``per_token_divergence`` as the dense path; with k = V it equals ``kd_loss_sums``. RKL-type losses
+    only see the student's tail as one bucket, so they are an approximation of the dense ones for k < V.
 
     Temperature: the cached log-probs are taken to be at T = 1 and are re-tempered as p_i ∝ p_i^(1/T) over
     the k+1 buckets (METHODS.md §1). That is exact for a full distribution and an approximation for a
@@ -148,7 +175,8 @@ def topk_kd_loss_sums(
     Args:
         student_logits: (N, V) student logits.
         teacher_topk_ids: (N, k) long, distinct vocabulary ids per row.
-        teacher_topk_logprobs: (N, k) teacher log-probs of those ids, normalised over the full vocabulary.
+        teacher_topk_logprobs: (N, k) teacher log-probs of those ids, normalised over the full vocabulary;
+            or (N, k+1) with the log of the missing mass appended (-inf for none), as ``read_targets`` gives.
         labels: (N,) target ids, ``ignore_index`` where the position is outside the loss.
         divergence: a name from ``DIVERGENCES``.
         temperature: distillation temperature T.
@@ -160,10 +188,11 @@ def topk_kd_loss_sums(
         (divergence sum, CE sum, number of non-masked tokens), as ``kd_loss_sums``.
     """
     _check_temperature(temperature)
-    if teacher_topk_ids.shape != teacher_topk_logprobs.shape:
+    ids_shape, logprobs_shape = tuple(teacher_topk_ids.shape), tuple(teacher_topk_logprobs.shape)
+    if len(ids_shape) != 2 or logprobs_shape not in (ids_shape, (ids_shape[0], ids_shape[1] + 1)):
         raise ValueError(
-            f"teacher_topk_ids {tuple(teacher_topk_ids.shape)} and teacher_topk_logprobs "
-            f"{tuple(teacher_topk_logprobs.shape)} must have the same shape (N, k)"
+            f"teacher_topk_ids {ids_shape} and teacher_topk_logprobs {logprobs_shape} must be (N, k) and "
+            "(N, k) or (N, k+1) (the last column the log of the missing mass)"
         )
     labels, student, topk_ids, topk_logprobs = _keep_rows(
         labels, ignore_index, student_logits, teacher_topk_ids, teacher_topk_logprobs
@@ -173,7 +202,7 @@ def topk_kd_loss_sums(
     if temperature != 1.0:
         log_normaliser = torch.logsumexp(student, dim=-1, keepdim=True)
     ce_sum = (log_normaliser.squeeze(-1) - student.gather(-1, labels.unsqueeze(-1)).squeeze(-1)).sum()
-    teacher_logprobs = _teacher_buckets(upcast(topk_logprobs), temperature)
+    teacher_logprobs = _teacher_buckets(upcast(topk_logprobs), topk_ids.shape[-1], topk_logprobs.dtype, temperature)
     divergence_sum = per_token_divergence(divergence, student_logprobs, teacher_logprobs, **divergence_kwargs)
     divergence_sum = divergence_sum.sum()
     if scale_by_t2:

@@ -20,8 +20,11 @@ Shard contents (safetensors; T = target tokens of the shard, "target" = a positi
   ``token_offsets[j]:token_offsets[j + 1]``.
 - kind ``topk``: ``ids`` (T, k) uint16 (int32 when the vocabulary exceeds 65,536), the teacher's top-k
   ids in descending probability; ``logprobs`` (T, k) float16, their log-probabilities at temperature 1
-  normalised over the full vocabulary; ``kept_logmass`` (T,) float32, log of the top-k mass
-  ``log Σ_k p`` computed in fp32 before rounding (the missing mass is ``1 - exp(kept_logmass)``).
+  normalised over the full vocabulary; ``tail_logmass`` (T,) float32, the log of the missing mass,
+  a log-sum-exp over the other V - k log-probs (-inf when k = V), so it is exact however small. Caches
+  written before it existed hold ``kept_logmass`` = ``log Σ_k p`` instead; ``read_targets`` derives the
+  tail from that, which resolves a missing mass down to about 1e-6 (fp32 rounding of the kept mass). A
+  served teacher gives only its k log-probs, so its tail is derived the same way.
 - kind ``sampled``: ``num_distinct`` (T,) uint16, how many distinct ids were drawn at each target;
   ``ids`` (D,) uint16/int32 and ``counts`` (D,) uint8 (uint16 when samples > 255), D = Σ num_distinct:
   per target, its distinct sampled ids (ascending) and how often each was drawn. Counts sum to
@@ -36,10 +39,9 @@ quickstart data): max |error| 0.0078 nats for fp16 against 0.0625 for bf16 (see 
 Reader convention (``read_targets``), the interface of ``train(topk_targets=...)``: per example, ids
 int64 and values float32, all (n_targets, k):
 
-- ``topk``: a pair ``(ids, values)``; k = the cached top_k; ``values`` are teacher log-probs. They are shifted per row by
-  ``kept_logmass - logsumexp(values)`` so that the row's mass is exactly the stored fp32 kept mass: the
-  loss's tail bucket ``log(1 - Σ exp(values))`` then equals the true missing mass up to fp32 rounding,
-  not up to the fp16 rounding of k values.
+- ``topk``: a pair ``(ids, values)``; k = the cached top_k; ``values`` (n_targets, k+1) are the teacher's k
+  log-probs and, last, ``tail_logmass`` (the loss's exact tail bucket). The k log-probs are shifted per row
+  so that their mass is exactly 1 - exp(tail_logmass) in fp32, not that of the fp16-rounded values.
 - ``sampled``: a triple ``(ids, log_weights, logprobs)``; k = the largest number of distinct ids at any
   target of the cache; ``log_weights`` are ``log(count / N)``, the random-sampling estimate of the teacher
   distribution at T = 1 (Sparse Logit Sampling, arXiv 2503.16870, proposal = the teacher itself, so the
@@ -65,6 +67,7 @@ from torch import Tensor
 
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
+from kdlm.losses.logits import log_one_minus_exp, tail_logmass_from_kept
 from kdlm.teachers.signals import teacher_logits
 
 FORMAT_VERSION = 2  # 2: sampled shards also hold the teacher log-probs of the drawn ids
@@ -223,6 +226,14 @@ def sample_counts(logprobs: Tensor, samples: int, generator: torch.Generator) ->
     return new.sum(dim=1), draws.flatten()[starts], ends - starts
 
 
+def rest_logmass(logprobs: Tensor, ids: Tensor) -> Tensor:
+    """(n, V) log-probs, (n, k) ids -> (n,) log of the mass outside the ids, -inf when they cover V.
+
+    Summed directly, not as 1 - Σ_k p: that difference is lost to rounding once the tail is below ~1e-7.
+    """
+    return torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
+
+
 def _shard_tensors(
     teacher, examples: list[dict], first: int, *, kind: str, top_k: int, samples: int, seed: int,
     pad_token_id: int, batch_size: int, bf16: bool, ids_dtype: torch.dtype, on_examples: Callable[[int], None],
@@ -231,18 +242,18 @@ def _shard_tensors(
     per_example: list[dict[str, Tensor] | None] = [None] * len(examples)
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
 
-    def topk_entry(values: Tensor, ids: Tensor) -> dict[str, Tensor]:
+    def topk_entry(values: Tensor, ids: Tensor, tail_logmass: Tensor) -> dict[str, Tensor]:
         return {
             "ids": ids.to(ids_dtype),
             "logprobs": values.clamp(min=torch.finfo(VALUE_DTYPE).min).to(VALUE_DTYPE),
-            "kept_logmass": torch.logsumexp(values, dim=-1),
+            "tail_logmass": tail_logmass.float(),
         }
 
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
         if hasattr(teacher, "score_topk"):  # a served teacher (kdlm.teachers.api): only its top-k comes back
             for i, (values, ids) in zip(indices, teacher.score_topk([examples[i] for i in indices], top_k), strict=True):
-                per_example[i] = topk_entry(values, ids)
+                per_example[i] = topk_entry(values, ids, tail_logmass_from_kept(torch.logsumexp(values, -1), values.dtype))
             on_examples(len(indices))
             continue
         device = next(teacher.parameters()).device
@@ -252,7 +263,7 @@ def _shard_tensors(
         for i, rows in zip(indices, logprobs.split(counts), strict=True):
             if kind == "topk":
                 values, ids = rows.topk(top_k, dim=-1)
-                per_example[i] = topk_entry(values.cpu(), ids.cpu())
+                per_example[i] = topk_entry(values.cpu(), ids.cpu(), rest_logmass(rows, ids).cpu())
             else:
                 rows = rows.cpu()  # drawn on the CPU with a CPU generator: the same draws on every device
                 generator = torch.Generator().manual_seed(_example_seed(seed, first + i))
@@ -385,9 +396,15 @@ def read_targets(folder: Path, manifest: dict | None = None) -> list[tuple[Tenso
 
 def _topk_rows(tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     values = tensors["logprobs"].float()
-    # Give the row back the exact fp32 kept mass; the k rounded values alone would blur a tiny tail.
-    values = values + (tensors["kept_logmass"] - torch.logsumexp(values, dim=-1)).unsqueeze(-1)
-    return tensors["ids"].to(torch.int64), values
+    if "tail_logmass" in tensors:
+        tail = tensors["tail_logmass"]
+        kept = log_one_minus_exp(tail)
+    else:  # a cache written before tail_logmass: the tail is known down to the fp32 rounding of the kept mass
+        kept = tensors["kept_logmass"]
+        tail = tail_logmass_from_kept(kept, torch.float32)
+    # Give the row back the exact fp32 kept mass; the k fp16-rounded values alone would blur it.
+    values = values + (kept - torch.logsumexp(values, dim=-1)).unsqueeze(-1)
+    return tensors["ids"].to(torch.int64), torch.cat([values, tail.unsqueeze(-1)], dim=-1)
 
 
 def _sampled_rows(tensors: dict[str, Tensor], samples: int, width: int) -> tuple[Tensor, Tensor, Tensor]:

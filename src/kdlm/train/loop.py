@@ -49,7 +49,7 @@ from kdlm.train.forward import (
     project,
     target_mask,
 )
-from kdlm.train.hints import HintObjective, capture_values, use_eager_attention
+from kdlm.train.hints import HintObjective, capture_projections, use_eager_attention
 from kdlm.train.order import run_schedule
 
 
@@ -85,17 +85,17 @@ class StudentObjective(nn.Module):
             outputs = decoder_outputs(self.student, batch["input_ids"], batch["attention_mask"])
         else:
             hints = self.hints
-            store, handles = capture_values(self.student, [s for s, _ in hints.attention_pairs])
+            store, handles = capture_projections(self.student, [s for s, _ in hints.attention_pairs], hints.projection_names)
             try:
                 outputs = decoder_outputs(self.student, batch["input_ids"], batch["attention_mask"],
-                                          hidden_states=hints.needs_hidden, attentions=hints.needs_attention)
+                                          hidden_states=hints.needs_hidden, attentions=hints.needs_attention_probs)
             finally:
                 for handle in handles:
                     handle.remove()
             if hints.needs_hidden:
                 hint_sum = hints.config.hidden_weight * hints.hidden_sum(outputs.hidden_states, teacher_states["hidden_states"], mask)
             if hints.needs_attention:
-                student_states = {"attentions": outputs.attentions, "values": store, "attention_mask": batch["attention_mask"],
+                student_states = {"attentions": outputs.attentions, "projections": store, "attention_mask": batch["attention_mask"],
                                   "num_kv_heads": _num_kv_heads(self.student)}
                 hint_sum = hint_sum + hints.config.attention_weight * hints.attention_sum(student_states, teacher_states, mask)
         hidden = outputs.last_hidden_state[:, :-1][mask]
@@ -160,11 +160,11 @@ def run_teacher(teacher: nn.Module, batch: dict[str, Tensor], vocab_size: int, *
     """One teacher forward (no gradients): the online logit target and/or the states the hint terms need."""
     device = batch["input_ids"].device
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_enabled(bf16, device)):
-        store, handles = capture_values(teacher, [t for _, t in hints.attention_pairs]) if hints else ({}, [])
+        store, handles = capture_projections(teacher, [t for _, t in hints.attention_pairs], hints.projection_names) if hints else ({}, [])
         try:
             outputs = decoder_outputs(teacher, batch["input_ids"], batch["attention_mask"],
                                       hidden_states=bool(hints and hints.needs_hidden),
-                                      attentions=bool(hints and hints.needs_attention))
+                                      attentions=bool(hints and hints.needs_attention_probs))
         finally:
             for handle in handles:
                 handle.remove()
@@ -174,7 +174,7 @@ def run_teacher(teacher: nn.Module, batch: dict[str, Tensor], vocab_size: int, *
         target = TeacherHidden(hidden, lm_head_weight(teacher)[:vocab_size].detach(), logit_transform(teacher))
     states = None
     if hints is not None:
-        states = {"hidden_states": outputs.hidden_states, "attentions": outputs.attentions, "values": store,
+        states = {"hidden_states": outputs.hidden_states, "attentions": outputs.attentions, "projections": store,
                   "attention_mask": batch["attention_mask"], "num_kv_heads": _num_kv_heads(teacher)}
     return target, states
 
@@ -252,7 +252,7 @@ def train(
             raise KdlmError("hint terms (hints.hidden_weight / hints.attention_weight) need the live teacher")
         kept = (run_state or {}).get("kept_layers")
         hints = HintObjective(hint_config, _unwrap(student).config, _unwrap(teacher).config, kept)
-        if hints.needs_attention:
+        if hints.needs_attention_probs:
             use_eager_attention(student)
             use_eager_attention(teacher)
     # The objective holds the student and the hint projections: both train, both go into checkpoints.

@@ -274,6 +274,34 @@ class ImitKD(OnPolicyMethod):
         return out
 
 
+def samples_student(config: MethodConfig) -> bool:
+    """Whether a method can put the student's own samples in a batch that the logit loss trains on."""
+    if config.name == "gkd":
+        return config.lmbda > 0
+    if config.name == "imitkd":
+        return min(config.data_start, config.data_end) < 1
+    return config.name == "distillm"  # its replay buffer holds student samples; MiniLLM has its own objective
+
+
+def check_method_loss(config: MethodConfig, loss_config: LossConfig) -> None:
+    """Refuse the loss weights an on-policy method cannot train with (a KdlmError naming the setting)."""
+    if config.name == "offpolicy":
+        return
+    if loss_config.kd_weight == 0:
+        raise KdlmError(f"method.name={config.name} distills from the teacher on generated answers; loss.kd_weight=0 turns "
+                        "the teacher off: set loss.kd_weight > 0 (the configs use 1.0)")
+    if loss_config.kd_weight < 1 and samples_student(config) and not loss_config.allow_onpolicy_ce:
+        # The CE target of a student sample is the sample itself: the student is taught its own outputs, which
+        # collapsed DistiLLM's training once its replay threshold rose (jongwooko/distillm#16); the reference
+        # scripts run kd_ratio 1.0.
+        raise KdlmError(
+            f"method.name={config.name} with loss.kd_weight={loss_config.kd_weight} puts {1 - loss_config.kd_weight:g} x "
+            "cross-entropy on the student's own samples, teaching it its own outputs (this collapsed training in "
+            "jongwooko/distillm#16): set loss.kd_weight=1 (the shipped configs do), or loss.allow_onpolicy_ce=true "
+            "to train it anyway"
+        )
+
+
 def build_method(config: MethodConfig, *, student, teacher, tokenizer, loss_config: LossConfig, max_steps: int,
                  seed: int, bf16: bool, vocab_size: int, batch_size: int, val_examples: list[dict] | None = None):
     """The method object for ``config.name`` (None for offpolicy)."""
@@ -281,9 +309,7 @@ def build_method(config: MethodConfig, *, student, teacher, tokenizer, loss_conf
         return None
     if teacher is None:
         raise KdlmError(f"method.name={config.name} needs the live teacher (teacher.signal=online, no teacher.cache)")
-    if loss_config.kd_weight == 0:
-        raise KdlmError(f"method.name={config.name} distills from the teacher on generated answers; loss.kd_weight=0 turns "
-                        "the teacher off: set loss.kd_weight > 0 (the configs use 1.0)")
+    check_method_loss(config, loss_config)
     common = {"student": student, "teacher": teacher, "tokenizer": tokenizer, "max_steps": max_steps, "seed": seed,
               "bf16": bf16}
     if config.name == "gkd":
