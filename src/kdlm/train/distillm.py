@@ -171,6 +171,9 @@ class DistiLLM(OnPolicyMethod):
 
     def _loss_with_pretraining(self, objective, batch, teacher_target):
         """The loop's own objective on the batch, plus pt_weight · L_PT (a corpus mean, scaled to the batch's tokens)."""
+        if objective.hints is not None:  # a method's loss does not receive the teacher's hidden states
+            raise KdlmError("method.pt_data with hint terms (hints.hidden_weight, hints.attention_weight) is not supported; "
+                            "unset one of them")
         total, kd, ce, hint, count = objective(batch, teacher_target, self.kd_weight)
         pt, _ = self.pretraining_term(objective, batch["input_ids"].device, len(batch["input_ids"]))
         tokens = float(count)
