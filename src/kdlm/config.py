@@ -216,26 +216,67 @@ class MethodConfig(Section):
     max_new_tokens: int = Field(64, ge=1, description="Tokens a student (or teacher) sample may have.")
     temperature: float = Field(0.9, ge=0, description="Sampling temperature of the samples (0: greedy); the loss stays at loss.temperature.")
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="Sample the student among its k most likely tokens only (0: all); ImitKD's roll-ins use it.")
     lmbda: float = Field(0.5, ge=0, le=1, description="gkd: fraction of micro-batches whose responses are student samples.")
     seq_kd: bool = Field(False, description="gkd: the other micro-batches get teacher samples instead of the dataset's responses.")
     capacity: int = Field(1000, ge=1, description="distillm: replay buffer size (examples, first in first out).")
     init_threshold: float = Field(0.0, ge=0, le=1, description="distillm: starting probability of training on student outputs.")
     threshold_step: float = Field(0.1, gt=0, le=1, description="distillm: how much the threshold rises at a time.")
-    loss_eps: float = Field(0.1, ge=0, description="distillm: the threshold rises when the validation loss exceeds its reference by more than this.")
+    loss_eps: float = Field(
+        0.1, ge=0, description="distillm: the threshold rises when the validation cross-entropy reaches its reference plus this."
+    )
     schedule: Literal["decreasing", "constant", "increasing"] = Field(
         "decreasing", description="distillm: fresh-sample probability s from the threshold φ: φ(1 - t/T), φ/2, or φ t/T."
     )
-    eval_every: int = Field(10, ge=1, description="distillm: steps between validation losses.")
-    val_examples: int = Field(16, ge=1, description="distillm: training examples set aside for the validation loss.")
+    eval_every: int | None = Field(
+        None, ge=1, description="distillm: steps between validation cross-entropies (default: once per epoch, as distillm's "
+        "--eval-interval -1); one is also measured before the first step."
+    )
+    val_examples: int = Field(
+        16, ge=1, description="distillm: training examples set aside, whose answers the validation cross-entropy is measured on."
+    )
+    pt_data: str | None = Field(
+        None,
+        description="distillm, minillm: a separate text corpus (.txt/.jsonl path, hf:NAME, builtin:NAME) for the pre-training "
+        "term L_PT (distillm's and LMOps's --lm-data-dir); unset: no L_PT.",
+    )
+    pt_weight: float = Field(1.0, ge=0, description="distillm, minillm: weight of L_PT (the reference scripts' --lm-coef).")
+    pt_kd_ratio: float = Field(
+        0.0, ge=0, le=1, description="minillm: L_PT = (1 - r) CE + r FKL(teacher || student) on the corpus (LMOps --kd-ratio; 0.5 in its scripts)."
+    )
     teacher_mix: float = Field(0.2, ge=0, lt=1, description="minillm: samples come from teacher_mix * p + (1 - teacher_mix) * q.")
-    gamma: float = Field(1.0, ge=0, le=1, description="minillm: discount of future rewards.")
-    length_norm: bool = Field(True, description="minillm: divide a return by the (discounted) number of its terms.")
+    gamma: float = Field(0.95, ge=0, le=1, description="minillm: discount of future rewards (LMOps 0.95).")
+    current_reward: bool = Field(
+        True, description="minillm: the return at t starts at r_t (LMOps); false: at r_{t+1} (the paper's single-step decomposition)."
+    )
+    length_norm: Literal["count", "discounted", "none"] = Field(
+        "count", description="minillm: divide a return by its number of terms (LMOps, the paper), by the sum of their discounts (TRL), or not."
+    )
     clip: float = Field(0.2, gt=0, description="minillm: the importance ratio is clipped to [1 - clip, 1 + clip] (PPO).")
-    single_step: bool = Field(True, description="minillm: the immediate term is the exact token-level reverse KL.")
-    whiten: bool = Field(False, description="minillm: whiten the advantages over each micro-batch.")
-    lm_weight: float = Field(0.0, ge=0, description="minillm: weight of a cross-entropy term on the dataset batch.")
+    single_step: bool = Field(True, description="minillm: add the exact token-level reverse KL of each position (the regulariser).")
+    whiten: bool = Field(True, description="minillm: whiten the advantages over each micro-batch's response tokens (LMOps).")
+    ppo_epochs: int = Field(4, ge=1, description="minillm: optimizer steps trained on each collection of rollouts (LMOps --ppo-epochs 4).")
+    reward_scaling: float = Field(0.5, gt=0, description="minillm: rewards are divided by this (LMOps --reward-scaling 0.5).")
+    reward_clip: float | None = Field(100.0, gt=0, description="minillm: scaled rewards are clipped to ±this (LMOps --cliprange-reward 100).")
     data_start: float = Field(1.0, ge=0, le=1, description="imitkd: probability that a sequence comes from the data at the first step.")
-    data_end: float = Field(0.0, ge=0, le=1, description="imitkd: the same at the last step (annealed linearly).")
+    data_end: float = Field(0.0, ge=0, le=1, description="imitkd: the same at the last step (linear schedule).")
+    data_schedule: Literal["linear", "exponential"] = Field(
+        "linear", description="imitkd: data probability annealed linearly from data_start to data_end, or 200^(-t/T) (ImitKD's exponential)."
+    )
+    target: Literal["distribution", "argmax"] = Field(
+        "distribution",
+        description="imitkd: distribution: loss.divergence to the teacher's full next-token distribution; argmax: cross-entropy "
+        "on the teacher's most likely next token on student roll-ins (plain ImitKD; needs loss.kd_weight=0).",
+    )
+
+    @field_validator("length_norm", mode="before")
+    @classmethod
+    def _length_norm_bool(cls, value: Any) -> Any:
+        if value is True:  # configs written before the modes existed
+            return "count"
+        if value is False:
+            return "none"
+        return value
 
 
 class RunConfig(Section):

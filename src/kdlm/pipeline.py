@@ -258,10 +258,15 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
         if len(train_examples) <= config.method.val_examples:
             raise KdlmError(f"method.val_examples={config.method.val_examples} leaves no training examples; lower it")
         method_val, train_examples = train_examples[-config.method.val_examples :], train_examples[: -config.method.val_examples]
+    pt_examples = None
+    if config.method.name != "offpolicy" and config.method.pt_data:  # L_PT's separate corpus (distillm, minillm)
+        pt_examples = encode_records(tokenizer, load_records(config.method.pt_data), max_length=config.data.max_length)
+    examples_per_step = config.train.batch_size * config.train.grad_accum * accelerator.num_processes
     method = build_method(
         config.method, student=student, teacher=teacher, tokenizer=tokenizer, loss_config=config.loss,
         max_steps=config.train.max_steps, seed=config.train.seed, bf16=config.train.bf16, vocab_size=vocab_size,
-        batch_size=config.train.batch_size, val_examples=method_val,
+        batch_size=config.train.batch_size, val_examples=method_val, pt_examples=pt_examples,
+        steps_per_epoch=len(train_examples) // examples_per_step,
     )
 
     topk_targets = None

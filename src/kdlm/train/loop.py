@@ -265,6 +265,8 @@ def train(
     if config.resume and (last := latest_checkpoint(checkpoints)) is not None:
         state = load_checkpoint(last, model=checkpointed, optimizer=optimizer, scheduler=scheduler)
         start_step, tokens_seen, seconds_before = state["step"], state["tokens"], state["seconds"]
+        if method is not None and "method_state" in state:  # generator, buffers, threshold: plain numbers and lists
+            method.load_state_dict(state["method_state"])
         accelerator.print(f"resumed from {last} (step {start_step})")
     objective, optimizer = accelerator.prepare(objective, optimizer)
     if teacher is not None:
@@ -290,6 +292,8 @@ def train(
     def save(reason: str) -> None:
         state = {"step": step, "tokens": tokens_seen, "seconds": seconds_before + time.perf_counter() - started}
         state.update(run_state or {})
+        if method is not None:
+            state["method_state"] = method.state_dict()
         if accelerator.is_main_process:
             path = save_checkpoint(checkpoints, model=checkpointed, optimizer=optimizer, scheduler=scheduler, state=state)
             accelerator.print(f"checkpoint ({reason}): {path}")
