@@ -33,13 +33,16 @@ class Row:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = 0  # alternatives returned per token, besides the chosen one
+    # Set from another thread when the row's client is gone: the decoder drops it at its next step
+    # (finish reason "cancelled"), and a batch whose rows are all finished or cancelled ends.
+    cancelled: bool = False
 
 
 @dataclass
 class RowResult:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", or "cancelled"
     logprobs: list[dict] = field(default_factory=list)  # OpenAI chat format, one entry per token
 
 
@@ -94,9 +97,18 @@ def _held_back(text: str, stops: list[str]) -> int:
     return held
 
 
+def _drop_cancelled(rows: list[Row], results: list[RowResult], on_delta: DeltaCallback | None) -> None:
+    for i, (row, result) in enumerate(zip(rows, results, strict=True)):
+        if row.cancelled and result.finish_reason is None:
+            result.finish_reason = "cancelled"
+            if on_delta is not None:
+                on_delta(i, "", None, "cancelled")
+
+
 @torch.no_grad()
 def decode_batch(
-    model, tokenizer, rows: list[Row], on_delta: DeltaCallback | None = None, bf16: bool = False
+    model, tokenizer, rows: list[Row], on_delta: DeltaCallback | None = None, bf16: bool = False,
+    on_step: Callable[[], None] | None = None,
 ) -> list[RowResult]:
     """Generate every row in one batched decode.
 
@@ -107,6 +119,7 @@ def decode_batch(
         on_delta: called after every step for each row that produced text or finished; text held back
             (a possible start of a stop string, an incomplete character) comes with a later call.
         bf16: run the forward passes under bf16 autocast.
+        on_step: called after every forward pass (a counter of the decoder's work).
 
     Returns:
         One result per row, in order.
@@ -133,8 +146,13 @@ def decode_batch(
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     past = {}
     for _ in range(max(row.max_tokens for row in rows)):
+        _drop_cancelled(rows, results, on_delta)
+        if all(result.finish_reason for result in results):
+            break
         with autocast:
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **past)
+        if on_step is not None:
+            on_step()
         cache = getattr(out, cache_name, None)
         past = {cache_name: cache if cache is not None else out.past_key_values}
         logits = out.logits[:, -1].float()
