@@ -241,18 +241,19 @@ def create_app(
     async def admitted(request: Request, body: _Request, rows: int):
         """The checks every completion request goes through, then its admission, held until it ends."""
         call = Call(request, hashlib.sha256(await request.body()).hexdigest()[:16])
-        counts["received"] += 1
-        if body.model != backend.name:
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {backend.name!r}",
-                           "model_not_found", "model")
-        await _inject_fault(call)
+        call.ticket = load.open()
         try:
-            call.ticket = load.admit(rows, wait_estimate)
-        except ApiError as error:
-            if error.status == 429:
-                call.outcome("busy")
-            raise
-        try:
+            counts["received"] += 1
+            if body.model != backend.name:
+                raise ApiError(404, f"model {body.model!r} is not served here; this server serves {backend.name!r}",
+                               "model_not_found", "model")
+            await _inject_fault(call)
+            try:
+                load.admit(call.ticket, rows, wait_estimate)
+            except ApiError as error:
+                if error.status == 429:
+                    call.outcome("busy")
+                raise
             yield call
         finally:
             if not call.ticket.kept:

@@ -10,11 +10,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from kdlm.serve.sampling import Row, decode_batch, token_entry
-from kdlm.serve.scoring import ScoredToken, score_prompts
+from kdlm.serve.events import Event, token_entry
 
-Event = tuple[int, str, dict | None, str | None]
+if TYPE_CHECKING:  # torch is imported when a model backend is built, not by the echo stub
+    from kdlm.serve.sampling import Row
+    from kdlm.serve.scoring import ScoredToken
 
 
 @dataclass
@@ -129,6 +131,8 @@ class BatchScheduler:
             self.batches += 1
             self.rows += len(rows)
             started = time.monotonic()
+            from kdlm.serve.sampling import decode_batch
+
             try:
                 await asyncio.to_thread(decode_batch, self.model, self.tokenizer, rows, on_delta, self.bf16,
                                         self._count_step)
@@ -202,6 +206,8 @@ class ModelBackend:
         return None
 
     def stream(self, prompt_ids: list[int], params: Params) -> AsyncIterator[Event]:
+        from kdlm.serve.sampling import Row
+
         rows = [
             Row(
                 prompt_ids,
@@ -231,6 +237,8 @@ class ModelBackend:
 
     async def score(self, prompts: list[list[int]], top_logprobs: int) -> list[list[ScoredToken]]:
         """Score prompts in one forward pass, in a thread (beside the decoding worker; inference only)."""
+        from kdlm.serve.scoring import score_prompts
+
         return await asyncio.to_thread(score_prompts, self.scheduler.model, prompts, top_logprobs, self.scheduler.bf16)
 
     def token_text(self, token_id: int) -> str:

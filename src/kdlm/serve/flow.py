@@ -34,8 +34,10 @@ class ClientGone(Exception):
 
 
 class Ticket:
-    def __init__(self, load: Load, rows: int):
-        self.load, self.rows, self.released = load, rows, False
+    """One completion request from its arrival to its end; `rows` once it is admitted to the queue."""
+
+    def __init__(self, load: Load):
+        self.load, self.rows, self.released = load, 0, False
         self.kept = False  # handed to a streamed answer, which releases it when it ends
 
     def release(self) -> None:
@@ -46,12 +48,17 @@ class Ticket:
 
 
 class Load:
-    """Completion requests (and their rows) admitted and not answered yet; refuses work past `max_rows`."""
+    """Completion requests not yet ended (`requests`) and the rows admitted among them (`rows`); refuses
+    rows past `max_rows`."""
 
     def __init__(self, max_rows: int):
         self.max_rows, self.requests, self.rows = max_rows, 0, 0
 
-    def admit(self, rows: int, wait_estimate: Callable[[int], float]) -> Ticket:
+    def open(self) -> Ticket:
+        self.requests += 1
+        return Ticket(self)
+
+    def admit(self, ticket: Ticket, rows: int, wait_estimate: Callable[[int], float]) -> None:
         """Admit a request of `rows` sequences, or raise a 429 (queue full) or a 400 (larger than the queue)."""
         if rows > self.max_rows:
             raise ApiError(400, f"this request asks for {rows} sequences (n x prompts); this server decodes at "
@@ -61,9 +68,8 @@ class Load:
             raise ApiError(429, f"the server is busy: {self.rows} sequences queued or decoding, at most {self.max_rows} "
                                 f"(`kdlm serve --max-queue`); retry after {wait} s", "server_busy",
                            headers={"Retry-After": str(wait)})
-        self.requests += 1
+        ticket.rows = rows
         self.rows += rows
-        return Ticket(self, rows)
 
 
 async def _disconnected(request: Request) -> None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kdlm.serve.events import token_entry
+
 
 @dataclass
 class Row:
@@ -48,10 +50,6 @@ class RowResult:
 
 # on_delta(row index, new text, logprob entry of the new token or None, finish reason or None)
 DeltaCallback = Callable[[int, str, dict | None, str | None], None]
-
-
-def token_entry(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
