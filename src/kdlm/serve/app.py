@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kdlm.serve import answers
 from kdlm.serve.backends import Params
 from kdlm.serve.flow import ApiError, ClientGone, Load, Ticket, TrackedStream, until_gone
 from kdlm.serve.guard import LOOPBACK_HOSTS, BodyTooLarge, RequestGuard, error_body
@@ -322,11 +323,11 @@ def create_app(
                         for m in body.messages]
             num_chars = sum(len(message["content"]) for message in messages)
             prompt_ids = await _encode(backend.encode_chat, messages, num_chars, params, "messages")
-            header = _header("chatcmpl", "chat.completion", backend.name)
+            header = answers.header("chatcmpl", "chat.completion", backend.name)
             if body.stream:
                 usage = bool((body.stream_options or {}).get("include_usage"))
-                return _stream(call, _chat_chunks(backend, prompt_ids, params, body.logprobs, header, usage))
-            choices = await call.until_gone(_collect(backend, prompt_ids, params))
+                return _stream(call, answers.chat_chunks(backend, prompt_ids, params, body.logprobs, header, usage))
+            choices = await call.until_gone(answers.collect(backend, prompt_ids, params))
             await call.finish()
         return JSONResponse({
             **header,
@@ -339,7 +340,7 @@ def create_app(
                 }
                 for index, choice in enumerate(choices)
             ],
-            "usage": _usage(len(prompt_ids), choices),
+            "usage": answers.usage(len(prompt_ids), choices),
         })
 
     @v1.post("/completions")
@@ -369,12 +370,12 @@ def create_app(
             raise ApiError(400, "stream=true takes a single prompt", "unsupported_parameter", "prompt")
         params = _params(body, body.max_tokens, body.logprobs or 0)
         all_ids = [await _encode(backend.encode_text, prompt, len(prompt), params, "prompt") for prompt in prompts]
-        header = _header("cmpl", "text_completion", backend.name)
+        header = answers.header("cmpl", "text_completion", backend.name)
         want_logprobs = body.logprobs is not None
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
-            return _stream(call, _completion_chunks(backend, all_ids[0], params, want_logprobs, header, usage))
-        per_prompt = await call.until_gone(asyncio.gather(*(_collect(backend, ids, params) for ids in all_ids)))
+            return _stream(call, answers.completion_chunks(backend, all_ids[0], params, want_logprobs, header, usage))
+        per_prompt = await call.until_gone(asyncio.gather(*(answers.collect(backend, ids, params) for ids in all_ids)))
         choices = [choice for group in per_prompt for choice in group]
         await call.finish()
         return JSONResponse({
@@ -384,11 +385,11 @@ def create_app(
                     "index": index,
                     "text": choice["text"],
                     "finish_reason": choice["finish"],
-                    "logprobs": _legacy_logprobs(choice["logprobs"]) if want_logprobs else None,
+                    "logprobs": answers.legacy_logprobs(choice["logprobs"]) if want_logprobs else None,
                 }
                 for index, choice in enumerate(choices)
             ],
-            "usage": _usage(sum(len(ids) for ids in all_ids), choices),
+            "usage": answers.usage(sum(len(ids) for ids in all_ids), choices),
         })
 
     async def _score(body: CompletionRequest, prompts: list) -> dict:
@@ -424,7 +425,7 @@ def create_app(
                     "text_offset": [sum(len(text) for text in texts[:j]) for j in range(len(texts))],
                 }
             choices.append({"index": index, "text": "".join(texts), "finish_reason": "length", "logprobs": logprobs})
-        header = _header("cmpl", "text_completion", backend.name)
+        header = answers.header("cmpl", "text_completion", backend.name)
         total = sum(len(ids) for ids in all_ids)
         return {**header, "choices": choices, "usage": {"prompt_tokens": total, "completion_tokens": 0, "total_tokens": total}}
 
@@ -434,67 +435,3 @@ def create_app(
 
 def _is_ids(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and all(isinstance(token, int) for token in prompt)
-
-
-
-def _header(prefix: str, kind: str, model: str) -> dict:
-    return {"id": f"{prefix}-{secrets.token_hex(12)}", "object": kind, "created": int(time.time()), "model": model}
-
-
-async def _collect(backend, prompt_ids, params: Params) -> list[dict]:
-    choices = [{"text": "", "finish": None, "logprobs": []} for _ in range(params.n)]
-    async for choice, text, entry, finish in backend.stream(prompt_ids, params):
-        choices[choice]["text"] += text
-        if entry is not None:
-            choices[choice]["logprobs"].append(entry)
-        if finish:
-            choices[choice]["finish"] = finish
-    return choices
-
-
-def _usage(prompt_tokens: int, choices: list[dict]) -> dict:
-    completion = sum(len(choice["logprobs"]) for choice in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-def _legacy_logprobs(entries: list[dict]) -> dict:
-    """The /v1/completions logprobs shape: parallel lists, top alternatives as {token: logprob}."""
-    offsets, at = [], 0
-    for entry in entries:
-        offsets.append(at)
-        at += len(entry["token"])
-    return {
-        "tokens": [entry["token"] for entry in entries],
-        "token_logprobs": [entry["logprob"] for entry in entries],
-        "top_logprobs": [{top["token"]: top["logprob"] for top in entry.get("top_logprobs", [])} for entry in entries],
-        "text_offset": offsets,
-    }
-
-
-async def _chat_chunks(backend, prompt_ids, params: Params, logprobs: bool, header: dict, usage: bool):
-    header = {**header, "object": "chat.completion.chunk"}
-    for index in range(params.n):
-        yield {**header, "choices": [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    tokens = 0
-    async for choice, text, entry, finish in backend.stream(prompt_ids, params):
-        tokens += entry is not None
-        item = {"index": choice, "delta": {"content": text} if text else {}, "finish_reason": finish}
-        if logprobs:
-            item["logprobs"] = {"content": [entry] if entry is not None else []}
-        yield {**header, "choices": [item]}
-    if usage:
-        yield {**header, "choices": [], "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
-                                                  "total_tokens": len(prompt_ids) + tokens}}
-
-
-async def _completion_chunks(backend, prompt_ids, params: Params, logprobs: bool, header: dict, usage: bool):
-    tokens = 0
-    async for choice, text, entry, finish in backend.stream(prompt_ids, params):
-        tokens += entry is not None
-        item = {"index": choice, "text": text, "finish_reason": finish, "logprobs": None}
-        if logprobs:
-            item["logprobs"] = _legacy_logprobs([entry] if entry is not None else [])
-        yield {**header, "choices": [item]}
-    if usage:
-        yield {**header, "choices": [], "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
-                                                  "total_tokens": len(prompt_ids) + tokens}}
