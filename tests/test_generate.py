@@ -233,11 +233,14 @@ def cached_count(cache: Path) -> int:
             return 0
 
 
-def _cli(*args, cwd: Path, **popen):
+def _env(cwd: Path) -> dict:
     source = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's kdlm, whatever the cwd
-    env = {**os.environ, "KDLM_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([*KDLM, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return {**os.environ, "KDLM_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
+
+
+def _cli(*args, cwd: Path, **popen):
+    return subprocess.Popen([*KDLM, *args], cwd=cwd, env=_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **popen)
 
 
@@ -313,6 +316,38 @@ def test_a_second_run_on_the_same_output_refuses_and_a_dead_runs_lock_is_taken_o
     assert_each_record_once(tmp_path / "out.jsonl", prompts=6, samples=1)
 
 
+# A process that has imported what `kdlm generate` imports (torch among them, 2-10 s a start on this
+# machine) and forks a child per run: each child runs the real CLI, `kdlm.cli.main()`, and is what the
+# test kills. Ten fresh interpreters would take most of the test's time.
+FORKER = """
+import json, os, signal, sys
+import kdlm.cli, kdlm.data, kdlm.generate.engine, openai
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        sys.argv = ["kdlm", *json.loads(line)]
+        try:
+            kdlm.cli.main()
+        except SystemExit as exit:
+            os._exit(exit.code if isinstance(exit.code, int) else 1)
+        os._exit(0)
+    print(pid, flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 @pytest.mark.slow
 def test_ten_kill_9_cycles_under_faults_lose_nothing_and_pay_twice_only_what_was_in_flight(tmp_path):
     """kdlm generate killed 10 times mid-run while the server answers 10% 429s, 5% 500s and 2% stalls;
@@ -325,15 +360,23 @@ def test_ten_kill_9_cycles_under_faults_lose_nothing_and_pay_twice_only_what_was
             "teacher.model=echo", "sampling.n=2", f"limits.concurrency={concurrency}", "limits.timeout_s=1",
             "limits.backoff_s=0.05", "limits.max_retries=20"]
     kills = 0
+    forker = subprocess.Popen([sys.executable, "-c", FORKER], cwd=tmp_path, env=_env(tmp_path), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     with ServerThread(EchoBackend(latency_ms=50), faults=faults, request_log=log) as server:
         args.append(f"teacher.base_url={server.url}")
-        for _ in range(10):
-            before = cached_count(cache)
-            proc = _cli(*args, cwd=tmp_path)
-            until(lambda: cached_count(cache) >= before + 4 or proc.poll() is not None, "the run answers")  # noqa: B023
-            proc.send_signal(signal.SIGKILL)
-            proc.communicate(timeout=30)
-            kills += proc.returncode == -signal.SIGKILL
+        try:
+            for _ in range(10):
+                before = cached_count(cache)
+                forker.stdin.write(json.dumps(args) + "\n")
+                forker.stdin.flush()
+                pid = int(forker.stdout.readline())
+                until(lambda: cached_count(cache) >= before + 4 or not _alive(pid), "the run answers")  # noqa: B023
+                kills += _alive(pid)  # killed mid-run, not after it ended
+                os.kill(pid, signal.SIGKILL)
+                until(lambda: not _alive(pid), "the run dies")  # noqa: B023
+        finally:
+            forker.stdin.close()
+            forker.wait(timeout=60)
         last = _cli(*args, cwd=tmp_path)
         stdout, stderr = last.communicate(timeout=300)
         assert last.returncode == 0, stdout + stderr
