@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,6 +38,21 @@ def config(tmp_path: Path, url: str, prompts: Path, **sections) -> GenerateConfi
     for name, values in sections.items():
         tree[name] = {**tree[name], **values} if isinstance(values, dict) and name in tree else values
     return GenerateConfig.model_validate(tree)
+
+
+def until(condition, what: str, timeout_s: float = 120.0):
+    """Poll `condition` until it returns a true value (a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.01)
+    return value
+
+
+def settled(server) -> dict:
+    """The server's outcome counts once no completion request is in flight (each has logged its outcome)."""
+    until(lambda: server.app.state.load.requests == 0, "the server ends every request")
+    return dict(server.app.state.counts)
 
 
 def read_log(path: Path) -> list[dict]:
@@ -78,16 +94,19 @@ def test_round_trip_writes_chat_records_that_training_loads(tmp_path):
 
 def test_faults_are_retried_until_every_record_is_there_once(tmp_path):
     prompts = write_chat_jsonl(tmp_path / "prompts.jsonl", count=30)
-    faults = Faults(rate_429=0.15, rate_500=0.15, rate_stall=0.05, retry_after_s=0.05, stall_s=1.5, seed=1)
+    # A stall lasts until the client gives up (timeout_s), however long that is.
+    faults = Faults(rate_429=0.15, rate_500=0.15, rate_stall=0.05, retry_after_s=0.05, stall_s=600, seed=1)
     log = tmp_path / "server.jsonl"
     with ServerThread(EchoBackend(latency_ms=10), faults=faults, request_log=log) as server:
         stats = generate(config(tmp_path, server.url, prompts, sampling={"n": 2},
-                                limits={"timeout_s": 0.5, "max_retries": 10}))
-        counts = dict(server.app.state.counts)
+                                limits={"timeout_s": 1, "max_retries": 10}))
+        counts = settled(server)
     assert_each_record_once(tmp_path / "out.jsonl", prompts=30, samples=2)
     assert counts["429"] >= 3 and counts["500"] >= 3 and counts["stall"] >= 1
-    # Every fault the server injected was retried once, and nothing else was.
-    assert stats.retries == Counter({"429": counts["429"], "500": counts["500"], "timeout": counts["stall"]})
+    # Every fault the server injected was retried once, and nothing else was. A request slowed past the
+    # client's timeout by a loaded machine is a timeout too, and the server logs it as client_gone.
+    timeouts = counts["stall"] + counts["client_gone"]
+    assert stats.retries == Counter({"429": counts["429"], "500": counts["500"], "timeout": timeouts})
     answered = [entry["fingerprint"] for entry in read_log(log) if entry["status"] == "answered"]
     assert len(answered) == len(set(answered)) == 60
 
@@ -137,17 +156,58 @@ def test_local_transformers_backend_matches_the_server(tmp_path):
     assert len(set(answers)) == 10
 
 
-def test_requests_per_minute_and_tokens_per_minute_are_respected():
-    async def timed(limiter: RateLimiter, calls: int, tokens: float) -> float:
-        started = time.monotonic()
+def test_the_limiter_spaces_requests_and_caps_the_tokens_of_a_window():
+    async def times(limiter: RateLimiter, calls: int, tokens: float) -> list[float]:
+        stamps = [time.monotonic()]
         for _ in range(calls):
             await limiter.acquire(tokens)
-        return time.monotonic() - started
+            stamps.append(time.monotonic())
+        return [stamp - stamps[0] for stamp in stamps[1:]]
 
-    # 5 requests per "minute" of 1 s: 6 requests take 5 intervals of 0.2 s.
-    assert 0.95 <= asyncio.run(timed(RateLimiter(5, window_s=1.0), 6, 0)) < 1.5
-    # 100 tokens per 0.5 s window, 40 per request: 2 fit per window, the 5th waits for the 3rd window.
-    assert 0.95 <= asyncio.run(timed(RateLimiter(tokens_per_minute=100, window_s=0.5), 5, 40)) < 1.4
+    # 5 requests per "minute" of 1 s: the k-th request goes 0.2 k s after the start at the earliest.
+    spaced = asyncio.run(times(RateLimiter(5, window_s=1.0), 6, 0))
+    assert all(at >= 0.2 * k - 1e-3 for k, at in enumerate(spaced))
+    # 100 tokens per 0.5 s window, 40 per request: two per window, so the k-th goes in window k // 2.
+    capped = asyncio.run(times(RateLimiter(tokens_per_minute=100, window_s=0.5), 5, 40))
+    assert all(at >= 0.5 * (k // 2) - 1e-3 for k, at in enumerate(capped))
+
+
+def test_the_engine_sends_within_its_requests_and_tokens_per_minute(tmp_path):
+    """The limits as the server sees them, through the engine, retries included (a 429 is retried
+    through the limiter too). Arrivals come after sends, so the k-th arrival can only be later than
+    the k-th send the limits allow: lower bounds only."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"p{i:02d}"}) + "\n" for i in range(6)))
+    # The engine's documented estimate: prompt characters (as JSON) / 4 + max_tokens.
+    estimate = len(json.dumps([{"role": "user", "content": "p00"}])) / 4 + 6
+    for limits, earliest in [({"requests_per_minute": 5}, lambda k: 0.1 * k),                  # 0.5 s windows
+                             ({"tokens_per_minute": 2.5 * estimate}, lambda k: 0.5 * (k // 2))]:  # 2 per window
+        log = tmp_path / f"{sorted(limits)[0]}.jsonl"
+        with ServerThread(EchoBackend(), faults=Faults(rate_429=0.3, retry_after_s=0.01, seed=2), request_log=log) as server:
+            started = time.time()
+            generate(config(tmp_path / log.stem, server.url, prompts, limits={**limits, "window_s": 0.5}))
+            counts = settled(server)
+        arrivals = sorted(entry["received"] - started for entry in read_log(log))
+        assert counts["429"] >= 1 and len(arrivals) == 6 + counts["429"]
+        assert all(at >= earliest(k) - 1e-3 for k, at in enumerate(arrivals)), (limits, arrivals)
+
+
+def test_a_long_retry_after_is_capped_at_backoff_max_s(tmp_path, capsys):
+    prompts = write_chat_jsonl(tmp_path / "prompts.jsonl", count=4)
+    with ServerThread(EchoBackend(), faults=Faults(rate_429=0.5, retry_after_s=3600, seed=3)) as server:
+        result = {}
+        cfg = config(tmp_path, server.url, prompts, limits={"concurrency": 1, "backoff_max_s": 0.05})
+        worker = threading.Thread(target=lambda: result.update(stats=generate(cfg)), daemon=True)
+        worker.start()
+        worker.join(timeout=600)  # a hang guard: uncapped, the run would sleep an hour per 429
+        assert not worker.is_alive(), "the engine waited out Retry-After: 3600"
+        rate_limited = settled(server)["429"]
+    stats = result["stats"]
+    assert rate_limited >= 2 and stats.retries["429"] == stats.retry_after_capped == rate_limited
+    stderr = " ".join(capsys.readouterr().err.split())  # unwrapped
+    assert stderr.count("asked to wait 3600 s") == 1  # said once per run, not once per retry
+    assert "waiting limits.backoff_max_s=0.05 s instead" in stderr
+    assert f"{rate_limited} with Retry-After capped" in stderr
 
 
 def test_user_errors_name_the_file_and_line(tmp_path):
@@ -162,11 +222,25 @@ def test_user_errors_name_the_file_and_line(tmp_path):
         generate(config(tmp_path, "http://127.0.0.1:9/v1", prompts))
 
 
-def _cli(*args, cwd: Path, **popen):
+def cached_count(cache: Path) -> int:
+    """Answers in a run's SQLite cache, read while the run may be writing it."""
+    if not cache.exists():
+        return 0
+    with sqlite3.connect(cache) as connection:
+        try:
+            return connection.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+        except sqlite3.OperationalError:  # the table is not created yet
+            return 0
+
+
+def _env(cwd: Path) -> dict:
     source = str(Path(__file__).resolve().parents[1] / "src")  # this checkout's kdlm, whatever the cwd
-    env = {**os.environ, "KDLM_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([*KDLM, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return {**os.environ, "KDLM_CACHE": str(cwd / "cache"), "HF_HUB_OFFLINE": "1",
+            "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
+
+
+def _cli(*args, cwd: Path, **popen):
+    return subprocess.Popen([*KDLM, *args], cwd=cwd, env=_env(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **popen)
 
 
@@ -190,20 +264,14 @@ def test_kill_9_mid_run_then_rerun_sends_only_what_is_missing(tmp_path):
             "teacher.model=echo", "sampling.n=2", "limits.concurrency=4", "limits.timeout_s=10"]
 
     def cached() -> int:
-        if not cache.exists():
-            return 0
-        with sqlite3.connect(cache) as connection:
-            try:
-                return connection.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
-            except sqlite3.OperationalError:  # the table is not created yet
-                return 0
+        return cached_count(cache)
 
     with ServerThread(EchoBackend(latency_ms=300), request_log=log) as server:
         proc = _cli(*args, f"teacher.base_url={server.url}", cwd=tmp_path)
         deadline = time.monotonic() + 60
         while cached() < 8 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.02)
-        time.sleep(0.15)  # halfway through the next round of requests, which are in flight
+        until(lambda: server.app.state.load.requests > 0, "requests in flight")  # the kill cuts them
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
         done_before = cached()
@@ -214,14 +282,112 @@ def test_kill_9_mid_run_then_rerun_sends_only_what_is_missing(tmp_path):
         stdout, stderr = rerun.communicate(timeout=120)
         assert rerun.returncode == 0, stdout + stderr
         assert f"{done_before} from the cache, {48 - done_before} new" in " ".join(stderr.split())
-        time.sleep(0.2)  # let the server finish logging the requests of the killed run
-        counts = dict(server.app.state.counts)
+        counts = settled(server)  # the requests cut by the kill are logged
 
     assert_each_record_once(tmp_path / "out.jsonl", prompts=24, samples=2)
     entries = read_log(log)
     answered = [entry["fingerprint"] for entry in entries if entry["status"] == "answered"]
     assert len(answered) == len(set(answered)) == 48  # no request answered twice
     assert counts["client_gone"] >= 1  # the kill cut requests in flight; the server did not count them
+
+
+def test_a_second_run_on_the_same_output_refuses_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    prompts = write_chat_jsonl(tmp_path / "prompts.jsonl", count=6)
+    backend = EchoBackend(latency_ms=600_000)  # the first run waits until it is killed
+    lock = tmp_path / "out.jsonl.lock"
+    args = ["generate", f"prompts={prompts}", f"output={tmp_path / 'out.jsonl'}", "progress=false",
+            "teacher.model=echo", "limits.timeout_s=900"]
+    with ServerThread(backend) as server:
+        first = _cli(*args, f"teacher.base_url={server.url}", cwd=tmp_path)
+        until(lambda: server.app.state.counts["received"] == 6, "the first run sends")  # it holds the lock
+        second = _cli(*args, f"teacher.base_url={server.url}", cwd=tmp_path)
+        _, refused = second.communicate(timeout=300)
+        assert second.returncode == 2 and server.app.state.counts["received"] == 6  # the second sent nothing
+        assert f"in use by another `kdlm generate` run (pid {first.pid}" in " ".join(refused.split())
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=30)
+        assert lock.read_text().strip() == str(first.pid)  # what a killed run leaves
+        backend.latency_s = 0
+        third = _cli(*args, f"teacher.base_url={server.url}", cwd=tmp_path)
+        _, taken_over = third.communicate(timeout=300)
+    assert third.returncode == 0, taken_over
+    assert f"took over the lock of run {first.pid}" in taken_over
+    assert not lock.exists() and not (tmp_path / "out.sqlite.lock").exists()  # released at the end
+    assert_each_record_once(tmp_path / "out.jsonl", prompts=6, samples=1)
+
+
+# A process that has imported what `kdlm generate` imports (torch among them, 2-10 s a start on this
+# machine) and forks a child per run: each child runs the real CLI, `kdlm.cli.main()`, and is what the
+# test kills. Ten fresh interpreters would take most of the test's time.
+FORKER = """
+import json, os, signal, sys
+import kdlm.cli, kdlm.data, kdlm.generate.engine, openai
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the children
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        sys.argv = ["kdlm", *json.loads(line)]
+        try:
+            kdlm.cli.main()
+        except SystemExit as exit:
+            os._exit(exit.code if isinstance(exit.code, int) else 1)
+        os._exit(0)
+    print(pid, flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.mark.slow
+def test_ten_kill_9_cycles_under_faults_lose_nothing_and_pay_twice_only_what_was_in_flight(tmp_path):
+    """kdlm generate killed 10 times mid-run while the server answers 10% 429s, 5% 500s and 2% stalls;
+    then a last run to the end. Every record exactly once, and a request answered twice only if it was in
+    flight at a kill (at most limits.concurrency per kill)."""
+    prompts = write_chat_jsonl(tmp_path / "prompts.jsonl", count=60)
+    cache, log, concurrency = tmp_path / "out.sqlite", tmp_path / "server.jsonl", 8
+    faults = Faults(rate_429=0.10, rate_500=0.05, rate_stall=0.02, retry_after_s=0.05, stall_s=600, seed=5)
+    args = ["generate", f"prompts={prompts}", f"output={tmp_path / 'out.jsonl'}", "progress=false",
+            "teacher.model=echo", "sampling.n=2", f"limits.concurrency={concurrency}", "limits.timeout_s=1",
+            "limits.backoff_s=0.05", "limits.max_retries=20"]
+    kills = 0
+    forker = subprocess.Popen([sys.executable, "-c", FORKER], cwd=tmp_path, env=_env(tmp_path), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    with ServerThread(EchoBackend(latency_ms=50), faults=faults, request_log=log) as server:
+        args.append(f"teacher.base_url={server.url}")
+        try:
+            for _ in range(10):
+                before = cached_count(cache)
+                forker.stdin.write(json.dumps(args) + "\n")
+                forker.stdin.flush()
+                pid = int(forker.stdout.readline())
+                until(lambda: cached_count(cache) >= before + 4 or not _alive(pid), "the run answers")  # noqa: B023
+                kills += _alive(pid)  # killed mid-run, not after it ended
+                os.kill(pid, signal.SIGKILL)
+                until(lambda: not _alive(pid), "the run dies")  # noqa: B023
+        finally:
+            forker.stdin.close()
+            forker.wait(timeout=60)
+        last = _cli(*args, cwd=tmp_path)
+        stdout, stderr = last.communicate(timeout=300)
+        assert last.returncode == 0, stdout + stderr
+        counts = settled(server)
+    records = assert_each_record_once(tmp_path / "out.jsonl", prompts=60, samples=2)
+    answered = Counter(entry["fingerprint"] for entry in read_log(log) if entry["status"] == "answered")
+    paid_twice = sum(times - 1 for times in answered.values())
+    assert kills == 10 and len(answered) == 120
+    assert paid_twice <= kills * concurrency
+    assert counts["429"] and counts["500"] and counts["stall"]
+    print(f"10 kills: {len(records)} records, 0 lost, {paid_twice} requests paid twice, server counts {counts}")
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kdlm.serve import EchoBackend, ModelBackend, ServerThread
+from kdlm.serve.sampling import Row, decode_batch
 from tiny import tiny_llama, tiny_tokenizer
 
 KEY = "test-key"
@@ -113,6 +114,34 @@ def test_streaming_gives_the_same_text_as_a_plain_request(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == plain.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_rows_with_one_prompt_share_a_prefill_and_decode_as_if_alone(tiny):
+    model, tokenizer = tiny
+
+    def ids(content: str) -> list[int]:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def rows() -> list[Row]:  # three samples of one prompt, one of another (a longer one: left padding)
+        return [Row(ids("what is the capital of france?"), 10, temperature=1.0, seed=seed) for seed in (1, 2, 3)] + [
+            Row(ids("plants make food from light, water and air."), 10, temperature=0)]
+
+    batches = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: batches.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        together = decode_batch(model, tokenizer, rows())
+    finally:
+        hook.remove()
+    assert batches[0][0] == 2 and all(shape[0] == 4 for shape in batches[1:])  # the prefill ran each prompt once
+    alone = [decode_batch(model, tokenizer, [row])[0] for row in rows()]
+    assert [result.token_ids for result in together] == [result.token_ids for result in alone]
+    assert len({tuple(result.token_ids) for result in together[:3]}) == 3  # the seeds still tell samples apart
+    for mine, reference in zip(together, alone, strict=True):
+        assert [entry["logprob"] for entry in mine.logprobs] == pytest.approx(
+            [entry["logprob"] for entry in reference.logprobs], abs=1e-4)
 
 
 def test_concurrent_requests_share_forward_batches(server):

@@ -150,6 +150,11 @@ def serve(
     stall_s: float = typer.Option(30.0, help="How long an injected stall lasts."),
     request_log: Path = typer.Option(None, help="Append one JSONL line per completion request (fingerprint, outcome)."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default; 1 on a small machine shared with other jobs)."),
+    max_body_mb: float = typer.Option(4.0, min=0.001, help="Largest request body in MB (2**20 bytes); larger ones get a 413 unread."),
+    max_queue: int = typer.Option(512, min=1, help="Sequences (n per prompt) queued or decoding at once; more get a 429 with Retry-After."),
+    allowed_hosts: str = typer.Option(
+        None, help="Comma-separated names accepted in the Host header (default: localhost, 127.0.0.1, ::1 and --host); "
+        "`*` accepts any. Guards a keyless local server against DNS rebinding."),
 ) -> None:
     """Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from kdlm.serve import Faults, build_backend, run_server
@@ -163,7 +168,9 @@ def serve(
     faults = Faults(rate_429=fault_429, rate_500=fault_500, rate_stall=fault_stall, retry_after_s=retry_after,
                     stall_s=stall_s)
     console.print(f"serving {backend.name!r} at http://{host}:{port}/v1", highlight=False)
-    run_server(backend, host=host, port=port, api_key=api_key, faults=faults, request_log=request_log)
+    hosts = [name.strip() for name in allowed_hosts.split(",") if name.strip()] if allowed_hosts else None
+    run_server(backend, host=host, port=port, api_key=api_key, faults=faults, request_log=request_log,
+               max_body_bytes=int(max_body_mb * 2**20), max_queue=max_queue, allowed_hosts=hosts)
 
 @app.command()
 def plan(

@@ -47,7 +47,13 @@ class LimitsSection(Section):
     max_retries: int = Field(6, ge=0, description="Retries of a request after a 429, a 5xx or a timeout.")
     timeout_s: float = Field(120.0, gt=0, description="Give up waiting for one answer (then retry).")
     backoff_s: float = Field(1.0, ge=0, description="First retry delay without Retry-After; doubles each time.")
-    backoff_max_s: float = Field(60.0, ge=0)
+    backoff_max_s: float = Field(
+        60.0, ge=0, description="Longest wait before a retry, a server's Retry-After included (a longer one is capped)."
+    )
+    window_s: float = Field(
+        60.0, gt=0, description="The window the per-minute limits count over: a minute, as providers count; "
+        "shorter only to test the limits quickly."
+    )
 
 
 class Price(Section):

@@ -35,6 +35,7 @@ from kdlm.generate.backends import Job, RefusedError, TransientError, make_backe
 from kdlm.generate.cache import Answer, AnswerCache
 from kdlm.generate.config import GenerateConfig
 from kdlm.generate.limits import RateLimiter
+from kdlm.generate.lock import run_lock
 
 console = Console(stderr=True)
 
@@ -47,6 +48,7 @@ class RunStats:
     answered: int = 0  # answered in this run
     failed: int = 0
     retries: Counter = field(default_factory=Counter)  # by cause: "429", "500", "timeout", ...
+    retry_after_capped: int = 0  # retries that waited backoff_max_s instead of a longer Retry-After
     prompt_tokens: int = 0  # this run
     completion_tokens: int = 0
     cost: float = 0.0  # this run, from config.prices
@@ -102,13 +104,29 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed or 0:.2f} req/s")
 
 
+def _retry_delay(error: TransientError, attempt: int, limits, stats: RunStats) -> float:
+    """The server's Retry-After, at most backoff_max_s; without one, exponential backoff with jitter
+    (so that retries do not arrive together)."""
+    if error.retry_after is None:
+        return min(limits.backoff_max_s, limits.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+    if error.retry_after <= limits.backoff_max_s:
+        return error.retry_after
+    stats.retry_after_capped += 1
+    if stats.retry_after_capped == 1:  # once per run: a server that says it once says it to every request
+        console.print(
+            f"the server asked to wait {error.retry_after:g} s before retrying (Retry-After, {error.cause}); waiting "
+            f"limits.backoff_max_s={limits.backoff_max_s:g} s instead (raise it to wait longer)", highlight=False,
+        )
+    return limits.backoff_max_s
+
+
 async def _run_jobs(config: GenerateConfig, backend, jobs: list[Job], cache: AnswerCache, stats: RunStats) -> None:
     limits = config.limits
     concurrency = limits.concurrency
     if config.teacher.backend != "openai":  # a local backend needs a full batch of jobs in flight
         concurrency = max(concurrency, config.teacher.batch_size)
     gate = asyncio.Semaphore(concurrency)
-    limiter = RateLimiter(limits.requests_per_minute, limits.tokens_per_minute)
+    limiter = RateLimiter(limits.requests_per_minute, limits.tokens_per_minute, window_s=limits.window_s)
     progress = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[tokens]} tokens"),
                         console=console, disable=not config.progress)
@@ -127,10 +145,7 @@ async def _run_jobs(config: GenerateConfig, backend, jobs: list[Job], cache: Ans
                         stats.errors.append(f"gave up after {attempt + 1} tries: {error}")
                         return
                     stats.retries[error.cause] += 1
-                    delay = error.retry_after
-                    if delay is None:  # exponential backoff with jitter, so that retries do not arrive together
-                        delay = min(limits.backoff_max_s, limits.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(_retry_delay(error, attempt, limits, stats))
                     continue
                 except RefusedError as error:
                     stats.failed += 1
@@ -188,6 +203,16 @@ def write_records(config: GenerateConfig, jobs: list[Job], cache: AnswerCache, o
     return written, total_cost
 
 
+def _answer(config: GenerateConfig, backend, jobs: list[Job], cache: AnswerCache, stats: RunStats) -> None:
+    async def run() -> None:
+        try:
+            await _run_jobs(config, backend, jobs, cache, stats)
+        finally:
+            await backend.close()
+
+    asyncio.run(run())
+
+
 def generate(config: GenerateConfig, backend=None) -> RunStats:
     """Answer every (prompt, sample) not yet in the cache, then write the output JSONL.
 
@@ -199,37 +224,35 @@ def generate(config: GenerateConfig, backend=None) -> RunStats:
         The run's statistics (also printed).
 
     Raises:
-        KdlmError: a missing or malformed prompt file, a refused API key, an unreachable server, or
-            requests that failed for good (the others are in the output and the cache).
+        KdlmError: a missing or malformed prompt file, a refused API key, an unreachable server, another
+            run on the same output or cache (named by its pid), or requests that failed for good (the
+            others are in the output and the cache).
     """
     started = time.monotonic()
     jobs, num_prompts = build_jobs(config)
     output = Path(config.output)
-    cache = AnswerCache(Path(config.cache) if config.cache else output.with_suffix(".sqlite"))
+    cache_path = Path(config.cache) if config.cache else output.with_suffix(".sqlite")
     stats = RunStats(prompts=num_prompts, records=len(jobs))
-    try:
-        known = cache.fingerprints()
-        missing = [job for job in jobs if job.fingerprint not in known]
-        stats.cached = len(jobs) - len(missing)
-        if missing:
-            backend = backend or make_backend(config)
-
-            async def run() -> None:
-                try:
-                    await _run_jobs(config, backend, missing, cache, stats)
-                finally:
-                    await backend.close()
-
-            asyncio.run(run())
-        written, stats.total_cost = write_records(config, jobs, cache, output)
-    finally:
-        cache.close()
+    with run_lock(output, cache_path) as stale:
+        for pid in stale:
+            console.print(f"took over the lock of run {pid}, which is no longer running", highlight=False)
+        cache = AnswerCache(cache_path)
+        try:
+            known = cache.fingerprints()
+            missing = [job for job in jobs if job.fingerprint not in known]
+            stats.cached = len(jobs) - len(missing)
+            if missing:
+                _answer(config, backend or make_backend(config), missing, cache, stats)
+            written, stats.total_cost = write_records(config, jobs, cache, output)
+        finally:
+            cache.close()
     stats.cost = _cost(config, stats.prompt_tokens, stats.completion_tokens)
     stats.seconds = time.monotonic() - started
     retries = sum(stats.retries.values())
+    capped = f", {stats.retry_after_capped} with Retry-After capped" if stats.retry_after_capped else ""
     console.print(
         f"{written} records in {output} ({stats.cached} from the cache, {stats.answered} new, {stats.failed} failed, "
-        f"{retries} retries); {stats.prompt_tokens} prompt + {stats.completion_tokens} completion tokens, "
+        f"{retries} retries{capped}); {stats.prompt_tokens} prompt + {stats.completion_tokens} completion tokens, "
         f"cost {stats.cost:.4f} (all records: {stats.total_cost:.4f}); {stats.seconds:.1f} s",
         highlight=False,
     )

@@ -2,7 +2,6 @@
 
 from kdlm.serve.app import Faults, create_app
 from kdlm.serve.backends import BatchScheduler, EchoBackend, ModelBackend, Params
-from kdlm.serve.sampling import Row, decode_batch
 from kdlm.serve.server import ServerThread, build_backend, free_port, run_server
 
 __all__ = [
@@ -19,3 +18,12 @@ __all__ = [
     "free_port",
     "run_server",
 ]
+
+
+def __getattr__(name: str):
+    # The decoder needs torch; `kdlm serve echo` and clients that only need free_port do not.
+    if name in ("Row", "decode_batch"):
+        from kdlm.serve import sampling
+
+        return getattr(sampling, name)
+    raise AttributeError(f"module 'kdlm.serve' has no attribute {name!r}")

@@ -3,7 +3,9 @@
 Prompts are left-padded into one batch and decoded with the KV cache, one token per step for every
 row, so that a batch of 16 requests costs about as many forward passes as one request. Each row has
 its own temperature, top-p, seed, stop strings and token budget; a finished row keeps its place in
-the batch (fed a pad token, its output ignored) until the longest row ends.
+the batch (fed a pad token, its output ignored) until the longest row ends, and a cancelled one (its
+client left) is dropped the same way at the next step. Rows with the same prompt (the n samples of a
+request) share one prefill: the prompt runs through the model once and its KV cache is copied to each.
 
 Log-probabilities are those of the model's raw distribution: a log-softmax of the logits over the
 full vocabulary at temperature 1, before top-p, whatever temperature the token was sampled at. That
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kdlm.precision import Bf16Setting, bf16_enabled
+from kdlm.serve.events import token_entry
 
 
 @dataclass
@@ -35,22 +38,21 @@ class Row:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     top_logprobs: int = 0  # alternatives returned per token, besides the chosen one
+    # Set from another thread when the row's client is gone: the decoder drops it at its next step
+    # (finish reason "cancelled"), and a batch whose rows are all finished or cancelled ends.
+    cancelled: bool = False
 
 
 @dataclass
 class RowResult:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", or "cancelled"
     logprobs: list[dict] = field(default_factory=list)  # OpenAI chat format, one entry per token
 
 
 # on_delta(row index, new text, logprob entry of the new token or None, finish reason or None)
 DeltaCallback = Callable[[int, str, dict | None, str | None], None]
-
-
-def token_entry(text: str, logprob: float) -> dict:
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -96,9 +98,44 @@ def _held_back(text: str, stops: list[str]) -> int:
     return held
 
 
+def _prefill_inputs(rows: list[Row], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Left-padded ids, mask and positions of the distinct prompts, and the index that maps them to the
+    rows (None when every row has its own prompt): the n samples of a request are prefilled once."""
+    distinct: dict[tuple[int, ...], int] = {}
+    owner = [distinct.setdefault(tuple(row.prompt_ids), len(distinct)) for row in rows]
+    width = max(len(prompt) for prompt in distinct)
+    input_ids = torch.full((len(distinct), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(distinct), width), dtype=torch.long, device=device)
+    for i, prompt in enumerate(distinct):
+        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, device=device)
+        mask[i, width - len(prompt) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    expand = torch.tensor(owner, device=device) if len(distinct) < len(rows) else None
+    return input_ids, mask, positions, expand
+
+
+def _expand(cache, index: torch.Tensor):
+    """The KV cache with its batch rows picked (and repeated) by `index`."""
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(index)
+        return cache
+    if isinstance(cache, torch.Tensor):
+        return cache.index_select(0, index)
+    return type(cache)(_expand(part, index) for part in cache)  # legacy tuples, or one cache per model (MiniLLM)
+
+
+def _drop_cancelled(rows: list[Row], results: list[RowResult], on_delta: DeltaCallback | None) -> None:
+    for i, (row, result) in enumerate(zip(rows, results, strict=True)):
+        if row.cancelled and result.finish_reason is None:
+            result.finish_reason = "cancelled"
+            if on_delta is not None:
+                on_delta(i, "", None, "cancelled")
+
+
 @torch.no_grad()
 def decode_batch(
-    model, tokenizer, rows: list[Row], on_delta: DeltaCallback | None = None, bf16: Bf16Setting = False
+    model, tokenizer, rows: list[Row], on_delta: DeltaCallback | None = None, bf16: Bf16Setting = False,
+    on_step: Callable[[], None] | None = None,
 ) -> list[RowResult]:
     """Generate every row in one batched decode.
 
@@ -109,6 +146,7 @@ def decode_batch(
         on_delta: called after every step for each row that produced text or finished; text held back
             (a possible start of a stop string, an incomplete character) comes with a later call.
         bf16: run the forward passes under bf16 autocast (True, False or "auto", see kdlm.precision).
+        on_step: called after every forward pass (a counter of the decoder's work).
 
     Returns:
         One result per row, in order.
@@ -116,13 +154,7 @@ def decode_batch(
     device = model.device
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
-    width = max(len(row.prompt_ids) for row in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row.prompt_ids) :] = torch.tensor(row.prompt_ids, device=device)
-        mask[i, width - len(row.prompt_ids) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    input_ids, mask, positions, expand = _prefill_inputs(rows, pad, device)
     generators = []
     for row in rows:
         seed = row.seed if row.seed is not None else random.getrandbits(63)
@@ -135,11 +167,20 @@ def decode_batch(
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     past = {}
     for _ in range(max(row.max_tokens for row in rows)):
+        _drop_cancelled(rows, results, on_delta)
+        if all(result.finish_reason for result in results):
+            break
         with autocast:
             out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **past)
+        if on_step is not None:
+            on_step()
         cache = getattr(out, cache_name, None)
-        past = {cache_name: cache if cache is not None else out.past_key_values}
+        cache = cache if cache is not None else out.past_key_values
         logits = out.logits[:, -1].float()
+        if expand is not None:  # after the prefill of the distinct prompts: one copy per row
+            cache, logits, mask, positions = _expand(cache, expand), logits[expand], mask[expand], positions[expand]
+            expand = None
+        past = {cache_name: cache}
         logprobs = torch.log_softmax(logits, dim=-1)
         next_ids = []
         for i, (row, result) in enumerate(zip(rows, results, strict=True)):

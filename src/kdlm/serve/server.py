@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
-from pathlib import Path
 
 import uvicorn
 
 from kdlm.errors import KdlmError
-from kdlm.serve.app import Faults, create_app
+from kdlm.serve.app import create_app
 from kdlm.serve.backends import EchoBackend, ModelBackend
+from kdlm.serve.guard import default_allowed_hosts, is_loopback
 
 ECHO = "echo"
 
@@ -57,9 +58,19 @@ def _config(app, host: str, port: int) -> uvicorn.Config:
 
 
 def run_server(backend, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               faults: Faults | None = None, request_log: Path | None = None) -> None:
-    """Serve until interrupted."""
-    app = create_app(backend, api_key=api_key, faults=faults, request_log=request_log)
+               allowed_hosts: list[str] | None = None, **app_options) -> None:
+    """Serve until interrupted.
+
+    Args:
+        allowed_hosts: names accepted in the Host header; default: localhost, 127.0.0.1, ::1 and `host`
+            (see kdlm.serve.guard.default_allowed_hosts); `["*"]` accepts any.
+        app_options: the rest of create_app's options (faults, request_log, max_body_bytes, max_queue).
+    """
+    if api_key is None and not is_loopback(host):
+        print(f"warning: serving on {host} without an API key: anyone who can reach this address can use the "
+              "model. Set --api-key (or KDLM_API_KEY), or bind 127.0.0.1", file=sys.stderr, flush=True)
+    app = create_app(backend, api_key=api_key, allowed_hosts=allowed_hosts or default_allowed_hosts(host),
+                     **app_options)
     uvicorn.Server(_config(app, host, port)).run()
 
 
@@ -71,6 +82,7 @@ class ServerThread:
     """
 
     def __init__(self, backend, *, host: str = "127.0.0.1", **app_options):
+        app_options.setdefault("allowed_hosts", default_allowed_hosts(host))
         self.app = create_app(backend, **app_options)
         self.host, self.port = host, free_port(host)
         self.url = f"http://{host}:{self.port}/v1"
