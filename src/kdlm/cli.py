@@ -207,12 +207,12 @@ def main() -> None:
                 _interrupted("finished work (answers, checkpoints) is saved")
             sys.exit(result)
     except KdlmError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # lines unbroken: grep finds them
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
         _interrupted("progress up to the last completed step is saved")
     except OSError as exc:  # a read-only folder, a full disk: the path and the cause, no traceback
-        console.print(f"[bold red]error:[/] {_os_error(exc)}", highlight=False)
+        console.print(f"[bold red]error:[/] {_os_error(exc)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
