@@ -211,10 +211,10 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
     output_dir = Path(config.train.output_dir)
     run_file = output_dir / "run.json"
     run_config = config.model_dump(mode="json")  # the API key masked
-    # Before config.yaml is overwritten: a reused folder or a changed config on resume is refused here.
+    # Before config.yaml is overwritten: a reused folder or a changed config on resume is refused here;
+    # train.overwrite deletes the old checkpoints only once training starts.
     prepare_output_dir(output_dir, config_record(run_config), resume=config.train.resume,
-                       overwrite=config.train.overwrite, main_process=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+                       overwrite=config.train.overwrite, clear=False)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, output_dir / "config.yaml")

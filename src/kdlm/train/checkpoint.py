@@ -199,13 +199,12 @@ def check_config(path: Path, config: dict) -> None:
         )
 
 
-def prepare_output_dir(output_dir: Path, config: dict, *, resume: bool, overwrite: bool,
-                       main_process: bool = True) -> Path | None:
+def prepare_output_dir(output_dir: Path, config: dict, *, resume: bool, overwrite: bool, clear: bool = True) -> Path | None:
     """Decide what a run does with the checkpoints already in `output_dir`; returns the one to resume from.
 
     resume: the latest checkpoint, after `check_config`; None when there is none. Otherwise a folder
     holding checkpoints is refused unless `overwrite`, which deletes them and the run's logs (train_log.csv,
-    tensorboard/), on the main process only.
+    tensorboard/) when `clear` (the main process, once training starts; the pipeline's early call only checks).
     """
     checkpoints = Path(output_dir) / "checkpoints"
     last = latest_checkpoint(checkpoints)
@@ -219,7 +218,7 @@ def prepare_output_dir(output_dir: Path, config: dict, *, resume: bool, overwrit
             "train.resume=true, start over with train.overwrite=true (deletes them and the run's logs), "
             "or choose another train.output_dir"
         )
-    if overwrite and main_process:
+    if overwrite and clear:
         shutil.rmtree(checkpoints, ignore_errors=True)
         shutil.rmtree(Path(output_dir) / "tensorboard", ignore_errors=True)
         (Path(output_dir) / "train_log.csv").unlink(missing_ok=True)

@@ -264,7 +264,7 @@ def train(
     settings = config_record(run_config or {"train": config.model_dump(), "loss": loss_config.model_dump(),
                                           "hints": (hint_config or HintConfig()).model_dump()})
     last = prepare_output_dir(output_dir, settings, resume=config.resume, overwrite=config.overwrite,
-                              main_process=accelerator.is_main_process)
+                              clear=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     if last is not None:
         state = load_checkpoint(last, model=checkpointed, optimizer=optimizer, scheduler=scheduler)
