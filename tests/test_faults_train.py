@@ -29,6 +29,7 @@ from kdlm.errors import KdlmError
 from kdlm.generate.config import load_generate_config
 from kdlm.pipeline import distill
 from kdlm.teachers.answers import answer_prompts
+from kdlm.teachers.cache import cache_identity, read_targets, write_cache
 from kdlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.train.loop import train
 from test_cli import KDLM, cli_env, run_cli
@@ -142,6 +143,23 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(setup, tmp_path, part)
     assert all(torch.equal(before[name], tensor) for name, tensor in student.state_dict().items())
     torch.load(checkpoint / part, weights_only=False)  # the payload is live: plain unpickling runs it
     assert marker.exists()
+
+
+def test_a_refused_teacher_cache_write_names_the_file_and_a_rerun_finishes(setup, tmp_path):
+    tokenizer, examples, teacher = setup
+    identity = cache_identity(kind="topk", teacher="tiny", tokenizer=tokenizer, vocab_size=len(tokenizer),
+                              examples=examples, top_k=4, examples_per_shard=8)
+    write = lambda: write_cache(teacher, examples, tmp_path, identity=identity,  # noqa: E731
+                                pad_token_id=tokenizer.pad_token_id, show_progress=False)
+    blocked = tmp_path / "shard-00001.safetensors.tmp"
+    blocked.mkdir(parents=True)  # the OS refuses this write (EISDIR) inside safetensors, as it would a full disk
+    with pytest.raises(OSError) as error:
+        write()
+    assert (error.value.filename, error.value.strerror) == (str(blocked), "Is a directory")
+    first_shard = (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns
+    blocked.rmdir()
+    assert write()["complete"] and len(read_targets(tmp_path)) == len(examples)
+    assert (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns == first_shard  # kept, not written again
 
 
 # --- the teacher answer cache ----------------------------------------------------------------------------------
