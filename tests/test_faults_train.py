@@ -285,6 +285,10 @@ def test_a_changed_student_or_a_used_folder_is_refused(workspace):
     with pytest.raises(KdlmError, match="already holds checkpoints.*train.overwrite=true"):
         _distill(*args)
     assert (workspace / "used" / "config.yaml").read_text() == saved_config  # the refused runs wrote nothing
+    _distill(*args, "train.overwrite=true", "train.max_steps=1")
+    assert _log_steps(workspace / "used") == [1]
+    assert [p.name for p in (workspace / "used" / "checkpoints").iterdir()] == ["step-000001"]
+    assert yaml.safe_load((workspace / "used" / "config.yaml").read_text())["train"]["overwrite"] is False
 
 
 def test_a_missing_teacher_cache_says_how_to_write_one(workspace):

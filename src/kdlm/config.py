@@ -341,4 +341,5 @@ def dump_config(config: RunConfig, path: Path) -> None:
     """Write the resolved config next to a run's outputs, so that the run can be repeated; without the API key."""
     tree = config.model_dump(mode="json")
     tree["teacher"]["api_key"] = None  # a secret: the rerun reads teacher.api_key_env or takes it as an override
+    tree["train"]["overwrite"] = False  # an action, not a setting: rerunning this file must not delete this run
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
