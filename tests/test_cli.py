@@ -78,7 +78,7 @@ def test_teacher_answers_are_generated_once_and_cached(workspace):
     assert len(cache) == 1
     lines = cache[0].read_text().splitlines()
     assert len(lines) == 40  # 32 training prompts + 8 held out, each answered once
-    run_cli("distill", *args, cwd=workspace)
+    run_cli("distill", *args, "train.overwrite=true", cwd=workspace)  # a second run in a used folder must say so
     assert cache[0].read_text().splitlines() == lines  # the rerun paid for nothing
 
 

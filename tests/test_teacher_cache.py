@@ -299,7 +299,8 @@ def test_cli_cache_teacher_then_distill_without_the_teacher_weights(tmp_path):
         from kdlm.pipeline import distill
 
         with pytest.raises(KdlmError) as error:
-            distill(load_config(None, [*args, *student, "eval.enabled=false", *extra]))
+            # overwrite: past the check of the used folder, to the refusal under test (which deletes nothing)
+            distill(load_config(None, [*args, *student, "eval.enabled=false", "train.overwrite=true", *extra]))
         return str(error.value)
 
     assert "top_k: cache has 16, this run needs 8" in refused("teacher.top_k=8")

@@ -35,8 +35,10 @@ def distill(
 ) -> None:
     """Build the student, distill the teacher into it, and print the before/after table."""
     from kdlm.pipeline import distill as run
+    from kdlm.train.interrupts import sigterm_raises
 
-    report = run(_config(config, overrides))
+    with sigterm_raises():  # SIGTERM saves a checkpoint, like Ctrl-C
+        report = run(_config(config, overrides))
     if os.environ.get("RANK", "0") == "0":  # one line, not one per process under `accelerate launch`
         console.print(f"done: student and report in {report['config']['train']['output_dir']}")
 
@@ -95,9 +97,11 @@ def bench(
 ) -> None:
     """Run a grid of methods x seeds as `kdlm distill` runs (finished runs are skipped), evaluate, report."""
     from kdlm.bench import load_bench_config, run_bench
+    from kdlm.train.interrupts import sigterm_raises
 
     bench_config, root = load_bench_config(config, overrides or [])
-    run_bench(bench_config, root)
+    with sigterm_raises():  # SIGTERM saves the running distill's checkpoint, like Ctrl-C
+        run_bench(bench_config, root)
     console.print(f"done: {Path(bench_config.output_dir) / 'report.html'}")
 
 
@@ -199,20 +203,40 @@ def cache_teacher(
     run_cache_teacher(_config(config, overrides))
 
 
+def _os_error(exc: OSError) -> str:
+    """One line naming the path and the cause: `runs/x/config.yaml: Permission denied`."""
+    cause = exc.strerror or str(exc)
+    paths = [str(path) for path in (exc.filename, exc.filename2) if path is not None]
+    return f"{' -> '.join(paths)}: {cause}" if paths else cause
+
+
+def _interrupted(saved: str) -> None:
+    """Exit 143 after SIGTERM (under `sigterm_raises`), 130 after Ctrl-C, saying what was kept."""
+    from kdlm.train.interrupts import EXIT_CODE, received_sigterm
+
+    if received_sigterm():
+        console.print(f"[yellow]terminated[/] (SIGTERM): {saved}")
+        sys.exit(EXIT_CODE)
+    console.print(f"[yellow]interrupted[/]: {saved}")
+    sys.exit(130)
+
+
 def main() -> None:
     try:
-        # Without standalone mode typer returns an exit code instead of exiting (130 on Ctrl-C).
+        # Without standalone mode typer returns an exit code instead of exiting (130 on Ctrl-C and SIGTERM).
         result = app(standalone_mode=False)
         if isinstance(result, int) and result != 0:
             if result == 130:
-                console.print("[yellow]interrupted[/]: finished work (answers, checkpoints) is saved")
+                _interrupted("finished work (answers, checkpoints) is saved")
             sys.exit(result)
     except KdlmError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # lines unbroken: grep finds them
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        console.print("[yellow]interrupted[/]: progress up to the last completed step is saved")
-        sys.exit(130)
+        _interrupted("progress up to the last completed step is saved")
+    except OSError as exc:  # a read-only folder, a full disk: the path and the cause, no traceback
+        console.print(f"[bold red]error:[/] {_os_error(exc)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:  # usage errors: a missing argument, an unknown option

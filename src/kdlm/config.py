@@ -11,13 +11,32 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
 from kdlm.errors import KdlmError
 from kdlm.losses.divergences import DIVERGENCES
 from kdlm.precision import Bf16Setting
 
 M = TypeVar("M", bound=BaseModel)
+MASK = "**********"
+SECRET_NAMES = {"api_key", "access_token", "token", "password", "secret"}  # settings that hold a secret
+
+
+def is_secret(dotted_key: str) -> bool:
+    return dotted_key.strip().rsplit(".", 1)[-1].lower() in SECRET_NAMES
+
+
+def _masked(override: str) -> str:
+    key, sep, _ = override.partition("=")
+    return f"{key}={MASK}" if sep and is_secret(key) else override
 
 
 class Section(BaseModel):
@@ -52,6 +71,14 @@ class TeacherConfig(Section):
         "and give its tokenizer.",
     )
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the server's API key, if any.")
+    api_key: SecretStr | None = Field(
+        None, description="The server's API key, when not in api_key_env. Never written out: errors and reports show "
+        "it masked, and config.yaml leaves it out.",
+    )
+
+    @field_serializer("api_key")
+    def _mask_api_key(self, value: SecretStr | None) -> str | None:
+        return MASK if value is not None else None
 
 
 class LoraConfig(Section):
@@ -186,9 +213,20 @@ class TrainConfig(Section):
         "fp32 elsewhere; true/false force it.",
     )
     seed: int = 0
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: only at the end and on Ctrl-C).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: off; always at the end, on Ctrl-C and SIGTERM).")
+    save_every_minutes: float = Field(
+        10, ge=0, description="Also checkpoint when this many minutes passed since the last save (0: off), so that "
+        "a run killed without warning (SIGKILL, a lost node) loses at most this much.",
+    )
     log_every: int = Field(1, ge=1)
-    resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir.")
+    resume: bool = Field(
+        False, description="Continue from the latest checkpoint in output_dir; refused if the config changed "
+        "(except the keys in kdlm.train.checkpoint.MAY_CHANGE, such as max_steps).",
+    )
+    overwrite: bool = Field(
+        False, description="Start over in an output_dir that holds checkpoints of an earlier run (deletes them and "
+        "its logs); without it such a run is refused.",
+    )
     length_grouped: bool = Field(
         True, description="Batch sequences of similar length together (less padding); order stays seeded."
     )
@@ -319,7 +357,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+            got = MASK if is_secret(key) else repr(item.get("input"))
+            lines.append(f"  {key}: {item['msg']} (got {got})")
     return "\n".join(lines)
 
 
@@ -350,9 +389,9 @@ def load_yaml_model(model: type[M], path: str | Path | None, overrides: list[str
         if "=" not in item:
             raise KdlmError(f"override {item!r} must look like key=value, e.g. {example}")
         key, _, text = item.partition("=")
-        apply_override(tree, key.strip(), _parse_value(text))
-    if overrides:
-        source += " with overrides " + " ".join(overrides)
+        apply_override(tree, key.strip(), text if is_secret(key) else _parse_value(text))  # a key is a string, even "0x1F"
+    if overrides:  # shown in errors, secrets masked
+        source += " with overrides " + " ".join(_masked(item) for item in overrides)
     try:
         return model.model_validate(tree)
     except ValidationError as exc:
@@ -366,5 +405,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def dump_config(config: RunConfig, path: Path) -> None:
-    """Write the resolved config next to a run's outputs, so that the run can be repeated."""
-    path.write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    """Write the resolved config next to a run's outputs, so that the run can be repeated; without the API key."""
+    tree = config.model_dump(mode="json")
+    tree["teacher"]["api_key"] = None  # a secret: the rerun reads teacher.api_key_env or takes it as an override
+    tree["train"]["overwrite"] = False  # an action, not a setting: rerunning this file must not delete this run
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))

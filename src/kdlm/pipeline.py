@@ -54,6 +54,7 @@ from kdlm.teachers.cache import (
     read_targets,
     write_cache,
 )
+from kdlm.train.checkpoint import config_record, prepare_output_dir
 from kdlm.train.loop import train, write_history
 from kdlm.train.onpolicy import build_method, check_method_loss
 
@@ -160,6 +161,18 @@ def teacher_cache_identity(config: RunConfig, tokenizer, vocab_size: int, train_
     )
 
 
+def _check_cache_exists(config: RunConfig) -> None:
+    """`teacher.cache` must name a cache before anything loads: a typo in the path is the likely mistake."""
+    folder = config.teacher.cache
+    if folder and read_manifest(Path(folder)) is None:
+        where = "the folder does not exist" if not Path(folder).exists() else "the folder holds no manifest.json"
+        raise KdlmError(
+            f"teacher.cache={folder}: there is no teacher cache there ({where}). Write one with "
+            f"`kdlm cache-teacher CONFIG teacher.cache={folder}` (same teacher, data and top_k settings as this run), "
+            "or unset teacher.cache to run the teacher during training"
+        )
+
+
 def _check_signal(config: RunConfig) -> None:
     teacher = config.teacher
     check_method_loss(config.method, config.loss)  # before any model is loaded
@@ -201,10 +214,16 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
             (kdlm bench); it must leave the student in train mode.
     """
     _check_signal(config)
+    _check_cache_exists(config)
     seed_everything(config.train.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     output_dir = Path(config.train.output_dir)
     run_file = output_dir / "run.json"
+    run_config = config.model_dump(mode="json")  # the API key masked
+    # Before config.yaml is overwritten: a reused folder or a changed config on resume is refused here;
+    # train.overwrite deletes the old checkpoints only once training starts.
+    prepare_output_dir(output_dir, config_record(run_config), resume=config.train.resume,
+                       overwrite=config.train.overwrite, clear=False)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, output_dir / "config.yaml")
@@ -293,7 +312,7 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
         topk_targets=topk_targets, accelerator=accelerator,
         run_state={"kept_layers": kept_layers, "targets_kind": manifest["kind"] if topk_targets is not None else None},
         hint_config=config.hints, method=method,
-        on_step=(lambda step: on_step(step, student)) if on_step else None,
+        on_step=(lambda step: on_step(step, student)) if on_step else None, run_config=run_config,
     )
     timings["train_s"] = result.seconds
     report: dict = {"config": config.model_dump(), "timings": timings, "steps": result.steps, "tokens": result.tokens}
@@ -333,8 +352,9 @@ def run_cache_teacher(config: RunConfig) -> dict:
         from kdlm.teachers.api import ApiTeacher
 
         tokenizer = load_tokenizer(config.teacher.model)
+        key = config.teacher.api_key
         teacher = ApiTeacher(config.teacher.api_base, config.teacher.model, tokenizer,
-                             api_key=os.environ.get(config.teacher.api_key_env))
+                             api_key=key.get_secret_value() if key else os.environ.get(config.teacher.api_key_env))
         vocab_size = teacher.check_tokenizer()
         train_examples, _ = prepare_data(config, None, tokenizer)  # teacher answers must be cached already
     else:

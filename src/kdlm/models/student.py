@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from kdlm.errors import KdlmError
+from kdlm.errors import KdlmError, os_error_behind
 
 STRATEGIES = ("evenly", "influence")
 
@@ -307,7 +307,12 @@ def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, fol
     folder = Path(folder)
     if isinstance(model, PeftModel):
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(folder)
+    try:
+        model.save_pretrained(folder)
+    except Exception as exc:  # a full disk inside safetensors: an OSError that names the folder
+        if isinstance(exc, OSError) or (error := os_error_behind(exc, folder)) is None:
+            raise
+        raise error from None
     tokenizer.save_pretrained(folder)
     return folder
 

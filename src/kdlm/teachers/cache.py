@@ -66,7 +66,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from kdlm.data.tokenize import collate
-from kdlm.errors import KdlmError
+from kdlm.errors import KdlmError, os_error_behind
 from kdlm.losses.logits import log_one_minus_exp, tail_logmass_from_kept
 from kdlm.teachers.signals import teacher_logits
 
@@ -186,7 +186,12 @@ def _sha256(path: Path) -> str:
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
+    try:
+        write(tmp)
+    except Exception as exc:  # a full disk inside safetensors: an OSError that names the file
+        if isinstance(exc, OSError) or (error := os_error_behind(exc, tmp)) is None:
+            raise
+        raise error from None
     with tmp.open("rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)

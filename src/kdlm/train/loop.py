@@ -39,7 +39,7 @@ from kdlm.errors import KdlmError
 from kdlm.losses import kd_loss_sums, sampled_kd_loss_sums, topk_kd_loss_sums
 from kdlm.losses.fused import TeacherHidden, TeacherLogits, fused_kd_loss, sparse_target
 from kdlm.precision import bf16_enabled
-from kdlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdlm.train.checkpoint import config_record, load_checkpoint, prepare_output_dir, save_checkpoint
 from kdlm.train.forward import (
     _unwrap,
     decoder_outputs,
@@ -50,6 +50,7 @@ from kdlm.train.forward import (
     target_mask,
 )
 from kdlm.train.hints import HintObjective, capture_projections, use_eager_attention
+from kdlm.train.interrupts import Terminated
 from kdlm.train.order import run_schedule
 
 
@@ -217,6 +218,7 @@ def train(
     on_step: Callable[[int], None] | None = None,
     hint_config: HintConfig | None = None,
     method=None,
+    run_config: dict | None = None,
 ) -> TrainResult:
     """Train `student` in place on tokenised `examples`; checkpoints go to `output_dir/checkpoints`.
 
@@ -233,10 +235,14 @@ def train(
         hint_config: hidden-state / attention terms; they need the live ``teacher`` (also with top-k targets).
         method: an on-policy method (``kdlm.train.onpolicy``): it may replace a step's examples by generated
             ones (``prepare_step``), supply its own loss (``loss``) and log fields (``after_step``).
+        run_config: the whole run's config (``RunConfig.model_dump(mode="json")``), recorded in every checkpoint;
+            resuming under other settings is refused (``kdlm.train.checkpoint.MAY_CHANGE``). Default: the
+            train, loss and hint settings.
 
     Raises:
         KdlmError: on a non-finite loss (after saving the last good step) or a bad setup.
-        KeyboardInterrupt: after saving a checkpoint of the last completed step.
+        KeyboardInterrupt: after saving a checkpoint of the last completed step (also on SIGTERM, as
+            ``Terminated``, under ``kdlm.train.interrupts.sigterm_raises``).
     """
     config = train_config
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -262,12 +268,19 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     checkpointed = objective
     start_step, tokens_seen, seconds_before = 0, 0, 0.0
-    if config.resume and (last := latest_checkpoint(checkpoints)) is not None:
+    settings = config_record(run_config or {"train": config.model_dump(), "loss": loss_config.model_dump(),
+                                          "hints": (hint_config or HintConfig()).model_dump()})
+    last = prepare_output_dir(output_dir, settings, resume=config.resume, overwrite=config.overwrite,
+                              clear=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    if last is not None:
         state = load_checkpoint(last, model=checkpointed, optimizer=optimizer, scheduler=scheduler)
         start_step, tokens_seen, seconds_before = state["step"], state["tokens"], state["seconds"]
         if method is not None and "method_state" in state:  # generator, buffers, threshold: plain numbers and lists
             method.load_state_dict(state["method_state"])
         accelerator.print(f"resumed from {last} (step {start_step})")
+    elif config.resume:
+        accelerator.print(f"warning: train.resume=true, but {checkpoints} holds no checkpoint: training starts at step 1")
     objective, optimizer = accelerator.prepare(objective, optimizer)
     if teacher is not None:
         teacher.eval().requires_grad_(False).to(accelerator.device)
@@ -287,17 +300,33 @@ def train(
     history: list[dict] = []
     log_file, writer = _open_logs(output_dir, accelerator, resumed=start_step > 0)
     step = start_step
-    started = time.perf_counter()
+    started = last_save = time.perf_counter()
 
     def save(reason: str) -> None:
+        nonlocal last_save
         state = {"step": step, "tokens": tokens_seen, "seconds": seconds_before + time.perf_counter() - started}
         state.update(run_state or {})
         if method is not None:
             state["method_state"] = method.state_dict()
         if accelerator.is_main_process:
-            path = save_checkpoint(checkpoints, model=checkpointed, optimizer=optimizer, scheduler=scheduler, state=state)
+            path = save_checkpoint(checkpoints, model=checkpointed, optimizer=optimizer, scheduler=scheduler,
+                                   state=state, config=settings)
             accelerator.print(f"checkpoint ({reason}): {path}")
         accelerator.wait_for_everyone()
+        last_save = time.perf_counter()
+
+    def save_due() -> str | None:
+        """Why a periodic checkpoint is due after this step, or None (every process gets the same answer)."""
+        if step >= config.max_steps:
+            return None  # the end-of-training save follows
+        if config.save_every and step % config.save_every == 0:
+            return f"every {config.save_every} steps"
+        if not config.save_every_minutes:
+            return None
+        due = torch.tensor(float(time.perf_counter() - last_save >= 60 * config.save_every_minutes))
+        if world > 1:  # clocks differ between processes: save when any one of them says so
+            due = accelerator.reduce(due.to(accelerator.device), reduction="sum").cpu()
+        return f"every {config.save_every_minutes:g} min" if due.item() > 0 else None
 
     progress = Progress(
         TextColumn("[bold]train[/] {task.fields[info]}"),
@@ -381,13 +410,13 @@ def train(
                     _log(record, log_file, writer)
                 info = f"loss {record['loss']:.3f} (kd {kd_mean:.3f} ce {ce_mean:.3f}) {record['tokens_per_s']:.0f} tok/s"
                 progress.update(task, completed=step, info=info)
-                if config.save_every and step % config.save_every == 0 and step < config.max_steps:
-                    save(f"every {config.save_every} steps")
+                if (reason := save_due()) is not None:
+                    save(reason)
                 if on_step is not None:
                     on_step(step)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         optimizer.zero_grad(set_to_none=True)
-        save("interrupted")
+        save("terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted")
         accelerator.print(f"interrupted at step {step}: continue with train.resume=true")
         raise
     finally:
