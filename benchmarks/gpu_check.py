@@ -1,0 +1,675 @@
+"""The GPU check: one command that runs kdlm's device-sensitive parts on a CUDA GPU and writes a summary.
+
+    bash benchmarks/gpu_check.sh                    # on a GPU machine: under 8 minutes on one H100/H200
+    bash benchmarks/gpu_check.sh --dry-run --out /tmp/gc   # the same plumbing on the CPU at tiny sizes (CI)
+
+Writes ``gpu_check.json`` and ``gpu_check.md`` (and each step's log under ``logs/``) into ``--out``
+(default runs/gpu_check) and, when the environment variable ``OUT`` is set, copies the JSON, the markdown and
+the logs joined into one file there too. The steps, in the order they run:
+
+1. environment: torch/CUDA versions, the GPUs, bf16 support, what ``bf16: auto`` resolves to, the versions of
+   the packages the later steps need (a missing one is named here).
+2. cuda_vs_cpu: one step of the training objective (``StudentObjective``: fused and dense loss, online and
+   top-k teacher targets) of a tiny Llama on CUDA and on the CPU, same weights and batch, in fp32 with TF32
+   off: losses and gradients must agree within ``REL_TOLERANCE``; greedy ``decode_batch`` must give the same
+   token ids on both.
+3. loss_memory: the loss forward+backward at 8,192 x 128,256 in bf16 (student hidden 2,048, teacher hidden
+   4,096: Liger's distillation benchmark shape) through benchmarks/loss_memory.py: dense, kdlm's fused loss,
+   TRL's generalized JSD and Liger's LigerFusedLinearJSDLoss (the last two when they import), with peak
+   memory (torch.cuda.max_memory_allocated) beside Liger's published figure (``LIGER_PUBLISHED``).
+4. quickstart: ``kdlm distill configs/quickstart.yaml`` shortened (128 prompts, 64-token teacher answers,
+   30 steps, 8 held-out prompts), bf16 auto, with the stage timings of its report.json. Its teacher:
+   ``--teacher`` if given, else the bundled SmolLM2-135M-Instruct when installed, else a stand-in with random
+   weights of SmolLM2-135M's shape (``--teacher-shape FOLDER``: a folder with config.json and tokenizer files,
+   e.g. the bundled model's converted folder without its weights; default: tests/tiny.py's byte tokenizer).
+5. tests: ``pytest tests/test_device.py tests/test_fused.py tests/test_losses.py``.
+6. two_gpu: the shortened quickstart under ``accelerate launch --multi_gpu --num_processes 2`` when two GPUs
+   are present (``train.strategy=fsdp`` where the config knows that setting), else skipped.
+
+The parts that need the GPU most run first, so that a spent time budget (``--budget-s``) cuts the others.
+Every step runs in its own process (a fresh CUDA context, its memory its own) under a timeout, inside a
+try/except: a failure, a crash or a timeout is recorded and the next step runs. Each step ends ``ok``,
+``skipped`` (with the reason) or ``failed`` (with the error). This script installs nothing: TRL and Liger
+are measured only when already importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import xml.etree.ElementTree as ElementTree
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = ("environment", "cuda_vs_cpu", "loss_memory", "quickstart", "tests", "two_gpu")
+# Seconds each step may take on the GPU; the whole run is also held to --budget-s (default 450).
+TIMEOUTS = {"environment": 60, "cuda_vs_cpu": 90, "loss_memory": 200, "quickstart": 240, "tests": 150, "two_gpu": 150}
+TEST_FILES = ("tests/test_device.py", "tests/test_fused.py", "tests/test_losses.py")
+# fp32 with TF32 off on both devices: only the order of floating-point sums differs (about 1e-6 relative).
+REL_TOLERANCE = 1e-4
+# Liger-Kernel's published memory of its chunked distillation JSD (LigerFusedLinearJSDLoss) against a torch
+# reference, fwd+bwd, bf16, BT 8,192, H 4,096 (student H/2), V 128,256, on an NVIDIA H100 80GB HBM3
+# (liger 0.4.2, 2024-12-03): github.com/linkedin/Liger-Kernel, benchmark/data/all_benchmark_data.csv,
+# rows distill_jsd_loss / memory / full (added in commit aa2d23d, PR #425).
+LIGER_PUBLISHED = {"liger_mb": 11109.6, "torch_mb": 68947.1, "ratio": 11109.6 / 68947.1,
+                   "source": "linkedin/Liger-Kernel benchmark/data/all_benchmark_data.csv, distill_jsd_loss, "
+                             "memory, full, BT=8192, H=4096, V=128256, bf16, NVIDIA H100 80GB HBM3, liger 0.4.2"}
+# The columns of the quickstart's table (kdlm.evaluate.report) kept in the summary.
+ROW_KEYS = ("model", "kl_to_teacher", "top1_agreement", "answer_perplexity", "forward_tokens_per_s",
+            "generate_tokens_per_s", "peak_memory_mb")
+PACKAGES = ("torch", "transformers", "accelerate", "pydantic", "typer", "peft", "datasets", "gguf", "fastapi",
+            "trl", "liger-kernel", "triton", "pytest")
+# SmolLM2-135M-Instruct's shape, for the stand-in teacher when the bundled one is not installed.
+SMOLLM2_135M_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                      "num_key_value_heads": 3, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+                      "rope_theta": 100000.0}
+
+
+class Skip(Exception):
+    """A step that cannot run here; its message is the recorded reason."""
+
+
+# ---------------------------------------------------------------- the driver (parent process)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.step:
+        return run_step_here(args)
+    out = Path(args.out).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_s
+    summary = {"schema": 1, "dry_run": args.dry_run, "started_utc": _now(), "budget_s": args.budget_s,
+               "command": " ".join(sys.argv), "steps": {}}
+    started = time.monotonic()
+    for name in STEPS:
+        print(f"[gpu_check] {name} ...", flush=True)
+        reason = known_skip(name, args, summary["steps"])
+        summary["steps"][name] = {"status": "skipped", "reason": reason} if reason else run_step(name, args, out, deadline)
+        print(f"[gpu_check] {name}: {_status_line(summary['steps'][name])}", flush=True)
+        write_outputs(summary, out)  # after every step: a run killed later keeps what it measured
+    summary["finished_utc"], summary["seconds"] = _now(), round(time.monotonic() - started, 1)
+    write_outputs(summary, out)
+    print(render_markdown(summary))
+    return 1 if any(step["status"] == "failed" for step in summary["steps"].values()) else 0
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/gpu_check", help="Folder for gpu_check.json, gpu_check.md and logs.")
+    parser.add_argument("--dry-run", action="store_true", help="The same steps on the CPU at tiny sizes.")
+    parser.add_argument("--budget-s", type=float, default=450, help="Time budget of the whole run, in seconds.")
+    parser.add_argument("--teacher", help="Teacher spec for the quickstart steps (default: bundled, else a stand-in).")
+    parser.add_argument("--teacher-shape", help="Folder with config.json and tokenizer files for the stand-in teacher.")
+    parser.add_argument("--only", type=lambda text: text.split(","), default=list(STEPS),
+                        help=f"Comma-separated steps to run (default all: {','.join(STEPS)}); the others are recorded as skipped.")
+    parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
+    parser.add_argument("--timeout-s", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    unknown = sorted(set(args.only) - set(STEPS))
+    if unknown:
+        parser.error(f"--only: unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
+    return args
+
+
+def known_skip(name: str, args: argparse.Namespace, steps: dict) -> str | None:
+    """A skip that the environment step already decided (no process is started for it); the steps check again."""
+    if name not in args.only:
+        return "not selected with --only"
+    environment = steps.get("environment", {}).get("result") or {}
+    count = environment.get("device_count")
+    if name == "two_gpu" and args.dry_run:
+        return "dry run: no GPUs"
+    if name == "two_gpu" and count is not None and count < 2:
+        return f"{count} CUDA device(s) here; this step needs 2"
+    if name in ("cuda_vs_cpu", "loss_memory", "quickstart") and not args.dry_run and count == 0:
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    return None
+
+
+def run_step(name: str, args: argparse.Namespace, out: Path, deadline: float) -> dict:
+    """One step in a child process (its own session, so that a timeout ends its children too)."""
+    timeout = min(TIMEOUTS[name], deadline - time.monotonic())
+    if timeout < 15:
+        return {"status": "skipped", "reason": f"the time budget ({args.budget_s:.0f} s) is spent"}
+    result_file = out / "steps" / f"{name}.json"
+    result_file.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--out", str(out),
+               "--timeout-s", f"{timeout:.0f}", "--budget-s", str(args.budget_s)]
+    command += ["--dry-run"] * args.dry_run + _passed_on(args)
+    started, cpu_before = time.monotonic(), _children_cpu_s()
+    log = out / "logs" / f"{name}.log"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+            error = None
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            error = f"timed out after {timeout:.0f} s"
+    timing = {"seconds": round(time.monotonic() - started, 1), "cpu_s": round(_children_cpu_s() - cpu_before, 1)}
+    if error is None and result_file.exists():
+        return {**json.loads(result_file.read_text()), **timing}
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    error = error or f"exit status {proc.returncode} without a result; last log line: {tail[0][:300]}"
+    return {"status": "failed", "error": error, **timing}
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds (user + system) of all finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _passed_on(args: argparse.Namespace) -> list[str]:
+    passed = []
+    for flag, value in (("--teacher", args.teacher), ("--teacher-shape", args.teacher_shape)):
+        if value:
+            passed += [flag, value]
+    return passed
+
+
+def run_step_here(args: argparse.Namespace) -> int:
+    """In the child: run one step inside try/except and write its result as JSON."""
+    out = Path(args.out)
+    context = argparse.Namespace(**vars(args), deadline=time.monotonic() + args.timeout_s - 5, out_path=out)
+    try:
+        record = {"status": "ok", "result": STEP_FUNCTIONS[args.step](context)}
+    except Skip as skip:
+        record = {"status": "skipped", "reason": str(skip)}
+    except Exception as err:  # the point of the check: record any failure and let the next step run
+        traceback.print_exc()
+        record = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:2000]}
+    (out / "steps").mkdir(parents=True, exist_ok=True)
+    (out / "steps" / f"{args.step}.json").write_text(json.dumps(record, indent=2, default=str))
+    return 0
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _left(context: argparse.Namespace) -> float:
+    left = context.deadline - time.monotonic()
+    if left < 5:
+        raise TimeoutError("no time left in this step's timeout")
+    return left
+
+
+# ---------------------------------------------------------------- step 1: environment
+
+
+def step_environment(context: argparse.Namespace) -> dict:
+    from importlib import metadata
+
+    import torch
+
+    from kdlm.precision import resolve_precision
+
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    cuda = torch.cuda.is_available()
+    devices = [{"name": torch.cuda.get_device_name(i),
+                "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
+                "capability": ".".join(map(str, torch.cuda.get_device_capability(i)))}
+               for i in range(torch.cuda.device_count())] if cuda else []
+    return {
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None, "cuda_available": cuda,
+        "device_count": torch.cuda.device_count() if cuda else 0, "devices": devices,
+        "bf16_supported": torch.cuda.is_bf16_supported() if cuda else None,
+        "precision_auto": resolve_precision("auto").describe(), "driver": _nvidia_smi(),
+        "packages": versions, "missing_packages": [name for name, version in versions.items() if version is None],
+    }
+
+
+def _nvidia_smi() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"nvidia-smi failed: {err}"
+    return proc.stdout.strip() or proc.stderr.strip()
+
+
+# ---------------------------------------------------------------- step 2: the same step on CUDA and on the CPU
+
+
+def _device(context: argparse.Namespace) -> str:
+    import torch
+
+    if context.dry_run:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise Skip("no CUDA device (torch.cuda.is_available() is False)")
+    return "cuda"
+
+
+def step_cuda_vs_cpu(context: argparse.Namespace) -> dict:
+    """The training objective and greedy decoding on ``device`` and on the CPU (in a dry run: CPU against CPU)."""
+    import copy
+
+    import torch
+
+    from kdlm.config import LossConfig
+    from kdlm.data import encode_records
+    from kdlm.data.tokenize import collate
+
+    device = _device(context)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import tiny_llama, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    teacher = tiny_llama(len(tokenizer), num_layers=3, seed=1)
+    student = tiny_llama(len(tokenizer), num_layers=2, seed=2).train()
+    records = [{"messages": [{"role": "user", "content": f"question {i}"},
+                             {"role": "assistant", "content": "an answer " * (1 + i % 3)}]} for i in range(4)]
+    batch = collate(encode_records(tokenizer, records, max_length=64), tokenizer.pad_token_id)
+    cases = {}
+    for fused in (True, False):
+        for target in ("online", "topk"):
+            loss = LossConfig(divergence="jsd", kd_weight=0.8, fused=fused)
+            on_cpu = _objective_step(copy.deepcopy(student), teacher, batch, loss, target, len(tokenizer), "cpu")
+            on_device = _objective_step(copy.deepcopy(student), copy.deepcopy(teacher), batch, loss, target,
+                                        len(tokenizer), device)
+            cases[f"{'fused' if fused else 'dense'}-{target}"] = _compare(on_cpu, on_device)
+    decode = _compare_greedy(tokenizer, device)
+    failed = [name for name, case in cases.items() if not case["ok"]] + ([] if decode["ok"] else ["greedy decode"])
+    if failed:
+        raise AssertionError(f"{device} differs from the CPU beyond rel {REL_TOLERANCE:g} in: {', '.join(failed)}; "
+                             f"details: {json.dumps({'objective': cases, 'decode': decode})[:1500]}")
+    return {"device": device, "tolerance": f"relative {REL_TOLERANCE:g} (fp32, TF32 off)", "objective": cases,
+            "decode": decode}
+
+
+def _objective_step(student, teacher, batch, loss, target_kind: str, vocab: int, device: str):
+    """One micro-batch of the training objective on ``device``: (total, kd, ce, count) and the student's gradients."""
+    import torch
+
+    from kdlm.teachers.signals import teacher_logits
+    from kdlm.train.loop import StudentObjective, run_teacher
+
+    student, teacher = student.to(device), teacher.to(device)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    objective = StudentObjective(student, loss, vocab)
+    target, states = run_teacher(teacher, batch, vocab, bf16=False, online=target_kind == "online", hints=None)
+    if target_kind == "topk":
+        top = teacher_logits(teacher, batch, bf16=False).log_softmax(-1).topk(8, dim=-1)
+        target = (top.indices, top.values)
+    student.zero_grad(set_to_none=True)
+    total, kd, ce, _, count = objective(batch, target, loss.kd_weight, states)
+    total.backward()
+    grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+    values = torch.stack([total.detach(), kd.detach(), ce.detach(), count.float()])
+    return values.double().cpu(), grads.double().cpu()
+
+
+def _compare(on_cpu, on_device) -> dict:
+    (values_cpu, grads_cpu), (values_device, grads_device) = on_cpu, on_device
+    value_error = float(((values_device - values_cpu).abs() / values_cpu.abs().clamp_min(1e-12)).max())
+    grad_error = float((grads_device - grads_cpu).norm() / grads_cpu.norm().clamp_min(1e-12))
+    return {"loss_cpu": float(values_cpu[0]), "loss_device": float(values_device[0]),
+            "max_rel_error_values": value_error, "rel_l2_error_grads": grad_error,
+            "ok": value_error <= REL_TOLERANCE and grad_error <= REL_TOLERANCE}
+
+
+def _compare_greedy(tokenizer, device: str) -> dict:
+    """Greedy decode_batch on both devices with a tiny teacher fitted to tests/tiny.py's corpus (peaked logits,
+    so near-ties are rare); the smallest top-1/top-2 logit gap along the CPU's path is recorded to tell a
+    near-tie from a bug."""
+    import copy
+
+    import torch
+
+    from kdlm.serve.sampling import Row, decode_batch
+    from tiny import trained_tiny_teacher
+
+    model, _ = trained_tiny_teacher(num_layers=2, steps=30 if device != "cpu" else 5)
+    prompts = [tokenizer(text)["input_ids"] for text in ("the quick brown", "what is the capital", "water boils at")]
+
+    def rows():
+        return [Row(prompt_ids=ids, max_tokens=16, temperature=0.0, top_p=1.0, seed=i) for i, ids in enumerate(prompts)]
+
+    on_cpu = [r.token_ids for r in decode_batch(model, tokenizer, rows())]
+    on_device = [r.token_ids for r in decode_batch(copy.deepcopy(model).to(device), tokenizer, rows())]
+    gaps = []
+    with torch.no_grad():
+        for ids, generated in zip(prompts, on_cpu, strict=True):
+            logits = model(input_ids=torch.tensor([ids + generated])).logits[0, len(ids) - 1 : -1]
+            top2 = logits.topk(2, dim=-1).values
+            gaps.append(float((top2[:, 0] - top2[:, 1]).min()))
+    return {"same_token_ids": on_cpu == on_device, "ok": on_cpu == on_device, "tokens": sum(map(len, on_cpu)),
+            "min_top1_top2_logit_gap": min(gaps), "cpu": on_cpu, "device": on_device}
+
+
+# ---------------------------------------------------------------- step 3: the loss at Llama-3's vocabulary
+
+
+def step_loss_memory(context: argparse.Namespace) -> dict:
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import loss_memory
+
+    device = _device(context)
+    tokens, vocab, student_hidden, teacher_hidden = (256, 1024, 64, 128) if context.dry_run else (8192, 128256, 2048, 4096)
+    options = ("--device", device, "--dtype", "bf16", "--student-hidden", str(student_hidden),
+               "--teacher-hidden", str(teacher_hidden))
+    variants = {}
+    for variant, package in (("dense", None), ("fused", None), ("trl", "trl"), ("liger", "liger_kernel")):
+        if package and importlib.util.find_spec(package) is None:
+            variants[variant] = {"status": "skipped", "reason": f"{package} is not installed"}
+            continue
+        if context.dry_run:  # in this process: two fewer starts of torch, the same measuring code
+            result = loss_memory.run_variant(variant, tokens, vocab, device, "bf16", student_hidden, teacher_hidden)
+        else:  # a fresh process per variant: its own CUDA memory and peak
+            result = loss_memory.measure(variant, tokens, vocab, min(120.0, _left(context)), options)
+        variants[variant] = _variant_record(result)
+    _add_ratios(variants)
+    for required in ("dense", "fused"):
+        if variants[required]["status"] != "ok":
+            raise RuntimeError(f"{required}: {variants[required].get('error')}")
+    memory = "torch.cuda.max_memory_allocated (inputs included)" if device == "cuda" else "growth of peak RSS"
+    return {"device": device, "dtype": "bf16", "tokens": tokens, "vocab": vocab, "student_hidden": student_hidden,
+            "teacher_hidden": teacher_hidden, "divergence": "JSD(beta=0.5), summed over target tokens",
+            "memory_metric": memory, "variants": variants, "liger_published": LIGER_PUBLISHED}
+
+
+def _variant_record(result: dict) -> dict:
+    if "error" not in result:
+        return {"status": "ok", **result}
+    if result["error"].startswith(("ModuleNotFoundError", "ImportError")):
+        return {"status": "skipped", "reason": f"does not import: {result['error']}"}
+    return {"status": "failed", "error": result["error"]}
+
+
+def _add_ratios(variants: dict) -> None:
+    """Memory, time, loss and gradient norm of each variant relative to dense."""
+    dense = variants["dense"]
+    if dense["status"] != "ok":
+        return
+    key = "peak_mb" if "peak_mb" in dense else "peak_growth_mb"
+    for result in variants.values():
+        if result["status"] != "ok":
+            continue
+        result["memory_vs_dense"] = result[key] / dense[key] if dense[key] > 0 else None
+        result["time_vs_dense"] = result["seconds"] / dense["seconds"]
+        result["loss_rel_diff"] = abs(result["value"] - dense["value"]) / abs(dense["value"])
+        result["grad_norm_rel_diff"] = abs(result["grad_norm"] - dense["grad_norm"]) / abs(dense["grad_norm"])
+
+
+# ---------------------------------------------------------------- steps 4 and 6: the quickstart, 1 and 2 GPUs
+
+
+def quickstart_overrides(context: argparse.Namespace, teacher: str, output_dir: Path) -> list[str]:
+    prompts = _prompt_subset(context.out_path / "quickstart_prompts.jsonl", 16 if context.dry_run else 128)
+    overrides = [f"teacher.model={teacher}", f"data.train={prompts}", f"train.output_dir={output_dir}",
+                 "train.bf16=auto"]
+    if context.dry_run:  # tiny sizes: a 4-layer teacher, a 2-layer student, 2 steps
+        return overrides + ["student.num_layers=2", "train.max_steps=2", "train.batch_size=2", "data.heldout=2",
+                            "data.max_length=128", "data.answer_max_new_tokens=8", "teacher.top_k=8",
+                            "eval.generation_tokens=4", "eval.batch_size=2"]
+    return overrides + ["train.max_steps=30", "data.heldout=8", "data.answer_max_new_tokens=64"]
+
+
+def _prompt_subset(path: Path, count: int) -> Path:
+    """The first ``count`` prompts of the built-in quickstart set, as a JSONL file."""
+    from importlib import resources
+
+    lines = (resources.files("kdlm.data") / "builtin" / "quickstart.jsonl").read_text().splitlines()
+    path.write_text("\n".join(lines[:count]) + "\n")
+    return path
+
+
+def resolve_teacher(context: argparse.Namespace) -> tuple[str, str]:
+    """(teacher spec, what it is): --teacher, the tiny teacher in a dry run, the bundled one, or a stand-in."""
+    if context.teacher:
+        return context.teacher, "given with --teacher"
+    sys.path.insert(0, str(ROOT / "tests"))
+    if context.dry_run:
+        from tiny import save_tiny_teacher
+
+        folder = context.out_path / "tiny_teacher"
+        if not (folder / "config.json").exists():
+            save_tiny_teacher(folder, num_layers=4)
+        return str(folder), "tests/tiny.py's fitted 4-layer Llama (dry run)"
+    from kdlm.errors import KdlmError
+    from kdlm.models import ensure_bundled
+
+    try:
+        return str(ensure_bundled("smollm2-135m-instruct")), "the bundled SmolLM2-135M-Instruct"
+    except (KdlmError, ImportError, OSError) as err:  # not installed, or its GGUF reader (gguf) is missing
+        missing = f"{type(err).__name__}: {err}"
+    folder = write_standin_teacher(context.out_path / "standin_teacher", context.teacher_shape)
+    shape = context.teacher_shape or "SmolLM2-135M's layers, tests/tiny.py's byte tokenizer"
+    return str(folder), f"STAND-IN with random weights ({shape}); bundled teacher unavailable: {missing}"
+
+
+def write_standin_teacher(folder: Path, shape_folder: str | None) -> Path:
+    """A teacher with random weights: the shape (and tokenizer) of ``shape_folder``, else SmolLM2-135M's layers
+    with the byte tokenizer of tests/tiny.py. Its timings are the real model's; its answers are noise."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    if (folder / "config.json").exists():
+        return folder
+    if shape_folder:
+        config, tokenizer = AutoConfig.from_pretrained(shape_folder), AutoTokenizer.from_pretrained(shape_folder)
+    else:
+        from tiny import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+        config = LlamaConfig(vocab_size=len(tokenizer), eos_token_id=2, pad_token_id=2, bos_token_id=1,
+                             **SMOLLM2_135M_SHAPE)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def step_quickstart(context: argparse.Namespace) -> dict:
+    _device(context)
+    teacher, teacher_note = resolve_teacher(context)
+    output_dir = context.out_path / "quickstart"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    overrides = quickstart_overrides(context, teacher, output_dir)
+    command = [sys.executable, "-m", "kdlm.cli", "distill", "configs/quickstart.yaml", *overrides]
+    return {"teacher": teacher_note, **_run_distill(context, command, output_dir)}
+
+
+def step_two_gpu(context: argparse.Namespace) -> dict:
+    import torch
+
+    from kdlm.config import TrainConfig
+
+    if context.dry_run:
+        raise Skip("dry run: no GPUs")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        raise Skip(f"{count} CUDA device(s) here; this step needs 2")
+    teacher, teacher_note = resolve_teacher(context)
+    output_dir = context.out_path / "two_gpu"
+    shutil.rmtree(output_dir, ignore_errors=True)
+    overrides = quickstart_overrides(context, teacher, output_dir) + ["train.max_steps=10", "train.batch_size=4",
+                                                                      "eval.enabled=false"]
+    strategy = "ddp"
+    if "strategy" in TrainConfig.model_fields:
+        strategy = "fsdp"
+        overrides.append("train.strategy=fsdp")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+    command = [*launch, "-m", "kdlm.cli", "distill", "configs/quickstart.yaml", *overrides]
+    return {"teacher": teacher_note, "strategy": strategy, **_run_distill(context, command, output_dir)}
+
+
+def _error_text(stderr: str) -> str:
+    """kdlm's one-line error (rich wraps it over several lines), else the last line of a traceback."""
+    lines = [line.strip() for line in stderr.strip().splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    text = " ".join(lines[starts[-1]:]) if starts else (lines[-1] if lines else "(no output)")
+    return text[:600]
+
+
+def _run_distill(context: argparse.Namespace, command: list[str], output_dir: Path) -> dict:
+    """Run a `kdlm distill` command (its answers cached under the --out folder) and read its report.json."""
+    env = {**os.environ, "KDLM_CACHE": str(context.out_path / "kdlm_cache"), "COLUMNS": "250"}  # errors on one line
+    started = time.monotonic()
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=_left(context))
+    seconds = round(time.monotonic() - started, 1)
+    print(proc.stdout[-20000:], proc.stderr[-20000:], sep="\n")
+    if proc.returncode != 0:
+        raise RuntimeError(f"kdlm distill failed (exit status {proc.returncode}): {_error_text(proc.stderr)}")
+    report = json.loads((output_dir / "report.json").read_text())
+    rows = [{key: row.get(key) for key in ROW_KEYS} for row in report.get("rows", [])]
+    return {"command": " ".join(command), "wall_s": seconds, "bf16": report["config"]["train"]["bf16"],
+            "timings_s": report.get("timings", {}), "steps": report.get("steps"), "target_tokens": report.get("tokens"),
+            "rows": rows}
+
+
+# ---------------------------------------------------------------- step 5: the device-sensitive tests
+
+
+def step_tests(context: argparse.Namespace) -> dict:
+    junit = context.out_path / "tests.xml"
+    # A dry run runs one cheap test of the three files (the plumbing: pytest, its junit report, the counts).
+    selection = ["tests/test_losses.py", "-k", "identical_inputs"] if context.dry_run else list(TEST_FILES)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection, f"--junitxml={junit}"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=_left(context))
+    print(proc.stdout[-20000:], proc.stderr[-5000:], sep="\n")
+    if not junit.exists():
+        raise RuntimeError(f"pytest wrote no report (exit status {proc.returncode}): {proc.stderr.strip()[-300:]}")
+    suite = ElementTree.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+    summary = (proc.stdout.strip().splitlines() or [""])[-1]
+    if failed or proc.returncode != 0:
+        raise AssertionError(f"pytest: {summary}; failed: {', '.join(failed[:20]) or '(see logs/tests.log)'}")
+    return {"command": " ".join(command[2:]), "summary": summary, **counts}
+
+
+STEP_FUNCTIONS = {"environment": step_environment, "cuda_vs_cpu": step_cuda_vs_cpu, "loss_memory": step_loss_memory,
+                  "quickstart": step_quickstart, "tests": step_tests, "two_gpu": step_two_gpu}
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_outputs(summary: dict, out: Path) -> None:
+    """gpu_check.json and gpu_check.md in ``out``, and copies (plus the logs in one file) in $OUT if it is set."""
+    text = json.dumps(summary, indent=2, default=str)
+    markdown = render_markdown(summary)
+    targets = [out] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+    for folder in targets:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "gpu_check.json").write_text(text)
+        (folder / "gpu_check.md").write_text(markdown)
+    if len(targets) > 1:
+        logs = [f"===== {log.name}\n{log.read_text(errors='replace')[-200_000:]}" for log in sorted((out / "logs").glob("*.log"))]
+        (targets[1] / "gpu_check_logs.txt").write_text("\n".join(logs))
+
+
+def _status_line(step: dict) -> str:
+    detail = step.get("reason") or step.get("error") or ""
+    return f"{step['status']}{f' ({detail})' if detail else ''}, {step.get('seconds', 0):.1f} s"
+
+
+def render_markdown(summary: dict) -> str:
+    steps = summary["steps"]
+    lines = [f"# kdlm GPU check{' (dry run, CPU)' if summary['dry_run'] else ''}", "",
+             f"Started {summary['started_utc']}; command `{summary['command']}`.", ""]
+    environment = steps.get("environment", {}).get("result")
+    if environment:
+        gpus = ", ".join(f"{d['name']} ({d['memory_gib']} GiB, sm {d['capability']})" for d in environment["devices"]) or "none"
+        lines += [f"torch {environment['torch']}, CUDA {environment['cuda_runtime']}, GPUs: {gpus}; "
+                  f"bf16 supported: {environment['bf16_supported']}; {environment['precision_auto']}.",
+                  f"Missing packages: {', '.join(environment['missing_packages']) or 'none'}.", ""]
+    lines += ["| step | status | seconds | detail |", "|---|---|---|---|"]
+    for name, step in steps.items():
+        detail = (step.get("reason") or step.get("error") or "").replace("|", "/").replace("\n", " ")[:300]
+        lines.append(f"| {name} | {step['status']} | {step.get('seconds', '')} | {detail} |")
+    lines += _markdown_cuda_vs_cpu(steps.get("cuda_vs_cpu", {})) + _markdown_loss(steps.get("loss_memory", {}))
+    for name in ("quickstart", "two_gpu"):
+        lines += _markdown_distill(name, steps.get(name, {}))
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_cuda_vs_cpu(step: dict) -> list[str]:
+    result = step.get("result")
+    if not result:
+        return []
+    lines = ["", f"## One training step on {result['device']} against the CPU ({result['tolerance']})", "",
+             "| case | loss (CPU) | max rel. error of losses | rel. L2 error of gradients | ok |", "|---|---|---|---|---|"]
+    for name, case in result["objective"].items():
+        lines.append(f"| {name} | {case['loss_cpu']:.6f} | {case['max_rel_error_values']:.1e} | "
+                     f"{case['rel_l2_error_grads']:.1e} | {case['ok']} |")
+    decode = result["decode"]
+    lines += ["", f"Greedy decode_batch: same token ids on both: {decode['same_token_ids']} ({decode['tokens']} tokens; "
+              f"smallest top-1/top-2 logit gap {decode['min_top1_top2_logit_gap']:.3f})."]
+    return lines
+
+
+def _markdown_loss(step: dict) -> list[str]:
+    result = step.get("result")
+    if not result:
+        return []
+    lines = ["", f"## Loss forward+backward, {result['tokens']:,} x {result['vocab']:,}, {result['dtype']}, "
+             f"{result['device']} (hidden {result['student_hidden']:,} / {result['teacher_hidden']:,}; "
+             f"memory: {result['memory_metric']})", "",
+             "| variant | peak memory (MB) | vs dense | time (ms) | vs dense | loss, grad-norm rel. diff vs dense |",
+             "|---|---|---|---|---|---|"]
+    for name, variant in result["variants"].items():
+        if variant["status"] != "ok":
+            lines.append(f"| {name} | {variant['status']}: {variant.get('reason') or variant.get('error')} | | | | |")
+            continue
+        memory = variant.get("peak_mb", variant["peak_growth_mb"])
+        ratio = lambda value: f"{value:.2f}x" if value is not None else "-"  # noqa: E731
+        lines.append(f"| {name} | {memory:,.0f} | {ratio(variant.get('memory_vs_dense'))} | {variant['seconds'] * 1e3:,.1f} | "
+                     f"{ratio(variant.get('time_vs_dense'))} | {variant['loss_rel_diff']:.0e}, {variant['grad_norm_rel_diff']:.0e} |")
+    published = result["liger_published"]
+    lines += ["", f"Published by Liger (H100): {published['liger_mb']:,.0f} MB against {published['torch_mb']:,.0f} MB "
+              f"for a torch reference, {published['ratio']:.1%} ({published['source']})."]
+    return lines
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _markdown_distill(name: str, step: dict) -> list[str]:
+    result = step.get("result")
+    if not result:
+        return []
+    lines = ["", f"## {name}: {result['steps']} steps, bf16 {result['bf16']}, {result['wall_s']} s in all", "",
+             f"Teacher: {result['teacher']}.", f"Command: `{result['command']}`", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {stage} | {seconds:.1f} |" for stage, seconds in result["timings_s"].items()]
+    if result["rows"]:
+        lines += ["", "| " + " | ".join(ROW_KEYS) + " |", "|" + "---|" * len(ROW_KEYS)]
+        lines += ["| " + " | ".join(_cell(row.get(key)) for key in ROW_KEYS) + " |" for row in result["rows"]]
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
