@@ -22,6 +22,9 @@ the logs joined into one file there too. The steps, in the order they run:
    ``--teacher`` if given, else the bundled SmolLM2-135M-Instruct when installed, else a stand-in with random
    weights of SmolLM2-135M's shape (``--teacher-shape FOLDER``: a folder with config.json and tokenizer files,
    e.g. the bundled model's converted folder without its weights; default: tests/tiny.py's byte tokenizer).
+   The bundled GGUF (98 MB) is too large to carry to a lent GPU machine (64 MiB per call), its tokenizer is
+   not: ``mkdir shape && cp ~/.cache/kdlm/models/smollm2-135m-instruct/{config.json,tokenizer.json,
+   tokenizer_config.json,chat_template.jinja,generation_config.json} shape/`` here, then ``--teacher-shape shape``.
 5. tests: ``pytest tests/test_device.py tests/test_fused.py tests/test_losses.py``.
 6. two_gpu: the shortened quickstart under ``accelerate launch --multi_gpu --num_processes 2`` when two GPUs
    are present (``train.strategy=fsdp`` where the config knows that setting), else skipped.
@@ -155,15 +158,24 @@ def run_step(name: str, args: argparse.Namespace, out: Path, deadline: float) ->
             proc.wait(timeout=timeout)
             error = None
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             error = f"timed out after {timeout:.0f} s"
+        _end_group(proc)
     timing = {"seconds": round(time.monotonic() - started, 1), "cpu_s": round(_children_cpu_s() - cpu_before, 1)}
     if error is None and result_file.exists():
         return {**json.loads(result_file.read_text()), **timing}
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
     error = error or f"exit status {proc.returncode} without a result; last log line: {tail[0][:300]}"
     return {"status": "failed", "error": error, **timing}
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """End the step's process group: the step on a timeout, and always what it left running (e.g. the workers
+    of an `accelerate launch` whose launcher was stopped), so that nothing holds the GPU into the next step."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _children_cpu_s() -> float:
@@ -234,9 +246,33 @@ def step_environment(context: argparse.Namespace) -> dict:
         "cudnn": torch.backends.cudnn.version() if cuda else None, "cuda_available": cuda,
         "device_count": torch.cuda.device_count() if cuda else 0, "devices": devices,
         "bf16_supported": torch.cuda.is_bf16_supported() if cuda else None,
-        "precision_auto": resolve_precision("auto").describe(), "driver": _nvidia_smi(),
+        "precision_auto": resolve_precision("auto").describe(), "driver": _nvidia_smi(), "git_commit": _git_commit(),
         "packages": versions, "missing_packages": [name for name, version in versions.items() if version is None],
+        "kdlm_imports": _kdlm_imports(),
     }
+
+
+def _kdlm_imports() -> dict[str, str]:
+    """Whether the kdlm modules the later steps use import here ("ok", or the error: a missing package)."""
+    import importlib
+
+    results = {}
+    for module in ("kdlm.losses.fused", "kdlm.train.loop", "kdlm.serve.sampling", "kdlm.pipeline", "kdlm.cli"):
+        try:
+            importlib.import_module(module)
+            results[module] = "ok"
+        except Exception as err:  # a missing dependency on a bare image: recorded, the steps that need it fail
+            results[module] = f"{type(err).__name__}: {err}"
+    return results
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit, when it is a git checkout (a copied tree may not be)."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None
 
 
 def _nvidia_smi() -> str | None:
@@ -551,10 +587,14 @@ def _run_distill(context: argparse.Namespace, command: list[str], output_dir: Pa
 
 
 def step_tests(context: argparse.Namespace) -> dict:
+    import importlib.util
+
     junit = context.out_path / "tests.xml"
     # A dry run runs one cheap test of the three files (the plumbing: pytest, its junit report, the counts).
     selection = ["tests/test_losses.py", "-k", "identical_inputs"] if context.dry_run else list(TEST_FILES)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection, f"--junitxml={junit}"]
+    if not context.dry_run and importlib.util.find_spec("xdist") is not None:  # the GPU machine's 16 cores
+        command += ["-n", str(min(8, os.cpu_count() or 1))]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=_left(context))
     print(proc.stdout[-20000:], proc.stderr[-5000:], sep="\n")
     if not junit.exists():
@@ -603,9 +643,12 @@ def render_markdown(summary: dict) -> str:
     environment = steps.get("environment", {}).get("result")
     if environment:
         gpus = ", ".join(f"{d['name']} ({d['memory_gib']} GiB, sm {d['capability']})" for d in environment["devices"]) or "none"
-        lines += [f"torch {environment['torch']}, CUDA {environment['cuda_runtime']}, GPUs: {gpus}; "
+        lines += [f"Commit {environment.get('git_commit') or 'unknown'}; "
+                  f"torch {environment['torch']}, CUDA {environment['cuda_runtime']}, GPUs: {gpus}; "
                   f"bf16 supported: {environment['bf16_supported']}; {environment['precision_auto']}.",
-                  f"Missing packages: {', '.join(environment['missing_packages']) or 'none'}.", ""]
+                  f"Missing packages: {', '.join(environment['missing_packages']) or 'none'}.",
+                  "kdlm imports: " + "; ".join(f"{module} {status}" for module, status in environment["kdlm_imports"].items()) + ".",
+                  ""]
     lines += ["| step | status | seconds | detail |", "|---|---|---|---|"]
     for name, step in steps.items():
         detail = (step.get("reason") or step.get("error") or "").replace("|", "/").replace("\n", " ")[:300]

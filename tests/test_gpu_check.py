@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # a dozen processes (each step, pytest, kdlm distill); about a minute on 2 quiet cores
 STEPS = ["environment", "cuda_vs_cpu", "loss_memory", "quickstart", "tests", "two_gpu"]
 
 
 def _run(out: Path, *extra: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    env.pop("OUT", None)
+    env = {key: value for key, value in os.environ.items() if key != "OUT"}  # $OUT only where a test sets it
+    env.update({"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env_extra or {})})
     return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run", "--out", str(out), *extra],
                           capture_output=True, text=True, env=env, timeout=600)
 
@@ -53,6 +54,7 @@ def test_step_results_hold_what_the_summary_reports(dry_run):
     environment = steps["environment"]["result"]
     assert {"torch", "cuda_available", "devices", "bf16_supported", "precision_auto", "missing_packages"} <= set(environment)
     assert environment["precision_auto"].startswith("precision: ")
+    assert set(environment["kdlm_imports"].values()) == {"ok"}
 
     compared = steps["cuda_vs_cpu"]["result"]
     assert set(compared["objective"]) == {"fused-online", "fused-topk", "dense-online", "dense-topk"}
