@@ -173,6 +173,8 @@ def step_cuda_vs_cpu(context: argparse.Namespace) -> dict:
 
 def _objective_step(student, teacher, batch, loss, target_kind: str, vocab: int, device: str):
     """One micro-batch of the training objective on ``device``: (total, kd, ce, count) and the student's gradients."""
+    import copy
+
     import torch
 
     from kdlm.teachers.signals import teacher_logits
@@ -182,9 +184,10 @@ def _objective_step(student, teacher, batch, loss, target_kind: str, vocab: int,
     batch = {key: value.to(device) for key, value in batch.items()}
     objective = StudentObjective(student, loss, vocab)
     target, states = run_teacher(teacher, batch, vocab, bf16=False, online=target_kind == "online", hints=None)
-    if target_kind == "topk":
-        top = teacher_logits(teacher, batch, bf16=False).log_softmax(-1).topk(8, dim=-1)
-        target = (top.indices, top.values)
+    if target_kind == "topk":  # taken on the CPU for both runs: a near-tie at rank k must not swap an id
+        cpu_batch = {key: value.cpu() for key, value in batch.items()}
+        top = teacher_logits(copy.deepcopy(teacher).cpu(), cpu_batch, bf16=False).log_softmax(-1).topk(8, dim=-1)
+        target = (top.indices.to(device), top.values.to(device))
     student.zero_grad(set_to_none=True)
     total, kd, ce, _, count = objective(batch, target, loss.kd_weight, states)
     total.backward()
@@ -219,8 +222,8 @@ def _compare_greedy(tokenizer, device: str) -> dict:
     def rows():
         return [Row(prompt_ids=ids, max_tokens=16, temperature=0.0, top_p=1.0, seed=i) for i, ids in enumerate(prompts)]
 
-    on_cpu = [r.token_ids for r in decode_batch(model, tokenizer, rows())]
-    on_device = [r.token_ids for r in decode_batch(copy.deepcopy(model).to(device), tokenizer, rows())]
+    on_cpu = [r.token_ids for r in decode_batch(model, tokenizer, rows(), bf16=False)]
+    on_device = [r.token_ids for r in decode_batch(copy.deepcopy(model).to(device), tokenizer, rows(), bf16=False)]
     gaps = []
     with torch.no_grad():
         for ids, generated in zip(prompts, on_cpu, strict=True):
