@@ -38,6 +38,7 @@ from kdlm.models import (
     build_pruned_student,
     build_random_student,
     check_vocab_compatible,
+    default_device,
     describe_model,
     load_model,
     load_tokenizer,
@@ -112,7 +113,7 @@ def build_student(
     if cfg.init == "model":
         if not cfg.model:
             raise KdlmError("student.init=model needs student.model (a folder, .gguf file or hub id)")
-        student, student_tokenizer = load_model(cfg.model)
+        student, student_tokenizer = load_model(cfg.model, device=teacher.device if teacher is not None else None)
     elif teacher is None:
         raise KdlmError(
             f"student.init={cfg.init} builds the student from the teacher's weights, which a run from teacher.cache "
@@ -131,7 +132,8 @@ def build_student(
                 influence = None
                 if cfg.layers == "influence":
                     batch = collate(train_examples[: cfg.calibration_samples], tokenizer.pad_token_id)
-                    influence = block_influence(teacher, batch["input_ids"], batch["attention_mask"])
+                    influence = block_influence(teacher, batch["input_ids"].to(teacher.device),
+                                                batch["attention_mask"].to(teacher.device))
                 kept_layers = select_layers(
                     num_teacher_layers, num_layers, cfg.layers, influence=influence, keep_first_last=cfg.keep_first_last
                 )
@@ -238,7 +240,7 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
         if from_cache:
             teacher, tokenizer = None, load_tokenizer(config.teacher.model)
         else:
-            teacher, tokenizer = load_model(config.teacher.model, dtype=dtype)
+            teacher, tokenizer = load_model(config.teacher.model, dtype=dtype, device=accelerator.device)
         timings["load_tokenizer_s" if from_cache else "load_teacher_s"] = time.perf_counter() - started
         started = time.perf_counter()
         train_examples, heldout_examples = prepare_data(config, teacher, tokenizer)
@@ -325,11 +327,11 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
             if teacher is None:  # trained from the cache: the teacher is loaded now, for the table only
                 del student, topk_targets
                 gc.collect()
-                teacher, _ = load_model(config.teacher.model, dtype=dtype)
+                teacher, _ = load_model(config.teacher.model, dtype=dtype, device=accelerator.device)
                 models["teacher"] = (teacher, None)
                 if not config.train.resume:
-                    models["student before"] = (load_model(config.student.model)[0], None)
-            trained, _ = load_model(str(student_dir))
+                    models["student before"] = (load_model(config.student.model, device=accelerator.device)[0], None)
+            trained, _ = load_model(str(student_dir), device=accelerator.device)
             models["student after"] = (trained, student_dir)
             rows_after = evaluate_models(models, teacher, tokenizer, heldout_examples, config.eval, vocab_size)
             report["rows"] = rows_before + rows_after
@@ -358,7 +360,7 @@ def run_cache_teacher(config: RunConfig) -> dict:
         vocab_size = teacher.check_tokenizer()
         train_examples, _ = prepare_data(config, None, tokenizer)  # teacher answers must be cached already
     else:
-        teacher, tokenizer = load_model(config.teacher.model, dtype=dtype)
+        teacher, tokenizer = load_model(config.teacher.model, dtype=dtype, device=default_device())
         vocab_size = teacher.config.vocab_size
         train_examples, _ = prepare_data(config, teacher, tokenizer)  # also answers held-out prompts: distill needs them
     folder = teacher_cache_folder(config)
@@ -381,14 +383,14 @@ def run_eval(config: RunConfig) -> list[dict]:
     if not config.eval.models:
         raise KdlmError("nothing to evaluate: set eval.models=[path/to/student,...]")
     config = with_precision(config)
-    teacher, tokenizer = load_model(config.teacher.model)
+    teacher, tokenizer = load_model(config.teacher.model, device=default_device())
     _, heldout = prepare_data(config, teacher, tokenizer)
     if not heldout:
         raise KdlmError("data.heldout is 0: no held-out examples to evaluate on")
     models = {"teacher": (teacher, None)}
     vocab_size = teacher.config.vocab_size
     for spec in config.eval.models:
-        model, model_tokenizer = load_model(spec)
+        model, model_tokenizer = load_model(spec, device=default_device())
         vocab_size = min(vocab_size, check_vocab_compatible(tokenizer, model_tokenizer, teacher.config.vocab_size, model.config.vocab_size))
         models[spec] = (model, Path(spec) if Path(spec).is_dir() else None)
     rows = evaluate_models(models, teacher, tokenizer, heldout, config.eval, vocab_size)
@@ -399,7 +401,7 @@ def run_eval(config: RunConfig) -> list[dict]:
 def run_build_student(config: RunConfig) -> Path:
     """`kdlm build-student`: build and save the student without training; prints its size."""
     config = with_precision(config)
-    teacher, tokenizer = load_model(config.teacher.model)
+    teacher, tokenizer = load_model(config.teacher.model, device=default_device())
     train_examples, _ = prepare_data(config, teacher, tokenizer) if config.student.layers == "influence" else ([], [])
     student, kept_layers, _ = build_student(config, teacher, tokenizer, train_examples, None)
     folder = Path(config.train.output_dir) / "student-init"

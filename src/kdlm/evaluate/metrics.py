@@ -27,12 +27,13 @@ def _batches(examples: list[dict], batch_size: int, pad_token_id: int):
 
 @torch.no_grad()
 def target_logits(model, examples: list[dict], *, batch_size: int, pad_token_id: int, vocab_size: int) -> list[Tensor]:
-    """fp32 logits at the target positions of each batch, [(N_b, vocab_size)]."""
+    """fp32 logits at the target positions of each batch, [(N_b, vocab_size)], on the CPU."""
     model.eval()
     out = []
     for batch in _batches(examples, batch_size, pad_token_id):
+        batch = {key: value.to(model.device) for key, value in batch.items()}
         hidden, _ = target_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        out.append(project(model, hidden).float()[:, :vocab_size])
+        out.append(project(model, hidden).float()[:, :vocab_size].cpu())  # compared on the CPU with CPU labels
     return out
 
 
@@ -130,7 +131,7 @@ def speed(model, tokenizer, prompts: list[str], *, batch_size: int = 8, new_toke
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts[:batch_size]]
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     tokenizer.padding_side = padding_side
     started = time.perf_counter()
     model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)

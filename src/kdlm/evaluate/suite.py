@@ -178,7 +178,7 @@ def cost_task(model, tokenizer, folder: Path | None, config: EvalSuiteConfig) ->
     if "disk_bytes" in info:
         result["disk_mb"] = info["disk_bytes"] / 2**20
     result.update(speed(model, tokenizer, SPEED_PROMPTS, batch_size=min(8, config.batch_size), new_tokens=config.generation_tokens))
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": SPEED_PROMPTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": SPEED_PROMPTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
     started = time.perf_counter()
     with torch.no_grad():
         model.generate(**inputs, max_new_tokens=config.generation_tokens, min_new_tokens=config.generation_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)

@@ -1,6 +1,6 @@
 """Load teachers and students, build students (prune, random, LoRA), and check vocabularies."""
 
-from kdlm.models.loading import BUNDLED_MODELS, cache_dir, ensure_bundled, load_model, load_tokenizer
+from kdlm.models.loading import BUNDLED_MODELS, cache_dir, default_device, ensure_bundled, load_model, load_tokenizer
 from kdlm.models.student import (
     apply_lora,
     block_influence,
@@ -22,6 +22,7 @@ __all__ = [
     "check_vocab_compatible",
     "describe_model",
     "ensure_bundled",
+    "default_device",
     "load_model",
     "load_tokenizer",
     "save_student",

@@ -38,7 +38,7 @@ def cache_dir() -> Path:
 
 
 def load_model(
-    spec: str, *, dtype: torch.dtype = torch.float32
+    spec: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 
@@ -46,6 +46,7 @@ def load_model(
         spec: One of ``bundled:NAME`` (see :data:`BUNDLED_MODELS`), a local HF folder, a ``.gguf``
             file (or a folder holding exactly one), or a Hub id such as ``org/name``.
         dtype: The dtype of the returned weights.
+        device: Where the weights go (default: where they were loaded, the CPU).
 
     Returns:
         ``(model, tokenizer)``; the tokenizer always has a pad token (its EOS token if it had none).
@@ -74,7 +75,14 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model = model.to(device)
     return model.eval(), tokenizer
+
+
+def default_device() -> torch.device:
+    """Where a single-process kdlm command runs its models: the first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:

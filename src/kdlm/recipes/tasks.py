@@ -157,7 +157,7 @@ def greedy_outputs(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
                 tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
                 for prompt in prompts[start : start + batch_size]
             ]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)

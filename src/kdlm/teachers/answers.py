@@ -173,7 +173,7 @@ def _too_long(tokenizer, text: str, max_new_tokens: int, context: int | None) ->
 def _answer(model, tokenizer, texts: list[str], first_key: str, settings: dict) -> list[str]:
     """The teacher's answers to rendered prompts, decoded together."""
     do_sample = settings["temperature"] > 0
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     # One seed per batch derived from its first key: reruns reproduce the same answers.
     torch.manual_seed(int(first_key, 16) % (2**31) + settings["seed"])
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
