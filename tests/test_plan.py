@@ -116,3 +116,19 @@ def test_kdlm_plan_on_a_local_model(tmp_path):
     assert plan["student"]["layers"] == 2 and plan["fits"] and plan["total_gib"] * GIB > plan["parts_gib"]["runtime"]
     missing = run_cli("plan", "teacher.model=/nonexistent/model", cwd=tmp_path, check_ok=False)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_a_teacher_larger_than_free_memory_is_refused_before_loading(tmp_path):
+    """A config-only 'teacher' of about 40 GB in fp32 (a folder with just config.json) on this 24 GB machine."""
+    import psutil
+    from transformers import LlamaConfig
+
+    free = psutil.virtual_memory().available
+    hidden = 4096
+    layers = max(1, int(1.1 * free / 4 / (12 * hidden * hidden)))  # ~12 H^2 parameters per Llama layer
+    LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=11008, num_hidden_layers=layers,
+                num_attention_heads=32).save_pretrained(tmp_path / "huge")
+    proc = run_cli("distill", f"teacher.model={tmp_path / 'huge'}", f"train.output_dir={tmp_path / 'run'}", cwd=tmp_path,
+                   check_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "teacher.dtype=bfloat16" in proc.stderr and "kdlm cache-teacher" in proc.stderr

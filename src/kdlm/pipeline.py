@@ -201,6 +201,27 @@ def _check_signal(config: RunConfig) -> None:
             raise KdlmError(f"teacher.cache_kind=sampled: {problem} (loss.divergence, loss.temperature)")
 
 
+def check_teacher_fits(config: RunConfig, device: torch.device) -> None:
+    """Refuse, before loading it, a teacher whose weights alone exceed the memory the device has free."""
+    import psutil
+
+    from kdlm.plan import read_config, shape_from_config
+
+    try:
+        params = shape_from_config(read_config(config.teacher.model)).params
+    except Exception:  # noqa: BLE001 - a config we cannot read here is load_model's to report, with its own message
+        return
+    need = params * (2 if config.teacher.dtype == "bfloat16" else 4)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    if need > 0.95 * free:
+        raise KdlmError(
+            f"the teacher {config.teacher.model} needs {need / 2**30:.1f} GiB for its weights in {config.teacher.dtype}, "
+            f"and the {device.type} device has {free / 2**30:.1f} GiB free: set teacher.dtype=bfloat16, write its top-k "
+            "cache on a machine that holds it (kdlm cache-teacher) and train with teacher.cache, or serve it and use "
+            "teacher.api_base (`kdlm plan CONFIG` shows what fits where)"
+        )
+
+
 def with_precision(config: RunConfig, device: torch.device | str | None = None) -> RunConfig:
     """A copy of ``config`` whose ``train.bf16`` is a resolved bool (``auto`` asks the hardware); says which and why."""
     precision = resolve_precision(config.train.bf16, device)
@@ -240,6 +261,7 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
         if from_cache:
             teacher, tokenizer = None, load_tokenizer(config.teacher.model)
         else:
+            check_teacher_fits(config, accelerator.device)
             teacher, tokenizer = load_model(config.teacher.model, dtype=dtype, device=accelerator.device)
         timings["load_tokenizer_s" if from_cache else "load_teacher_s"] = time.perf_counter() - started
         started = time.perf_counter()

@@ -288,6 +288,9 @@ def train(
 
     world, rank = accelerator.num_processes, accelerator.process_index
     global_batch = config.batch_size * world
+    if world > 1 and len(examples) < global_batch:
+        raise KdlmError(f"{world} processes x train.batch_size={config.batch_size} need at least {global_batch} training "
+                        f"examples, and there are {len(examples)}: launch fewer processes, lower train.batch_size or add data")
     schedule = run_schedule(
         [len(example["input_ids"]) for example in examples],
         global_batch=global_batch,
