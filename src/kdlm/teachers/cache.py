@@ -34,7 +34,7 @@ Shard contents (safetensors; T = target tokens of the shard, "target" = a positi
 
 Why float16 and not bfloat16 for log-probs: they lie in [-30, 0] for any token worth keeping, well
 inside fp16's range, and fp16 keeps 3 more mantissa bits. Measured on the bundled teacher (top-64,
-quickstart data): max |error| 0.0078 nats for fp16 against 0.0625 for bf16 (see the README).
+quickstart data): max |error| 0.0078 nats for fp16 against 0.0625 for bf16 (see docs/teacher-cache.md).
 
 Reader convention (``read_targets``), the interface of ``train(topk_targets=...)``: per example, ids
 int64 and values float32, all (n_targets, k):
