@@ -21,7 +21,9 @@ from kdlm.recipes.answers import extract_label, extract_number, majority_vote, n
 from kdlm.recipes.arith import ArithTeacher, make_dataset, parse_problem
 from kdlm.recipes.tasks import TaskSpec, accuracy, load_task
 from kdlm.serve import ServerThread
-from kdlm.train.loop import train
+from kdlm.data import collate
+from kdlm.train.loop import StudentObjective, train
+from kdlm.train.tasks import num_targets, task_scaled
 from tiny import save_tiny_teacher, tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,14 +238,127 @@ def test_a_bad_weight_names_the_line(tmp_path, weight):
         load_records(str(path))
 
 
-def test_weights_with_a_kd_term_are_refused(tmp_path):
+TASK_ROWS = [  # (prompt, response, task, weight): short labels, long rationales, as Distilling Step-by-Step writes
+    ("[label] 3 + 4?", "7", "label", 0.75),
+    ("[rationale] 3 + 4?", "Three plus four: 3 + 4 = 7.", "rationale", 0.25),
+    ("[label] 5 + 7?", "12", "label", 0.75),
+    ("[rationale] 5 + 7?", "Five plus seven is twelve: 5 + 7 = 12.", "rationale", 0.25),
+]
+
+
+def task_examples(tokenizer, with_tasks: bool = True) -> list[dict]:
+    records = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}], "weight": w}
+               | ({"task": t} if with_tasks else {}) for p, r, t, w in TASK_ROWS]
+    return encode_records(tokenizer, records, max_length=96)
+
+
+def token_terms(model, example: dict, teacher_topk: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64, from the definitions: per target token, the CE and the top-k FKL over k + 1 buckets."""
+    logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1].double()
+    labels = torch.tensor(example["labels"][1:])
+    logprobs = torch.log_softmax(logits[labels != -100], dim=-1)
+    ce = -logprobs.gather(1, labels[labels != -100][:, None]).squeeze(1)
+    if teacher_topk is None:
+        return ce, torch.zeros_like(ce)
+    ids, teacher_logprobs = teacher_topk
+    p = teacher_logprobs.double().exp()
+    p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], dim=-1)
+    q = logprobs.exp().gather(1, ids)
+    q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], dim=-1)
+    return ce, (p * (p.log() - q.log())).sum(-1)
+
+
+def task_mean_objective(terms: list[torch.Tensor], examples: list[dict]) -> torch.Tensor:
+    """sum over tasks of weight * (that task's mean per-token term), by hand."""
+    total = 0.0
+    for task in {example["task"] for example in examples}:
+        mine = [(t, e["weight"]) for t, e in zip(terms, examples, strict=True) if e["task"] == task]
+        total = total + sum(w * t.sum() for t, w in mine) / sum(t.numel() for t, _ in mine)
+    return total
+
+
+def test_task_scaled_weights_are_the_inverse_task_token_shares():
+    examples = [{"labels": [-100, 5, 6], "task": "a", "weight": 0.5}, {"labels": [-100, 5, 6, 7, 8, 9], "task": "b"},
+                {"labels": [-100, -100, 9], "task": "a", "weight": 0.5}]
+    (scaled,) = task_scaled(examples, [examples], step_tokens=8)  # task a: 2 + 1 tokens, task b: 5
+    assert [e["weight"] for e in scaled] == [0.5 * 8 / 3, 1.0 * 8 / 5, 0.5 * 8 / 3]
+    assert "weight" not in examples[1]  # the examples themselves are left as they were
+
+
+def test_task_means_equal_a_hand_computation_whatever_the_micro_batches(tmp_path):
     tokenizer = tiny_tokenizer()
-    examples = encode_records(tokenizer, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-                                           "weight": 0.5}], max_length=32)
-    with pytest.raises(KdlmError, match="loss.kd_weight=0"):
-        train(tiny_llama(len(tokenizer)), examples, train_config=TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=1),
-              loss_config=LossConfig(kd_weight=0.5), pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-              teacher=tiny_llama(len(tokenizer)))
+    examples = task_examples(tokenizer)
+    reference = tiny_llama(len(tokenizer), seed=1).double()
+    ce = [token_terms(reference, example)[0] for example in examples]
+    expected = task_mean_objective(ce, examples).item()
+    pooled = sum(e["weight"] * t.sum() for t, e in zip(ce, examples, strict=True)).item() / sum(t.numel() for t in ce)
+    assert abs(expected - pooled) > 0.2  # pooling over tokens would be a different objective
+    for batch_size, grad_accum, seed in [(4, 1, 0), (1, 4, 0), (2, 2, 1), (1, 4, 2)]:
+        config = TrainConfig(output_dir=str(tmp_path / f"run{batch_size}-{seed}"), max_steps=1, batch_size=batch_size,
+                             grad_accum=grad_accum, bf16=False, warmup_steps=0, seed=seed)
+        result = train(tiny_llama(len(tokenizer), seed=1), examples, train_config=config, loss_config=LossConfig(kd_weight=0),
+                       pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+        assert result.history[0]["ce"] == pytest.approx(expected, rel=1e-5), (batch_size, grad_accum, seed)
+
+
+def test_task_means_gradient_is_the_same_for_any_split_and_order_of_the_step():
+    tokenizer = tiny_tokenizer()
+    examples = task_examples(tokenizer)
+    reference = tiny_llama(len(tokenizer), seed=1).double()
+    task_mean_objective([token_terms(reference, example)[0] for example in examples], examples).backward()
+    expected = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    model = tiny_llama(len(tokenizer), seed=1)
+    objective = StudentObjective(model, LossConfig(kd_weight=0, fused=False), len(tokenizer))
+    for split in ([[0, 1, 2, 3]], [[3], [1], [0], [2]], [[2, 0], [1, 3]]):
+        model.zero_grad()
+        step = [examples[i] for batch in split for i in batch]
+        step_tokens = sum(num_targets(example) for example in step)
+        for batch in task_scaled(step, [[examples[i] for i in batch] for batch in split], step_tokens):
+            (objective(collate(batch, tokenizer.pad_token_id), None, 0.0)[0] / step_tokens).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+        assert torch.allclose(grads, expected, rtol=1e-4, atol=1e-6), split
+
+
+@pytest.mark.parametrize("fused,with_tasks", [(True, True), (False, True), (True, False)])
+def test_weighted_records_train_on_the_teachers_topk_targets(tmp_path, fused, with_tasks):
+    tokenizer = tiny_tokenizer()
+    examples = task_examples(tokenizer, with_tasks)
+    teacher = tiny_llama(len(tokenizer), seed=2).double()
+    targets = []
+    for example in examples:  # what read_targets gives: per example, the top-4 of each target row
+        labels = torch.tensor(example["labels"][1:])
+        with torch.no_grad():
+            rows = torch.log_softmax(teacher(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1][labels != -100], -1)
+        values, ids = rows.topk(4, dim=-1)
+        targets.append((ids, values.float()))
+    reference = tiny_llama(len(tokenizer), seed=1).double()
+    terms = [token_terms(reference, example, target) for example, target in zip(examples, targets, strict=True)]
+    kd_weight = 0.6
+    mixed = [(1 - kd_weight) * ce + kd_weight * kd for ce, kd in terms]
+    if with_tasks:
+        expected = task_mean_objective(mixed, examples).item()
+    else:  # weights only: each token's loss times its record's weight, over all target tokens
+        expected = (sum(e["weight"] * t.sum() for t, e in zip(mixed, examples, strict=True)) / sum(t.numel() for t in mixed)).item()
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, grad_accum=2, bf16=False, warmup_steps=0)
+    result = train(tiny_llama(len(tokenizer), seed=1), examples, train_config=config, topk_targets=targets,
+                   loss_config=LossConfig(kd_weight=kd_weight, divergence="fkl", fused=fused),
+                   pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+    assert result.history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    kd_only = task_mean_objective([kd for _, kd in terms], examples).item() if with_tasks else None
+    if kd_only is not None:
+        assert result.history[0]["kd"] == pytest.approx(kd_only, rel=1e-5)
+
+
+def test_task_records_are_refused_with_an_on_policy_method(tmp_path):
+    tokenizer = tiny_tokenizer()
+
+    class Method:  # the loop checks before it uses the method
+        pass
+
+    with pytest.raises(KdlmError, match="per-task means.*method.name=offpolicy"):
+        train(tiny_llama(len(tokenizer)), task_examples(tokenizer), train_config=TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=1),
+              loss_config=LossConfig(kd_weight=0), pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+              method=Method())
 
 
 # ---- the recipe against a served teacher -----------------------------------------------------------
