@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kdlm.config import LossConfig, TrainConfig
-from kdlm.data import encode_records, load_records
+from kdlm.data import collate, encode_records, load_records
 from kdlm.errors import KdlmError
 from kdlm.generate import load_generate_config
 from kdlm.recipes import cot
@@ -21,7 +21,6 @@ from kdlm.recipes.answers import extract_label, extract_number, majority_vote, n
 from kdlm.recipes.arith import ArithTeacher, make_dataset, parse_problem
 from kdlm.recipes.tasks import TaskSpec, accuracy, load_task
 from kdlm.serve import ServerThread
-from kdlm.data import collate
 from kdlm.train.loop import StudentObjective, train
 from kdlm.train.tasks import num_targets, task_scaled
 from tiny import save_tiny_teacher, tiny_llama, tiny_tokenizer
@@ -138,16 +137,38 @@ def test_finetune_cot_format_ends_with_a_marker_that_evaluation_parses():
 
 
 def test_step_by_step_format_has_two_prefixed_tasks_with_weights():
-    label, rationale = cot.format_records("Q?", "3 + 4 = 7.", "7", recipe(format="step_by_step", rationale_weight=0.3), {})
-    assert (label["prompt"], label["response"], label["weight"]) == ("[label] Q?", "7", 1.0)
-    assert (rationale["prompt"], rationale["response"], rationale["weight"]) == ("[rationale] Q?", "3 + 4 = 7.", 0.3)
+    example = {"id": 4, "question": "Q?", "answer": "7"}
+    kept = [{"rationale": "3 + 4 = 7.", "label": "7", "source": "teacher"},
+            {"rationale": "4 + 3 = 7.", "label": "7", "source": "teacher"}]
+    label, first, second = cot.question_records(example, kept, recipe(format="step_by_step"))
+    assert (label["prompt"], label["response"], label["task"], label["weight"]) == ("[label] Q?", "7", "label", 0.5)
+    assert (first["prompt"], first["response"], first["task"], first["weight"]) == ("[rationale] Q?", "3 + 4 = 7.", "rationale", 0.5)
+    assert second["response"] == "4 + 3 = 7."  # one label record per question, one rationale record per rationale
     assert cot.student_prompt("Q?", recipe(format="step_by_step")) == "[label] Q?"  # only the label task at inference
+    # A question whose every rationale was filtered out still trains its label (the reference trains labels on all).
+    (alone,) = cot.question_records(example, [], recipe(format="step_by_step", label_weight=0.8))
+    assert (alone["task"], alone["response"], alone["weight"], alone["meta"]["source"]) == ("label", "7", 0.8, "gold")
+    # task_means=false: weights only, pooled over tokens (the task stays in meta for analysis)
+    pooled = cot.question_records(example, kept[:1], recipe(format="step_by_step", task_means=False))
+    assert all("task" not in r for r in pooled) and [r["meta"]["task"] for r in pooled] == ["label", "rationale"]
+
+
+def test_the_label_of_a_question_without_gold_is_the_kept_rationales_vote():
+    kept = [{"rationale": "a", "label": "5", "source": "teacher"}, {"rationale": "b", "label": "6", "source": "teacher"},
+            {"rationale": "c", "label": "6", "source": "teacher"}]
+    assert cot.question_label(None, kept, recipe(filter="none")) == "6"
+    assert cot.question_label("5", kept, recipe(filter="gold")) == "5"
+    assert cot.question_label(None, [], recipe(filter="majority")) is None
+    assert cot.question_records({"id": 0, "question": "Q", "answer": None}, [], recipe(format="step_by_step")) == []
 
 
 def test_mt_cot_format_explains_then_answers():
-    answer, explain = cot.format_records("Q?", "3 + 4 = 7.", "7", recipe(format="mt_cot", rationale_weight=0.5), {})
-    assert (answer["prompt"], answer["response"], answer["weight"]) == ("[answer] Q?", "7", 1.0)
-    assert (explain["prompt"], explain["response"], explain["weight"]) == ("[explain] Q?", "3 + 4 = 7. --> 7 END", 0.5)
+    example = {"id": 1, "question": "Q?", "answer": "7"}
+    answer, explain = cot.question_records(example, [{"rationale": "3 + 4 = 7.", "label": "7", "source": "teacher"}],
+                                           recipe(format="mt_cot", rationale_weight=0.3))
+    assert (answer["prompt"], answer["response"], answer["task"], answer["weight"]) == ("[answer] Q?", "7", "answer", 0.5)
+    assert (explain["prompt"], explain["response"], explain["task"], explain["weight"]) == (
+        "[explain] Q?", "3 + 4 = 7. --> 7 END", "explain", 0.3)
 
 
 def test_a_bad_recipe_names_the_key():
@@ -417,11 +438,40 @@ def test_unlabelled_questions_get_the_majority_answer_as_label(tmp_path):
 
 def test_two_stage_asks_for_the_answer_a_rationale_does_not_state(tmp_path):
     with ServerThread(MuteTeacher()) as server:
-        stats = cot.run(generate_config(tmp_path, server.url, "sampling.n=1", "recipe.rationalize=false"))
-        assert stats["unparsed"] == 0 and stats["kept"] == 25
+        for mode in ("always", "missing"):
+            stats = cot.run(generate_config(tmp_path / mode, server.url, "sampling.n=1", "recipe.rationalize=false",
+                                            f"recipe.two_stage={mode}"))
+            assert stats["unparsed"] == 0 and stats["kept"] == 25 and stats["answer_calls"] == 25
         with pytest.raises(KdlmError, match="no rationale passed the filter"):
             cot.run(generate_config(tmp_path / "one-stage", server.url, "sampling.n=1", "recipe.rationalize=false",
-                                    "recipe.two_stage=false"))
+                                    "recipe.two_stage=off"))
+
+
+class SecondThoughtsTeacher(ArithTeacher):
+    """States a wrong answer (99) after correct steps; asked for its final answer (stage 2), gives the right one."""
+
+    def answer(self, messages, seed):
+        if messages[-1]["content"] == cot.FINAL_ANSWER_CUE:
+            return super().answer(messages[:1], seed)
+        return super().answer(messages, seed).rsplit("Answer:", 1)[0] + "Answer: 99"
+
+
+def test_zero_shot_two_stage_reads_every_answer_from_the_second_call(tmp_path):
+    with ServerThread(SecondThoughtsTeacher()) as server:
+        always = cot.run(generate_config(tmp_path / "always", server.url, "sampling.n=2", "recipe.rationalize=false",
+                                         "recipe.format=finetune_cot"))
+        # missing: every rationale states 99, so no second call is made and the gold filter keeps nothing.
+        with pytest.raises(KdlmError, match="no rationale passed the filter"):
+            cot.run(generate_config(tmp_path / "missing", server.url, "sampling.n=2", "recipe.rationalize=false",
+                                    "recipe.format=finetune_cot", "recipe.two_stage=missing"))
+        assert not (tmp_path / "missing" / "cot.final-answers.jsonl").exists()
+    # always: 50 samples (two identical per question: one second-stage call each); the second stage's (right)
+    # answers pass the gold filter.
+    assert (always["samples"], always["answer_calls"], always["kept"]) == (50, 25, 25)  # 2 identical samples: asked once
+    first = read_jsonl(tmp_path / "always" / "cot.rationales.jsonl")[0]["messages"][0]["content"]
+    assert first.endswith("\n\n" + cot.KOJIMA_CUE) and "Answer:" not in first  # the cue alone, no format request
+    records = read_jsonl(tmp_path / "always" / "cot.jsonl")
+    assert all(r["response"].endswith(f"--> {r['meta']['gold']} END") and "99" not in r["response"] for r in records)
 
 
 def test_generate_cli_runs_the_recipe_resumes_and_distill_trains_on_it(tmp_path):
@@ -439,8 +489,10 @@ def test_generate_cli_runs_the_recipe_resumes_and_distill_trains_on_it(tmp_path)
         again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0 and teacher.requests == sent  # the rerun pays for nothing twice
     samples_file = read_jsonl(tmp_path / "cot.rationales.jsonl")
-    assert len(samples_file) == 30 * 3  # 40 problems less 8 held out and 2 few-shot demonstrations (cot.yaml), 3 samples
-    assert sum(m["role"] == "assistant" for m in samples_file[0]["messages"]) == 3  # 2 worked examples + the answer
+    assert len(samples_file) == 32 * 3  # 40 problems less 8 held out, 3 samples each
+    # cot.yaml: two_stage always, one answer call per distinct (question, rationale)
+    assert len(read_jsonl(tmp_path / "cot.final-answers.jsonl")) == len({json.dumps(s["messages"]) for s in samples_file})
+    assert samples_file[0]["messages"][0]["content"].endswith("\n\nLet's think step by step.")  # zero-shot (cot.yaml)
     golds = {p["question"]: str(p["answer"]) for p in make_dataset(40, 1)}
     wrong = {cot.split_rationale(s["messages"][-1]["content"]) for s in samples_file
              if extract_number(s["messages"][-1]["content"]) != golds[s["messages"][-2]["content"].split("\n\n")[0]]}
@@ -449,7 +501,8 @@ def test_generate_cli_runs_the_recipe_resumes_and_distill_trains_on_it(tmp_path)
     rationales = [r for r in records if r["meta"]["task"] == "rationale"]
     assert rationales and not {r["response"] for r in rationales} & wrong  # the filter removed every wrong one
     assert all(r["weight"] == 0.5 for r in rationales)
-    assert all(r["response"] == r["meta"]["gold"] for r in records if r["meta"]["task"] == "label")
+    labels = [r for r in records if r.get("task") == "label"]
+    assert len(labels) == 32 and all(r["response"] == r["meta"]["gold"] and r["weight"] == 0.5 for r in labels)
     assert len(read_jsonl(tmp_path / "cot.heldout.jsonl")) == 8
 
     save_tiny_teacher(tmp_path / "teacher", num_layers=2)
