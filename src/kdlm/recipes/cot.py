@@ -20,7 +20,8 @@ Steps of `kdlm generate configs/cot.yaml` (a `recipe:` section with `name: cot`)
    (self-consistency, for unlabelled data); `none` keeps all (SCoTD's default, DSS `label_type llm`).
    `rationalize` asks the teacher to explain the gold answer for questions with no correct sample and
    keeps its explanation when it reaches that answer (MT-CoT's CROP).
-5. Format (one JSONL record per kept rationale, `kdlm distill` trains on it):
+5. Format (JSONL records, one per kept rationale plus, in the two-task formats, one label record per
+   question; `kdlm distill` trains on them):
    - `finetune_cot`: question -> "rationale --> answer END" (the student must learn to stop);
    - `step_by_step`: "[label] question" -> answer (task "label", weight `label_weight`) for every
      question with a label, and "[rationale] question" -> rationale (task "rationale", weight
