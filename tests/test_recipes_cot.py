@@ -594,14 +594,16 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
     finally:
         server.terminate()
         server.wait(timeout=30)
-    samples_by_question = {}
-    for sample in read_jsonl(tmp_path / "cot.rationales.jsonl"):
-        question = sample["messages"][-2]["content"].split("\n\n")[0]
-        samples_by_question.setdefault(question, []).append(extract_answer(sample["messages"][-1]["content"], "number"))
+    samples_by_question = {}  # what the teacher answered, in its rationales and in the second stage
+    for stage in ("rationales", "final-answers"):
+        for sample in read_jsonl(tmp_path / f"cot.{stage}.jsonl"):
+            question = sample["messages"][0]["content"].split("\n\n")[0]
+            samples_by_question.setdefault(question, []).append(extract_answer(sample["messages"][-1]["content"], "number"))
     records = read_jsonl(tmp_path / "cot.jsonl")
-    assert records and all(r["meta"]["task"] in ("label", "rationale") for r in records)
-    for record in (r for r in records if r["meta"]["task"] == "label"):  # labels are the teacher's own answers
-        assert record["response"] in samples_by_question[record["prompt"].removeprefix("[label] ")]
+    assert records and all(r["task"] in ("label", "rationale") for r in records)
+    for record in (r for r in records if r["task"] == "label"):  # the teacher's own answers, else the gold one
+        expected = samples_by_question[record["prompt"].removeprefix("[label] ")]
+        assert record["response"] in expected if record["meta"]["source"] == "teacher" else record["response"] == record["meta"]["gold"]
     icl_records = load_records(str(tmp_path / "icl.jsonl"))
     assert all(r["messages"][-1]["content"] in ("Yes", "No") for r in icl_records if "messages" in r)
     assert len(read_jsonl(tmp_path / "icl.eval.jsonl")) == 3 * 2  # 3 tasks x 1 held-out query x (0, 2 shots)
