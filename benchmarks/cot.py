@@ -9,8 +9,9 @@ What runs (all through kdlm's own code paths):
 2. The CoT recipe (kdlm.recipes.cot.run, what `kdlm generate configs/cot.yaml` runs) asks it for
    `--samples` rationales per training question, keeps those whose answer equals the gold one,
    rationalizes the rest, and writes three training sets: label-only (gold answers), Fine-tune-CoT
-   ("rationale --> answer END") and Distilling Step-by-Step ("[label] q" -> answer, "[rationale] q" ->
-   rationale, loss = label CE + lambda * rationale CE). All three share one request cache.
+   ("rationale --> answer END") and Distilling Step-by-Step ("[label] q" -> answer for every question,
+   "[rationale] q" -> rationale, loss = a * mean label CE + (1 - a) * mean rationale CE). All three share
+   one request cache.
 3. For every method and seed a tiny student is trained from scratch with kdlm.train.loop.train for the
    same number of steps at the same batch size, then answers the held-out questions greedily; the
    answer is parsed as in the recipe (Fine-tune-CoT: after "-->"; the others: the number written).
@@ -23,11 +24,11 @@ be the other choice, but each of its layers (width 576) costs about 20x the mult
 per token, and its 49k-entry vocabulary adds 28 M more per target token: too slow for seeds x methods
 on a shared 2-core machine.
 
-"DSS (task means)" weights each task by the inverse of its share of target tokens, so that the loss is
-the mean CE of the label task plus lambda times the mean CE of the rationale task, as in the paper
-(whose code averages each task's loss separately). "DSS (per token)" uses the record weights as
-`kdlm distill` does: every target token counts once, times its task weight (label answers are short,
-so the label task then gets about a tenth of the loss).
+"DSS (task means)" trains the records as the recipe writes them: each names its task, and the loop
+(kdlm.train.tasks, what `kdlm distill` runs) takes label_weight * mean CE(label) + rationale_weight *
+mean CE(rationale) per step, as the paper's code does. "DSS (per token)" drops the task names: every
+target token counts once, times its record's weight (label answers are short, so the label task then
+gets about a tenth of the loss).
 """
 
 from __future__ import annotations
@@ -111,31 +112,19 @@ def make_data(args, out: Path) -> tuple[dict[str, Path], dict]:
                 "limits": {"concurrency": 32},
                 "recipe": {"name": "cot", "task": {"source": str(task_file), "format": "qa"}, "heldout": args.heldout,
                            "prompt": "zero_shot", "filter": "gold", "rationalize": True, "format": fmt,
-                           "rationale_weight": args.rationale_weight},
+                           "label_weight": args.label_weight, "rationale_weight": args.rationale_weight},
             })
             counts[fmt] = cot.run(config)
             files[fmt] = out / f"{fmt}.jsonl"
     return files, counts
 
 
-def balance_tasks(records: list[dict], examples: list[dict], lam: float) -> None:
-    """Set example weights so that the loop's token-normalised CE equals, up to one constant factor,
-    mean CE(label task) + lam * mean CE(rationale task) (Distilling Step-by-Step's loss)."""
-    tokens = {"label": 0, "rationale": 0}
-    for record, example in zip(records, examples, strict=True):
-        tokens[record["meta"]["task"]] += sum(label != -100 for label in example["labels"][1:])
-    total = tokens["label"] + tokens["rationale"]
-    weight = {"label": total / ((1 + lam) * tokens["label"]), "rationale": lam * total / ((1 + lam) * tokens["rationale"])}
-    for record, example in zip(records, examples, strict=True):
-        example["weight"] = weight[record["meta"]["task"]]
-
-
 def run_method(name: str, files: dict[str, Path], heldout: list[dict], tokenizer, seed: int, args, out: Path) -> dict:
     fmt, balance = METHODS[name]
     records = load_records(str(files[fmt]))
+    if balance == "tokens":  # without task names the loop pools the weighted CE over all target tokens
+        records = [{key: value for key, value in record.items() if key != "task"} for record in records]
     examples = encode_records(tokenizer, records, max_length=256)
-    if balance == "means":
-        balance_tasks(records, examples, args.rationale_weight)
     model = student(len(tokenizer), seed)
     config = TrainConfig(output_dir=str(out / "runs" / f"{fmt}-{balance}-{seed}"), max_steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, warmup_steps=20, bf16=True, seed=seed, log_every=50)
@@ -166,7 +155,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1200, help="Optimizer steps, the same for every method.")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--rationale-weight", type=float, default=1.0, help="lambda of Distilling Step-by-Step.")
+    parser.add_argument("--label-weight", type=float, default=0.5, help="a of Distilling Step-by-Step.")
+    parser.add_argument("--rationale-weight", type=float, default=0.5, help="1 - a of Distilling Step-by-Step.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="+", default=["label-only", "Fine-tune-CoT", "DSS (task means)"],
                         choices=list(METHODS))

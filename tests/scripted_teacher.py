@@ -4,7 +4,8 @@ A tiny random model writes gibberish, so the recipes' happy paths need a teacher
 known in advance. This FastAPI app reads each chat request, recognises which recipe step wrote it, and
 answers by rule (with a few planted defects: blocked words, duplicates, apologies, a position-biased
 referee), so that the tests can predict the recipes' counts by hand. Every answer depends only on the
-request, so a rerun gets the same answers.
+request, so a rerun gets the same answers. An answer longer than the request's max_tokens (a word counts
+as a token) is cut there and finishes with "length".
 """
 
 from __future__ import annotations
@@ -155,10 +156,14 @@ def scripted_app(latency_s: float = 0.0) -> FastAPI:
             return JSONResponse({"error": {"message": "prompt too long", "type": "invalid_request_error"}}, 400)
         if "[down]" in prompt:  # a server error that outlasts the retries
             return JSONResponse({"error": {"message": "overloaded", "type": "server_error"}}, 503)
-        text = respond(body)
+        text, finish = respond(body), "stop"
+        limit = body.get("max_tokens") or body.get("max_completion_tokens")
+        ends = [match.end() for match in re.finditer(r"\S+", text)]
+        if limit and len(ends) > limit:  # a word counts as one token: cut at the limit, as a server would
+            text, finish = text[: ends[limit - 1]], "length"
         app.state.answered += 1
         return {"id": "scripted", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
                 "usage": {"prompt_tokens": len(str(body["messages"]).split()), "completion_tokens": len(text.split())}}
 
     return app

@@ -306,3 +306,25 @@ def test_smollm2_targets_are_exactly_the_response_and_im_end():
     example = encode_chat(tokenizer, _chat(answer=response), max_length=512)
     assert tokenizer.decode(_targets(example)) == response + "<|im_end|>"
     assert example["input_ids"][-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_task_and_weight_travel_from_records_to_examples(tokenizer, tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "[label] q", "response": "7", "task": "label", "weight": 0.5, "id": 3}) + "\n"
+        + json.dumps({"text": "three plus four is seven", "task": "lm"}) + "\n"
+        + json.dumps({"prompt": "plain", "response": "r"}) + "\n"
+    )
+    records = load_records(str(path))
+    assert [r.get("task") for r in records] == ["label", "lm", None]
+    assert records[0]["weight"] == 0.5 and records[0]["meta"] == {"id": 3}  # the task is not a meta key
+    examples = encode_records(tokenizer, records, max_length=64)
+    assert [(e.get("task"), e.get("weight")) for e in examples] == [("label", 0.5), ("lm", None), (None, None)]
+
+
+@pytest.mark.parametrize("task", ['""', "3", "true"])
+def test_a_bad_task_names_the_line(tmp_path, task):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": "b", "task": ' + task + "}\n")
+    with pytest.raises(KdlmError, match=r'bad.jsonl:2.*"task" must be a non-empty string'):
+        load_records(str(path))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kdlm.config import LossConfig, TrainConfig
-from kdlm.data import encode_records, load_records
+from kdlm.data import collate, encode_records, load_records
 from kdlm.errors import KdlmError
 from kdlm.generate import load_generate_config
 from kdlm.recipes import cot
@@ -21,7 +21,8 @@ from kdlm.recipes.answers import extract_label, extract_number, majority_vote, n
 from kdlm.recipes.arith import ArithTeacher, make_dataset, parse_problem
 from kdlm.recipes.tasks import TaskSpec, accuracy, load_task
 from kdlm.serve import ServerThread
-from kdlm.train.loop import train
+from kdlm.train.loop import StudentObjective, train
+from kdlm.train.tasks import num_targets, task_scaled
 from tiny import save_tiny_teacher, tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,16 +137,38 @@ def test_finetune_cot_format_ends_with_a_marker_that_evaluation_parses():
 
 
 def test_step_by_step_format_has_two_prefixed_tasks_with_weights():
-    label, rationale = cot.format_records("Q?", "3 + 4 = 7.", "7", recipe(format="step_by_step", rationale_weight=0.3), {})
-    assert (label["prompt"], label["response"], label["weight"]) == ("[label] Q?", "7", 1.0)
-    assert (rationale["prompt"], rationale["response"], rationale["weight"]) == ("[rationale] Q?", "3 + 4 = 7.", 0.3)
+    example = {"id": 4, "question": "Q?", "answer": "7"}
+    kept = [{"rationale": "3 + 4 = 7.", "label": "7", "source": "teacher"},
+            {"rationale": "4 + 3 = 7.", "label": "7", "source": "teacher"}]
+    label, first, second = cot.question_records(example, kept, recipe(format="step_by_step"))
+    assert (label["prompt"], label["response"], label["task"], label["weight"]) == ("[label] Q?", "7", "label", 0.5)
+    assert (first["prompt"], first["response"], first["task"], first["weight"]) == ("[rationale] Q?", "3 + 4 = 7.", "rationale", 0.5)
+    assert second["response"] == "4 + 3 = 7."  # one label record per question, one rationale record per rationale
     assert cot.student_prompt("Q?", recipe(format="step_by_step")) == "[label] Q?"  # only the label task at inference
+    # A question whose every rationale was filtered out still trains its label (the reference trains labels on all).
+    (alone,) = cot.question_records(example, [], recipe(format="step_by_step", label_weight=0.8))
+    assert (alone["task"], alone["response"], alone["weight"], alone["meta"]["source"]) == ("label", "7", 0.8, "gold")
+    # task_means=false: weights only, pooled over tokens (the task stays in meta for analysis)
+    pooled = cot.question_records(example, kept[:1], recipe(format="step_by_step", task_means=False))
+    assert all("task" not in r for r in pooled) and [r["meta"]["task"] for r in pooled] == ["label", "rationale"]
+
+
+def test_the_label_of_a_question_without_gold_is_the_kept_rationales_vote():
+    kept = [{"rationale": "a", "label": "5", "source": "teacher"}, {"rationale": "b", "label": "6", "source": "teacher"},
+            {"rationale": "c", "label": "6", "source": "teacher"}]
+    assert cot.question_label(None, kept, recipe(filter="none")) == "6"
+    assert cot.question_label("5", kept, recipe(filter="gold")) == "5"
+    assert cot.question_label(None, [], recipe(filter="majority")) is None
+    assert cot.question_records({"id": 0, "question": "Q", "answer": None}, [], recipe(format="step_by_step")) == []
 
 
 def test_mt_cot_format_explains_then_answers():
-    answer, explain = cot.format_records("Q?", "3 + 4 = 7.", "7", recipe(format="mt_cot", rationale_weight=0.5), {})
-    assert (answer["prompt"], answer["response"], answer["weight"]) == ("[answer] Q?", "7", 1.0)
-    assert (explain["prompt"], explain["response"], explain["weight"]) == ("[explain] Q?", "3 + 4 = 7. --> 7 END", 0.5)
+    example = {"id": 1, "question": "Q?", "answer": "7"}
+    answer, explain = cot.question_records(example, [{"rationale": "3 + 4 = 7.", "label": "7", "source": "teacher"}],
+                                           recipe(format="mt_cot", rationale_weight=0.3))
+    assert (answer["prompt"], answer["response"], answer["task"], answer["weight"]) == ("[answer] Q?", "7", "answer", 0.5)
+    assert (explain["prompt"], explain["response"], explain["task"], explain["weight"]) == (
+        "[explain] Q?", "3 + 4 = 7. --> 7 END", "explain", 0.3)
 
 
 def test_a_bad_recipe_names_the_key():
@@ -236,14 +259,127 @@ def test_a_bad_weight_names_the_line(tmp_path, weight):
         load_records(str(path))
 
 
-def test_weights_with_a_kd_term_are_refused(tmp_path):
+TASK_ROWS = [  # (prompt, response, task, weight): short labels, long rationales, as Distilling Step-by-Step writes
+    ("[label] 3 + 4?", "7", "label", 0.75),
+    ("[rationale] 3 + 4?", "Three plus four: 3 + 4 = 7.", "rationale", 0.25),
+    ("[label] 5 + 7?", "12", "label", 0.75),
+    ("[rationale] 5 + 7?", "Five plus seven is twelve: 5 + 7 = 12.", "rationale", 0.25),
+]
+
+
+def task_examples(tokenizer, with_tasks: bool = True) -> list[dict]:
+    records = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}], "weight": w}
+               | ({"task": t} if with_tasks else {}) for p, r, t, w in TASK_ROWS]
+    return encode_records(tokenizer, records, max_length=96)
+
+
+def token_terms(model, example: dict, teacher_topk: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64, from the definitions: per target token, the CE and the top-k FKL over k + 1 buckets."""
+    logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1].double()
+    labels = torch.tensor(example["labels"][1:])
+    logprobs = torch.log_softmax(logits[labels != -100], dim=-1)
+    ce = -logprobs.gather(1, labels[labels != -100][:, None]).squeeze(1)
+    if teacher_topk is None:
+        return ce, torch.zeros_like(ce)
+    ids, teacher_logprobs = teacher_topk
+    p = teacher_logprobs.double().exp()
+    p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], dim=-1)
+    q = logprobs.exp().gather(1, ids)
+    q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], dim=-1)
+    return ce, (p * (p.log() - q.log())).sum(-1)
+
+
+def task_mean_objective(terms: list[torch.Tensor], examples: list[dict]) -> torch.Tensor:
+    """sum over tasks of weight * (that task's mean per-token term), by hand."""
+    total = 0.0
+    for task in {example["task"] for example in examples}:
+        mine = [(t, e["weight"]) for t, e in zip(terms, examples, strict=True) if e["task"] == task]
+        total = total + sum(w * t.sum() for t, w in mine) / sum(t.numel() for t, _ in mine)
+    return total
+
+
+def test_task_scaled_weights_are_the_inverse_task_token_shares():
+    examples = [{"labels": [-100, 5, 6], "task": "a", "weight": 0.5}, {"labels": [-100, 5, 6, 7, 8, 9], "task": "b"},
+                {"labels": [-100, -100, 9], "task": "a", "weight": 0.5}]
+    (scaled,) = task_scaled(examples, [examples], step_tokens=8)  # task a: 2 + 1 tokens, task b: 5
+    assert [e["weight"] for e in scaled] == [0.5 * 8 / 3, 1.0 * 8 / 5, 0.5 * 8 / 3]
+    assert "weight" not in examples[1]  # the examples themselves are left as they were
+
+
+def test_task_means_equal_a_hand_computation_whatever_the_micro_batches(tmp_path):
     tokenizer = tiny_tokenizer()
-    examples = encode_records(tokenizer, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-                                           "weight": 0.5}], max_length=32)
-    with pytest.raises(KdlmError, match="loss.kd_weight=0"):
-        train(tiny_llama(len(tokenizer)), examples, train_config=TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=1),
-              loss_config=LossConfig(kd_weight=0.5), pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
-              teacher=tiny_llama(len(tokenizer)))
+    examples = task_examples(tokenizer)
+    reference = tiny_llama(len(tokenizer), seed=1).double()
+    ce = [token_terms(reference, example)[0] for example in examples]
+    expected = task_mean_objective(ce, examples).item()
+    pooled = sum(e["weight"] * t.sum() for t, e in zip(ce, examples, strict=True)).item() / sum(t.numel() for t in ce)
+    assert abs(expected - pooled) > 0.2  # pooling over tokens would be a different objective
+    for batch_size, grad_accum, seed in [(4, 1, 0), (1, 4, 0), (2, 2, 1), (1, 4, 2)]:
+        config = TrainConfig(output_dir=str(tmp_path / f"run{batch_size}-{seed}"), max_steps=1, batch_size=batch_size,
+                             grad_accum=grad_accum, bf16=False, warmup_steps=0, seed=seed)
+        result = train(tiny_llama(len(tokenizer), seed=1), examples, train_config=config, loss_config=LossConfig(kd_weight=0),
+                       pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+        assert result.history[0]["ce"] == pytest.approx(expected, rel=1e-5), (batch_size, grad_accum, seed)
+
+
+def test_task_means_gradient_is_the_same_for_any_split_and_order_of_the_step():
+    tokenizer = tiny_tokenizer()
+    examples = task_examples(tokenizer)
+    reference = tiny_llama(len(tokenizer), seed=1).double()
+    task_mean_objective([token_terms(reference, example)[0] for example in examples], examples).backward()
+    expected = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    model = tiny_llama(len(tokenizer), seed=1)
+    objective = StudentObjective(model, LossConfig(kd_weight=0, fused=False), len(tokenizer))
+    for split in ([[0, 1, 2, 3]], [[3], [1], [0], [2]], [[2, 0], [1, 3]]):
+        model.zero_grad()
+        step = [examples[i] for batch in split for i in batch]
+        step_tokens = sum(num_targets(example) for example in step)
+        for batch in task_scaled(step, [[examples[i] for i in batch] for batch in split], step_tokens):
+            (objective(collate(batch, tokenizer.pad_token_id), None, 0.0)[0] / step_tokens).backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+        assert torch.allclose(grads, expected, rtol=1e-4, atol=1e-6), split
+
+
+@pytest.mark.parametrize("fused,with_tasks", [(True, True), (False, True), (True, False)])
+def test_weighted_records_train_on_the_teachers_topk_targets(tmp_path, fused, with_tasks):
+    tokenizer = tiny_tokenizer()
+    examples = task_examples(tokenizer, with_tasks)
+    teacher = tiny_llama(len(tokenizer), seed=2).double()
+    targets = []
+    for example in examples:  # what read_targets gives: per example, the top-4 of each target row
+        labels = torch.tensor(example["labels"][1:])
+        with torch.no_grad():
+            rows = torch.log_softmax(teacher(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1][labels != -100], -1)
+        values, ids = rows.topk(4, dim=-1)
+        targets.append((ids, values.float()))
+    reference = tiny_llama(len(tokenizer), seed=1).double()
+    terms = [token_terms(reference, example, target) for example, target in zip(examples, targets, strict=True)]
+    kd_weight = 0.6
+    mixed = [(1 - kd_weight) * ce + kd_weight * kd for ce, kd in terms]
+    if with_tasks:
+        expected = task_mean_objective(mixed, examples).item()
+    else:  # weights only: each token's loss times its record's weight, over all target tokens
+        expected = (sum(e["weight"] * t.sum() for t, e in zip(mixed, examples, strict=True)) / sum(t.numel() for t in mixed)).item()
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, grad_accum=2, bf16=False, warmup_steps=0)
+    result = train(tiny_llama(len(tokenizer), seed=1), examples, train_config=config, topk_targets=targets,
+                   loss_config=LossConfig(kd_weight=kd_weight, divergence="fkl", fused=fused),
+                   pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+    assert result.history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    kd_only = task_mean_objective([kd for _, kd in terms], examples).item() if with_tasks else None
+    if kd_only is not None:
+        assert result.history[0]["kd"] == pytest.approx(kd_only, rel=1e-5)
+
+
+def test_task_records_are_refused_with_an_on_policy_method(tmp_path):
+    tokenizer = tiny_tokenizer()
+
+    class Method:  # the loop checks before it uses the method
+        pass
+
+    with pytest.raises(KdlmError, match="per-task means.*method.name=offpolicy"):
+        train(tiny_llama(len(tokenizer)), task_examples(tokenizer), train_config=TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=1),
+              loss_config=LossConfig(kd_weight=0), pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+              method=Method())
 
 
 # ---- the recipe against a served teacher -----------------------------------------------------------
@@ -302,11 +438,40 @@ def test_unlabelled_questions_get_the_majority_answer_as_label(tmp_path):
 
 def test_two_stage_asks_for_the_answer_a_rationale_does_not_state(tmp_path):
     with ServerThread(MuteTeacher()) as server:
-        stats = cot.run(generate_config(tmp_path, server.url, "sampling.n=1", "recipe.rationalize=false"))
-        assert stats["unparsed"] == 0 and stats["kept"] == 25
+        for mode in ("always", "missing"):
+            stats = cot.run(generate_config(tmp_path / mode, server.url, "sampling.n=1", "recipe.rationalize=false",
+                                            f"recipe.two_stage={mode}"))
+            assert stats["unparsed"] == 0 and stats["kept"] == 25 and stats["answer_calls"] == 25
         with pytest.raises(KdlmError, match="no rationale passed the filter"):
             cot.run(generate_config(tmp_path / "one-stage", server.url, "sampling.n=1", "recipe.rationalize=false",
-                                    "recipe.two_stage=false"))
+                                    "recipe.two_stage=off"))
+
+
+class SecondThoughtsTeacher(ArithTeacher):
+    """States a wrong answer (99) after correct steps; asked for its final answer (stage 2), gives the right one."""
+
+    def answer(self, messages, seed):
+        if messages[-1]["content"] == cot.FINAL_ANSWER_CUE:
+            return super().answer(messages[:1], seed)
+        return super().answer(messages, seed).rsplit("Answer:", 1)[0] + "Answer: 99"
+
+
+def test_zero_shot_two_stage_reads_every_answer_from_the_second_call(tmp_path):
+    with ServerThread(SecondThoughtsTeacher()) as server:
+        always = cot.run(generate_config(tmp_path / "always", server.url, "sampling.n=2", "recipe.rationalize=false",
+                                         "recipe.format=finetune_cot"))
+        # missing: every rationale states 99, so no second call is made and the gold filter keeps nothing.
+        with pytest.raises(KdlmError, match="no rationale passed the filter"):
+            cot.run(generate_config(tmp_path / "missing", server.url, "sampling.n=2", "recipe.rationalize=false",
+                                    "recipe.format=finetune_cot", "recipe.two_stage=missing"))
+        assert not (tmp_path / "missing" / "cot.final-answers.jsonl").exists()
+    # always: 50 samples (two identical per question: one second-stage call each); the second stage's (right)
+    # answers pass the gold filter.
+    assert (always["samples"], always["answer_calls"], always["kept"]) == (50, 25, 25)  # 2 identical samples: asked once
+    first = read_jsonl(tmp_path / "always" / "cot.rationales.jsonl")[0]["messages"][0]["content"]
+    assert first.endswith("\n\n" + cot.KOJIMA_CUE) and "Answer:" not in first  # the cue alone, no format request
+    records = read_jsonl(tmp_path / "always" / "cot.jsonl")
+    assert all(r["response"].endswith(f"--> {r['meta']['gold']} END") and "99" not in r["response"] for r in records)
 
 
 def test_generate_cli_runs_the_recipe_resumes_and_distill_trains_on_it(tmp_path):
@@ -324,8 +489,10 @@ def test_generate_cli_runs_the_recipe_resumes_and_distill_trains_on_it(tmp_path)
         again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
         assert again.returncode == 0 and teacher.requests == sent  # the rerun pays for nothing twice
     samples_file = read_jsonl(tmp_path / "cot.rationales.jsonl")
-    assert len(samples_file) == 30 * 3  # 40 problems less 8 held out and 2 few-shot demonstrations (cot.yaml), 3 samples
-    assert sum(m["role"] == "assistant" for m in samples_file[0]["messages"]) == 3  # 2 worked examples + the answer
+    assert len(samples_file) == 32 * 3  # 40 problems less 8 held out, 3 samples each
+    # cot.yaml: two_stage always, one answer call per distinct (question, rationale)
+    assert len(read_jsonl(tmp_path / "cot.final-answers.jsonl")) == len({json.dumps(s["messages"]) for s in samples_file})
+    assert samples_file[0]["messages"][0]["content"].endswith("\n\nLet's think step by step.")  # zero-shot (cot.yaml)
     golds = {p["question"]: str(p["answer"]) for p in make_dataset(40, 1)}
     wrong = {cot.split_rationale(s["messages"][-1]["content"]) for s in samples_file
              if extract_number(s["messages"][-1]["content"]) != golds[s["messages"][-2]["content"].split("\n\n")[0]]}
@@ -334,7 +501,8 @@ def test_generate_cli_runs_the_recipe_resumes_and_distill_trains_on_it(tmp_path)
     rationales = [r for r in records if r["meta"]["task"] == "rationale"]
     assert rationales and not {r["response"] for r in rationales} & wrong  # the filter removed every wrong one
     assert all(r["weight"] == 0.5 for r in rationales)
-    assert all(r["response"] == r["meta"]["gold"] for r in records if r["meta"]["task"] == "label")
+    labels = [r for r in records if r.get("task") == "label"]
+    assert len(labels) == 32 and all(r["response"] == r["meta"]["gold"] and r["weight"] == 0.5 for r in labels)
     assert len(read_jsonl(tmp_path / "cot.heldout.jsonl")) == 8
 
     save_tiny_teacher(tmp_path / "teacher", num_layers=2)
@@ -426,14 +594,16 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
     finally:
         server.terminate()
         server.wait(timeout=30)
-    samples_by_question = {}
-    for sample in read_jsonl(tmp_path / "cot.rationales.jsonl"):
-        question = sample["messages"][-2]["content"].split("\n\n")[0]
-        samples_by_question.setdefault(question, []).append(extract_answer(sample["messages"][-1]["content"], "number"))
+    samples_by_question = {}  # what the teacher answered, in its rationales and in the second stage
+    for stage in ("rationales", "final-answers"):
+        for sample in read_jsonl(tmp_path / f"cot.{stage}.jsonl"):
+            question = sample["messages"][0]["content"].split("\n\n")[0]
+            samples_by_question.setdefault(question, []).append(extract_answer(sample["messages"][-1]["content"], "number"))
     records = read_jsonl(tmp_path / "cot.jsonl")
-    assert records and all(r["meta"]["task"] in ("label", "rationale") for r in records)
-    for record in (r for r in records if r["meta"]["task"] == "label"):  # labels are the teacher's own answers
-        assert record["response"] in samples_by_question[record["prompt"].removeprefix("[label] ")]
+    assert records and all(r["task"] in ("label", "rationale") for r in records)
+    for record in (r for r in records if r["task"] == "label"):  # the teacher's own answers, else the gold one
+        expected = samples_by_question[record["prompt"].removeprefix("[label] ")]
+        assert record["response"] in expected if record["meta"]["source"] == "teacher" else record["response"] == record["meta"]["gold"]
     icl_records = load_records(str(tmp_path / "icl.jsonl"))
     assert all(r["messages"][-1]["content"] in ("Yes", "No") for r in icl_records if "messages" in r)
     assert len(read_jsonl(tmp_path / "icl.eval.jsonl")) == 3 * 2  # 3 tasks x 1 held-out query x (0, 2 shots)

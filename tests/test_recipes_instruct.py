@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -36,9 +37,11 @@ from kdlm.recipes.filters import (
     looks_unanswered,
     only_punctuation_and_stop_words,
 )
-from kdlm.recipes.lion import judge, parse_scores
+from kdlm.recipes.lion import Settings as LionSettings
+from kdlm.recipes.lion import creation_sampling, generation_problem, judge, parse_scores
 from kdlm.recipes.self_instruct import (
     clean_instances,
+    encode_prompt,
     load_seed_tasks,
     parse_instances,
     parse_instances_input_first,
@@ -161,6 +164,77 @@ def test_parse_instances_input_first_and_output_first():
     assert parse_instances(text, output_first=False) == parse_instances_input_first(text)
 
 
+def test_clean_instances_applies_the_reference_post_processing():
+    # An input or output ending in ":" is an incomplete generation: dropped, the others kept.
+    assert clean_instances([{"input": "Translate:", "output": "x"}, {"input": "a", "output": "The answer is:"},
+                            {"input": "b", "output": "c"}], 5) == [{"input": "b", "output": "c"}]
+    # Two instances with the same non-empty input but different outputs: the task loses all its instances.
+    assert clean_instances([{"input": "2 + 2", "output": "4"}, {"input": "2 + 2", "output": "5"},
+                            {"input": "3 + 3", "output": "6"}], 5) == []
+    # ... but not for an empty input (a task without input has many answers), nor for an exact duplicate.
+    assert len(clean_instances([{"input": "", "output": "one poem"}, {"input": "", "output": "another poem"},
+                                {"input": "q", "output": "r"}, {"input": "q", "output": " r"}], 5)) == 3
+    # At most `limit`, drawn at random with an rng (the reference's random.sample), the first ones without.
+    many = [{"input": f"in {i}", "output": f"out {i}"} for i in range(8)]
+    drawn = [clean_instances(many, 5, random.Random(seed)) for seed in range(20)]
+    assert all(len(d) == 5 and all(i in many for i in d) for d in drawn) and len({json.dumps(d) for d in drawn}) > 1
+    assert clean_instances(many, 5) == many[:5]
+
+
+def test_encode_prompt_draws_the_reference_layouts_and_prepares_inputs():
+    assert encode_prompt(" Add the numbers. ", " 2 3 ", None) == "Add the numbers.\n\n2 3"
+    assert encode_prompt("Name a bird.", "", None) == "Name a bird."
+    seen, stripped = set(), 0
+    for seed in range(200):
+        prompt = encode_prompt("Classify the sentiment.", "Sentence: I loved it.\n\nA lot.", random.Random(seed))
+        kept = reference_encodings("Classify the sentiment.", "Sentence: I loved it.\n\nA lot.")
+        prepared = reference_encodings("Classify the sentiment.", "I loved it.\nA lot.")  # one field name: dropped
+        assert prompt in kept + prepared
+        seen.add(prompt)
+        stripped += prompt in prepared
+    assert len(seen) == 14 and 60 < stripped < 140  # all 7 layouts x both inputs; preparation about half the time
+    two_fields = {encode_prompt("Compare.", "A: x\nB: y", random.Random(seed)) for seed in range(100)}
+    assert all("A: x" in prompt for prompt in two_fields)  # two field names: the input keeps them
+    assert {encode_prompt("Name a bird.", "", random.Random(seed)) for seed in range(100)} == set(reference_encodings("Name a bird.", ""))
+
+
+def test_lion_generation_filters_on_crafted_generations():
+    assert generation_problem("Describe the water cycle to a child in simple words.", truncated=False) is None
+    assert generation_problem("Write an Instruction that asks for a poem about rain.", False) == "instruction_word"
+    assert generation_problem("Describe the water cycle to a child in simple", truncated=True) == "truncated"
+    assert generation_problem("Name three rivers.", False) == "too_short"  # three words or fewer
+    assert generation_problem("Name four big rivers.", False) is None
+    assert generation_problem("- List the planets of the solar system.", False) == "punctuation_start"
+    assert generation_problem("Écrivez un poème sur la mer et le ciel.", False) == "non_ascii_start"
+    assert generation_problem("", False) == "empty"
+
+
+def test_lion_creation_sampling_follows_the_reference():
+    settings = LionSettings(student={"model": "student"})
+    sampling = creation_sampling(settings, "Solve this riddle about time [hard]")  # 6 words
+    assert (sampling.temperature, sampling.top_p, sampling.max_tokens) == (1.0, 1.0, 24)
+    capped = LionSettings(student={"model": "student"}, create={"max_tokens": 10})
+    assert creation_sampling(capped, "Solve this riddle about time [hard]").max_tokens == 10
+    assert creation_sampling(LionSettings(student={"model": "student"}, create_tokens_per_word=None), "a b").max_tokens == 1024
+
+
+def test_lion_drops_cut_off_and_instruction_generations_and_draws_seeds_at_random(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    # Hard seeds: 2 words give max_tokens 8, which cuts the scripted answer (13 words); 6 words do not.
+    lines = ["Riddle [hard]", "Solve this riddle about time [hard]", "Prove that the root of two is irrational [hard]",
+             "What colour is the sky?"]
+    prompts.write_text("".join(json.dumps({"prompt": line}) + "\n" for line in lines))
+    with AppThread(scripted_app()) as server:
+        recipe = {"name": "lion", "rounds": 1, "new_hard": 12, "new_easy": 0, "student": {"model": "student", "base_url": server.url}}
+        stats = run_recipe(recipe_config(tmp_path, server.url, recipe, prompts=str(prompts)))
+        sent = [p for p in server.app.state.prompts if p.startswith("Take inspiration from the instruction below")]
+    seeds = [p.split("Instruction:\n", 1)[1].split("\n\nNew instruction:", 1)[0] for p in sent]
+    assert len(seeds) == 12 and set(seeds) == set(lines[:3])  # drawn at random: not cycled in order
+    assert seeds != [lines[i % 3] for i in range(12)]
+    assert stats["new_hard_rejected_truncated"] == seeds.count("Riddle [hard]") >= 1
+    assert stats["new_hard"] == 12 - seeds.count("Riddle [hard]")
+
+
 def test_clean_instances_drops_duplicates_empty_outputs_and_copies():
     instances = [{"input": "a", "output": "b"}, {"input": "a", "output": " b "}, {"input": "x", "output": ""},
                  {"input": "same", "output": "same"}, {"input": "c", "output": "d"}, {"input": "e", "output": "f"}]
@@ -272,10 +346,62 @@ def test_self_instruct_end_to_end(tmp_path):
     assert len(output_first) == sum(entry["is_classification"] for entry in machine) >= 1
     records = read_jsonl(tmp_path / "data.jsonl")
     assert len(records) == 20 == stats["records"]
-    first = machine[0]
-    expected_prompt = first["instruction"] + (f"\n\n{first['instances'][0]['input']}" if first["instances"][0]["input"] else "")
-    assert records[0]["messages"] == [{"role": "user", "content": expected_prompt},
-                                      {"role": "assistant", "content": first["instances"][0]["output"]}]
+    # encoding: templates (the default): each prompt is one of the reference's layouts of its instance.
+    layouts = set()
+    for record in records:
+        entry = machine[record["meta"]["instruction_index"]]
+        instance = next(i for i in entry["instances"] if i["output"] == record["messages"][1]["content"])
+        rendered = reference_encodings(entry["instruction"], instance["input"])
+        assert record["messages"][0]["content"] in rendered
+        layouts.add(rendered.index(record["messages"][0]["content"]))
+    assert len(layouts) >= 3  # drawn at random per instance
+
+
+def reference_encodings(instruction: str, text: str) -> list[str]:
+    """Self-Instruct's prompt encodings (prepare_for_finetuning.py), written out here independently (the
+    scripted inputs hold no colon or blank line, so the input preprocessing leaves them as they are)."""
+    if text:
+        return [f"{instruction}\nInput: {text}\nOutput:", f"{instruction}\n\nInput: {text}\n\nOutput:",
+                f"Task: {instruction}\nInput: {text}\nOutput:", f"{instruction}\n\n{text}\n\nOutput:",
+                f"{instruction}\n\n{text}", f"{instruction}\n{text}", f"Task: {instruction}\n\n{text}"]
+    return [f"{instruction} Output:", f"{instruction}\nOutput:", f"{instruction}\n\nOutput:", instruction,
+            f"Task: {instruction}"]
+
+
+def test_self_instruct_drops_a_cut_off_generation_whole_and_plain_encoding(tmp_path):
+    # 40 tokens cut every scripted generation (about 70 words) after a few complete items: all are dropped.
+    with AppThread(scripted_app()) as server:
+        stats = run_recipe(recipe_config(tmp_path / "cut", server.url, self_instruct_recipe(
+            max_rounds=1, generation={"max_tokens": 40})))
+        assert stats["generations_truncated"] == 2 and stats["records"] == 0
+        assert not any(key.startswith("rejected_") for key in stats)  # no item of them was even looked at
+        run_recipe(recipe_config(tmp_path / "plain", server.url, self_instruct_recipe(encoding="plain")))
+    machine = read_jsonl(tmp_path / "plain" / "data.instructions.jsonl")
+    for record in read_jsonl(tmp_path / "plain" / "data.jsonl"):
+        entry = machine[record["meta"]["instruction_index"]]
+        instance = next(i for i in entry["instances"] if i["output"] == record["messages"][1]["content"])
+        assert record["messages"][0]["content"] == entry["instruction"] + (f"\n\n{instance['input']}" if instance["input"] else "")
+
+
+def test_classification_only_shows_and_compares_against_classification_seeds_only(tmp_path):
+    seeds = load_seed_tasks(str(SEEDS))
+    classification = {task["instruction"] for task in seeds if task["is_classification"]}
+    with AppThread(scripted_app()) as server:
+        run_recipe(recipe_config(tmp_path, server.url, self_instruct_recipe(classification_only=True, max_rounds=1)))
+        prompts = [p for p in server.app.state.prompts if "Continue the list with 8 new ones" in p]
+    assert len(prompts) == 2 and all("classification tasks" in prompt for prompt in prompts)
+    for prompt in prompts:  # round 1: every example shown is a classification seed
+        shown = [line.split(". ", 1)[1] for line in prompt.splitlines() if line[:2] in {f"{i}." for i in range(1, 9)}]
+        assert len(shown) == 8 and set(shown) <= classification
+    # The novelty pool holds only those seeds: a kept instruction's most similar texts are classification seeds.
+    for entry in read_jsonl(tmp_path / "data.instructions.jsonl"):
+        assert all(text in classification or text not in {t["instruction"] for t in seeds}
+                   for text in entry["most_similar_instructions"])
+    no_classification = tmp_path / "seeds.jsonl"
+    no_classification.write_text(json.dumps({"instruction": "Write a poem.", "instances": [], "is_classification": False}) + "\n")
+    with pytest.raises(KdlmError, match="classification_only.*no seed task"):
+        run_recipe(recipe_config(tmp_path / "none", "http://127.0.0.1:9", self_instruct_recipe(
+            classification_only=True, seed_tasks=str(no_classification))))
 
 
 def test_evol_instruct_end_to_end(tmp_path):

@@ -8,7 +8,10 @@ Every record is normalised to one of two shapes:
 - plain text: `{"text": str}`, for language modelling (every token is a target).
 
 Either may carry `"weight"`: a number >= 0 that multiplies the loss of each of its target tokens
-(default 1), e.g. the rationale task of Distilling Step-by-Step.
+(default 1), e.g. the rationale task of Distilling Step-by-Step; and `"task"`: a task name. When any
+record has a task, the training objective is per-task normalised: the sum over tasks of the mean
+(record-weighted) loss over that task's target tokens in the optimizer step (kdlm.train.tasks), so a
+task of short answers is not drowned by one of long rationales.
 
 Simple extra keys of a record (strings, numbers, booleans) are kept under `"meta"`.
 """
@@ -29,7 +32,7 @@ ACCEPTED_SHAPES = (
     '{"prompt": str, "response": str}, {"prompt": str}, '
     '{"instruction": str, "input": str, "output": str} (input and output optional), {"text": str}'
 )
-_SHAPE_KEYS = {"messages", "prompt", "response", "instruction", "input", "output", "text", "meta", "weight"}
+_SHAPE_KEYS = {"messages", "prompt", "response", "instruction", "input", "output", "text", "meta", "weight", "task"}
 
 
 def load_records(source: str, *, split: str = "train") -> list[dict]:
@@ -132,6 +135,10 @@ def normalise_record(raw: object, where: str) -> dict:
         if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0 or weight == float("inf"):
             raise KdlmError(f'{where}: "weight" must be a finite number >= 0 (it multiplies the record\'s loss), got {weight!r}')
         record["weight"] = float(weight)
+    if raw.get("task") is not None:  # a task name: the loss is averaged per task (kdlm.train.tasks)
+        if not isinstance(raw["task"], str) or not raw["task"]:
+            raise KdlmError(f'{where}: "task" must be a non-empty string (a task name, e.g. "label"), got {raw["task"]!r}')
+        record["task"] = raw["task"]
     meta = dict(raw["meta"]) if isinstance(raw.get("meta"), dict) else {}
     meta.update({key: value for key, value in raw.items() if key not in _SHAPE_KEYS and _is_simple(value)})
     if meta:

@@ -72,7 +72,7 @@ def encode_text(tokenizer, text: str, *, max_length: int) -> list[dict[str, list
 def encode_records(tokenizer, records: list[dict], *, max_length: int) -> list[dict[str, list[int]]]:
     """Encode normalised records: chat records with `encode_chat`, text records with `encode_text`.
 
-    Records left without a target token (a prompt that fills `max_length`, a one-token text) are
+    An example keeps its record's `weight` and `task`. Records left without a target token (a prompt that fills `max_length`, a one-token text) are
     dropped with one warning that counts them.
 
     Raises:
@@ -83,8 +83,8 @@ def encode_records(tokenizer, records: list[dict], *, max_length: int) -> list[d
     for index, record in enumerate(records):
         if "text" in record:
             windows = encode_text(tokenizer, record["text"], max_length=max_length)
-            if "weight" in record:
-                windows = [dict(window, weight=record["weight"]) for window in windows]
+            extra = {key: record[key] for key in ("weight", "task") if key in record}
+            windows = [dict(window, **extra) for window in windows]
             examples.extend(windows)
             dropped += not windows
             continue
@@ -93,8 +93,7 @@ def encode_records(tokenizer, records: list[dict], *, max_length: int) -> list[d
                 f"record {index + 1} has no response: generate teacher answers first (data.teacher_answers: true)"
             )
         example = encode_chat(tokenizer, record["messages"], max_length=max_length)
-        if "weight" in record:
-            example["weight"] = record["weight"]
+        example.update({key: record[key] for key in ("weight", "task") if key in record})
         if any(label != IGNORE_INDEX for label in example["labels"]):
             examples.append(example)
         else:

@@ -6,21 +6,30 @@ Steps of `kdlm generate configs/cot.yaml` (a `recipe:` section with `name: cot`)
 1. Load a labelled task (kdlm.recipes.tasks); hold out `heldout` questions for evaluation; take
    `demonstrations` worked examples for few-shot prompts.
 2. Rationales: the teacher answers every training question `sampling.n` times (SCoTD's many samples,
-   Fine-tune-CoT's diverse reasoning) under a zero-shot prompt (the question and a step-by-step cue)
-   or a few-shot one (worked examples as earlier turns). With `rationales: dataset` the data set's
-   worked solutions stand in for the teacher and nothing is sent.
-3. Answers: parsed from each rationale (kdlm.recipes.answers). `two_stage` asks the teacher, for those
-   that state none, what its final answer is (Fine-tune-CoT's second stage).
+   Fine-tune-CoT's diverse reasoning) under a zero-shot prompt or a few-shot one (worked examples as
+   earlier turns). With `rationales: dataset` the data set's worked solutions stand in for the teacher
+   and nothing is sent.
+3. Answers. `two_stage: always` (the default) is Fine-tune-CoT's Zero-shot-CoT (Kojima et al.; the
+   reasoning-teacher code's `zs_cot` steps 1 and 2): the first call elicits the reasoning with "Let's
+   think step by step." alone, and a second call, given that reasoning, asks for the answer, which is
+   read from its reply (the answer a rationale states is the fallback when that reply has none).
+   `missing` asks the first call to end on an `Answer:` line and makes the second call only for the
+   rationales that state no answer; `off` never does (kdlm.recipes.answers parses the rationale).
 4. Filter: `gold` keeps rationales whose answer equals the gold label (Fine-tune-CoT, MT-CoT's COTE);
    `majority` keeps those that agree with the majority answer, at least `min_agreement` of the samples
    (self-consistency, for unlabelled data); `none` keeps all (SCoTD's default, DSS `label_type llm`).
    `rationalize` asks the teacher to explain the gold answer for questions with no correct sample and
    keeps its explanation when it reaches that answer (MT-CoT's CROP).
-5. Format (one JSONL record per kept rationale, `kdlm distill` trains on it):
+5. Format (JSONL records, one per kept rationale plus, in the two-task formats, one label record per
+   question; `kdlm distill` trains on them):
    - `finetune_cot`: question -> "rationale --> answer END" (the student must learn to stop);
-   - `step_by_step`: "[label] question" -> answer (weight 1) and "[rationale] question" -> rationale
-     (weight `rationale_weight`, the paper's lambda); only the label task runs at inference;
-   - `mt_cot`: "[answer] question" -> answer and "[explain] question" -> "rationale --> answer END";
+   - `step_by_step`: "[label] question" -> answer (task "label", weight `label_weight`) for every
+     question with a label, and "[rationale] question" -> rationale (task "rationale", weight
+     `rationale_weight`) for each kept rationale; `kdlm distill` trains label_weight * mean CE(label)
+     + rationale_weight * mean CE(rationale) per step (kdlm.train.tasks), the reference's
+     a * label + (1 - a) * rationale with a = 0.5. Only the label task runs at inference;
+   - `mt_cot`: "[answer] question" -> answer and "[explain] question" -> "rationale --> answer END",
+     tasks "answer" and "explain", weighted and averaged per task in the same way;
    - `label_only`: question -> answer (the fine-tuning baseline; no teacher needed).
    Held-out questions go to OUTPUT.heldout.jsonl as prompts in the same format, gold under `meta`.
 
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -45,8 +55,9 @@ from kdlm.recipes.tasks import TaskSpec, load_task
 
 console = Console(stderr=True)
 
-# Our wording of the zero-shot CoT cue (Kojima et al., arXiv 2205.11916), and of the line that fixes
-# where the answer goes so that it can be parsed.
+# Zero-shot-CoT's trigger (Kojima et al., arXiv 2205.11916), the first stage of Fine-tune-CoT; our wording
+# of a cue that also fixes where the answer goes (two_stage: missing / off, few-shot), and of the second stage.
+KOJIMA_CUE = "Let's think step by step."
 STEP_CUE = "Work through it one step at a time, then write the result on a last line as 'Answer: <answer>'."
 FINAL_ANSWER_CUE = "So what is your final answer? Reply with the answer only, as 'Answer: <answer>'."
 RATIONALIZE = (
@@ -67,19 +78,27 @@ class CotRecipe(BaseModel):
     rationales: Literal["teacher", "dataset"] = Field("teacher", description="dataset: worked solutions, no teacher.")
     prompt: Literal["zero_shot", "few_shot"] = Field("zero_shot")
     demonstrations: int = Field(4, ge=1, description="few_shot: worked examples shown (taken out of training).")
-    two_stage: bool = Field(True, description="Ask for the final answer when a rationale states none.")
+    two_stage: Literal["always", "missing", "off"] = Field(
+        "always", description="always: 'Let's think step by step', then a second call for every answer (Fine-tune-CoT); "
+        "missing: ask for an Answer: line, and a second call only where a rationale states none; off: no second call.")
+    answer_max_tokens: int = Field(32, ge=1, description="Token limit of the second-stage (answer) calls.")
     filter: Literal["gold", "majority", "none"] = Field("gold")
     min_agreement: float = Field(0.5, ge=0, le=1, description="filter=majority: least share of samples agreeing.")
     rationalize: bool = Field(True, description="filter=gold: explain the gold answer where no sample is correct.")
     distinct: bool = Field(True, description="Keep each distinct rationale of a question once.")
     format: Literal["finetune_cot", "step_by_step", "mt_cot", "label_only"] = Field("finetune_cot")
-    rationale_weight: float = Field(1.0, ge=0, description="step_by_step / mt_cot: weight of the rationale task.")
+    label_weight: float = Field(0.5, ge=0, description="step_by_step / mt_cot: weight of the label task (the reference's a).")
+    rationale_weight: float = Field(0.5, ge=0, description="step_by_step / mt_cot: weight of the rationale task (1 - a).")
+    task_means: bool = Field(True, description="step_by_step / mt_cot: records name their task, so that the loss is "
+                             "each task's mean, weighted; false: weighted CE pooled over all target tokens.")
     label_prefix: str = Field("[label] ", description="step_by_step: prefix of the label task.")
     rationale_prefix: str = Field("[rationale] ", description="step_by_step: prefix of the rationale task.")
     seed: int = Field(0, description="Shuffles the task before the split.")
 
 
 def parse_recipe(tree: dict, source: str = "recipe") -> CotRecipe:
+    if isinstance(tree.get("two_stage"), bool):  # the older boolean: true asked only where no answer was stated
+        tree = {**tree, "two_stage": "missing" if tree["two_stage"] else "off"}
     try:
         return CotRecipe.model_validate(tree)
     except ValidationError as error:
@@ -89,8 +108,9 @@ def parse_recipe(tree: dict, source: str = "recipe") -> CotRecipe:
 # ---- prompts ---------------------------------------------------------------------------------------
 
 
-def zero_shot_messages(question: str) -> list[dict]:
-    return [{"role": "user", "content": f"{question}\n\n{STEP_CUE}"}]
+def zero_shot_messages(question: str, cue: str = STEP_CUE) -> list[dict]:
+    """The question and a cue: KOJIMA_CUE (two_stage always) or STEP_CUE, which asks for an Answer: line."""
+    return [{"role": "user", "content": f"{question}\n\n{cue}"}]
 
 
 def few_shot_messages(question: str, demonstrations: list[dict]) -> list[dict]:
@@ -172,24 +192,58 @@ def student_prompt(question: str, recipe: CotRecipe) -> str:
     return question
 
 
+def _task_record(prompt: str, response: str, task: str, weight: float, recipe: CotRecipe, meta: dict) -> dict:
+    record = {"prompt": prompt, "response": response, "weight": weight, "meta": {**meta, "task": task}}
+    if recipe.task_means:  # kdlm distill then averages the loss per task (kdlm.train.tasks)
+        record["task"] = task
+    return record
+
+
+def label_record(question: str, label: str, recipe: CotRecipe, meta: dict) -> dict:
+    """The label task of a multi-task format (step_by_step, mt_cot): one per question, rationale or not."""
+    if recipe.format == "step_by_step":
+        return _task_record(recipe.label_prefix + question, label, "label", recipe.label_weight, recipe, meta)
+    return _task_record("[answer] " + question, label, "answer", recipe.label_weight, recipe, meta)
+
+
 def format_records(question: str, rationale: str, label: str, recipe: CotRecipe, meta: dict) -> list[dict]:
-    """Training records of one kept rationale in the recipe's format."""
+    """Training records of one kept rationale in the recipe's format (for step_by_step and mt_cot, its
+    rationale task only: the label task is written once per question, by `label_record`)."""
     chain = f"{rationale}{ARROW}{label} {END_MARKER}"
     if recipe.format == "finetune_cot":
         return [{"prompt": question, "response": chain, "meta": meta}]
     if recipe.format == "label_only":
         return [{"prompt": question, "response": label, "meta": meta}]
     if recipe.format == "step_by_step":
-        return [
-            {"prompt": recipe.label_prefix + question, "response": label, "weight": 1.0, "meta": {**meta, "task": "label"}},
-            {"prompt": recipe.rationale_prefix + question, "response": rationale, "weight": recipe.rationale_weight,
-             "meta": {**meta, "task": "rationale"}},
-        ]
-    return [  # mt_cot: the explanation task writes the reasoning, then the answer
-        {"prompt": "[answer] " + question, "response": label, "weight": 1.0, "meta": {**meta, "task": "answer"}},
-        {"prompt": "[explain] " + question, "response": chain, "weight": recipe.rationale_weight,
-         "meta": {**meta, "task": "explain"}},
-    ]
+        return [_task_record(recipe.rationale_prefix + question, rationale, "rationale", recipe.rationale_weight, recipe, meta)]
+    # mt_cot: the explanation task writes the reasoning, then the answer
+    return [_task_record("[explain] " + question, chain, "explain", recipe.rationale_weight, recipe, meta)]
+
+
+def question_label(gold: str | None, kept: list[dict], recipe: CotRecipe) -> str | None:
+    """The label task's answer for a question: the gold one under filter=gold, else the most common label of
+    the kept rationales (the vote under filter=majority), else the gold one if any."""
+    labels = [sample["label"] for sample in kept]
+    if recipe.filter == "gold" or not labels:
+        return gold
+    return Counter(labels).most_common(1)[0][0]
+
+
+def question_records(example: dict, kept: list[dict], recipe: CotRecipe) -> list[dict]:
+    """Every training record of one question. Multi-task formats train the label task on every question
+    that has a label and the rationale task where a rationale was kept (as the reference trains both
+    tasks on every example it has)."""
+    meta = {"id": example["id"], "gold": example["answer"]}
+    records = []
+    if recipe.format in ("step_by_step", "mt_cot"):
+        label = question_label(example["answer"], kept, recipe)
+        if label is not None:
+            source = "gold" if label == example["answer"] else "teacher"
+            records.append(label_record(example["question"], label, recipe, {**meta, "source": source}))
+    for sample in kept:
+        records.extend(format_records(example["question"], sample["rationale"], sample["label"], recipe,
+                                      {**meta, "source": sample["source"]}))
+    return records
 
 
 def parse_student_output(text: str, recipe: CotRecipe) -> str | None:
@@ -207,7 +261,8 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     temporary.replace(path)
 
 
-def _ask(config, name: str, prompts: list[list[dict]], n: int, temperature: float | None = None) -> dict:
+def _ask(config, name: str, prompts: list[list[dict]], n: int, temperature: float | None = None,
+         max_tokens: int | None = None) -> dict:
     """Send `prompts` (n samples each) through the engine; {(prompt index, sample): answer text}."""
     from kdlm.generate import generate
 
@@ -215,7 +270,8 @@ def _ask(config, name: str, prompts: list[list[dict]], n: int, temperature: floa
     stage = output.with_name(f"{output.stem}.{name}.jsonl")
     prompt_file = output.with_name(f"{output.stem}.{name}.prompts.jsonl")
     _write_jsonl(prompt_file, [{"messages": messages} for messages in prompts])
-    sampling = config.sampling.model_copy(update={"n": n} | ({} if temperature is None else {"temperature": temperature}))
+    update = {"n": n} | ({} if temperature is None else {"temperature": temperature})
+    sampling = config.sampling.model_copy(update=update | ({} if max_tokens is None else {"max_tokens": max_tokens}))
     stage_config = config.model_copy(update={
         "prompts": str(prompt_file), "output": str(stage), "limit": None, "sampling": sampling,
         "cache": config.cache or str(output.with_suffix(".sqlite")),  # one cache for every stage
@@ -245,6 +301,36 @@ def split_task(examples: list[dict], recipe: CotRecipe) -> tuple[list[dict], lis
     return demos, examples[:cut], examples[cut:]
 
 
+def teacher_samples(config, recipe: CotRecipe, train: list[dict], demos: list[dict], stats: dict) -> dict[int, list[dict]]:
+    """Stages 1 and 2: `sampling.n` rationales per question, and each one's answer; {question index: samples}."""
+    task = recipe.task
+    cue = KOJIMA_CUE if recipe.two_stage == "always" else STEP_CUE
+    prompts = [few_shot_messages(example["question"], demos) if recipe.prompt == "few_shot"
+               else zero_shot_messages(example["question"], cue) for example in train]
+    texts = _ask(config, "rationales", prompts, config.sampling.n)
+    samples: dict[int, list[dict]] = {i: [] for i in range(len(train))}
+    for (index, _), text in sorted(texts.items()):
+        answer = extract_answer(text, task.answer_type, task.labels)
+        samples[index].append({"rationale": split_rationale(text), "answer": answer, "source": "teacher", "text": text})
+    every = [(i, k) for i, group in samples.items() for k in range(len(group))]
+    ask = {"always": every, "missing": [(i, k) for i, k in every if samples[i][k]["answer"] is None], "off": []}[recipe.two_stage]
+    # The second stage: the first prompt, the rationale, and a request for the answer alone; asked once per
+    # distinct conversation (samples that wrote the same rationale share it).
+    conversations = {(i, k): final_answer_messages(prompts[i], samples[i][k]["text"]) for i, k in ask}
+    distinct = list({json.dumps(messages): messages for messages in conversations.values()}.items())
+    position = {key: index for index, (key, _) in enumerate(distinct)}
+    second = _ask(config, "final-answers", [messages for _, messages in distinct], 1, temperature=0.0,
+                  max_tokens=recipe.answer_max_tokens) if distinct else {}
+    for (i, k), messages in conversations.items():
+        answer = extract_answer(second.get((position[json.dumps(messages)], 0), ""), task.answer_type, task.labels)
+        if answer is not None:  # else keep the answer the rationale stated, if any
+            samples[i][k]["answer"] = answer
+    stats["answer_calls"] = len(distinct)
+    stats["samples"] = len(every)
+    stats["unparsed"] = sum(s["answer"] is None for group in samples.values() for s in group)
+    return samples
+
+
 def run(config) -> dict:
     """Run the recipe of a generate config (`config.recipe`); returns counts (also printed)."""
     recipe = parse_recipe(config.recipe, f"recipe of {config.output}")
@@ -252,7 +338,7 @@ def run(config) -> dict:
     demos, train, heldout = split_task(load_task(task), recipe)
     output = Path(config.output)
     stats = {"questions": len(train), "heldout": len(heldout), "samples": 0, "unparsed": 0, "kept": 0,
-             "questions_kept": 0, "rationalized": 0, "records": 0}
+             "questions_kept": 0, "rationalized": 0, "answer_calls": 0, "records": 0}
 
     unlabelled = sum(example["answer"] is None for example in train)
     if unlabelled and (recipe.filter == "gold" or recipe.format == "label_only"):
@@ -267,22 +353,7 @@ def run(config) -> dict:
         samples = {i: [{"rationale": split_rationale(example["rationale"]), "answer": example["answer"],
                         "source": "dataset"}] for i, example in enumerate(train)}
     else:
-        build = (lambda q: few_shot_messages(q, demos)) if recipe.prompt == "few_shot" else zero_shot_messages
-        prompts = [build(example["question"]) for example in train]
-        texts = _ask(config, "rationales", prompts, config.sampling.n)
-        samples = {i: [] for i in range(len(train))}
-        for (index, _), text in sorted(texts.items()):
-            answer = extract_answer(text, task.answer_type, task.labels)
-            samples[index].append({"rationale": split_rationale(text), "answer": answer, "source": "teacher", "text": text})
-        unparsed = [(i, k) for i, group in samples.items() for k, sample in enumerate(group) if sample["answer"] is None]
-        if recipe.two_stage and unparsed:
-            second = _ask(config, "final-answers", [final_answer_messages(prompts[i], samples[i][k]["text"])
-                                                    for i, k in unparsed], 1, temperature=0.0)
-            for position, (i, k) in enumerate(unparsed):
-                if (position, 0) in second:
-                    samples[i][k]["answer"] = extract_answer(second[(position, 0)], task.answer_type, task.labels)
-        stats["samples"] = sum(len(group) for group in samples.values())
-        stats["unparsed"] = sum(s["answer"] is None for group in samples.values() for s in group)
+        samples = teacher_samples(config, recipe, train, demos, stats)
 
     kept: dict[int, list[dict]] = {}
     for index, example in enumerate(train):
@@ -301,15 +372,11 @@ def run(config) -> dict:
                             "source": "rationalization"}]
                 stats["rationalized"] += 1
 
-    records = []
-    for index, example in enumerate(train):
-        for sample in kept[index]:
-            meta = {"id": example["id"], "gold": example["answer"], "source": sample["source"]}
-            records.extend(format_records(example["question"], sample["rationale"], sample["label"], recipe, meta))
+    records = [record for index, example in enumerate(train) for record in question_records(example, kept[index], recipe)]
     stats["kept"] = sum(len(group) for group in kept.values())
     stats["questions_kept"] = sum(bool(group) for group in kept.values())
     stats["records"] = len(records)
-    if not records:
+    if not records or (recipe.format != "label_only" and not stats["kept"]):
         raise KdlmError("no rationale passed the filter: check the teacher's answers in the stage files next to "
                         f"{output}, or loosen recipe.filter")
     _write_jsonl(output, records)
@@ -319,7 +386,8 @@ def run(config) -> dict:
             for example in heldout
         ])
     console.print(
-        f"cot: {stats['questions']} questions, {stats['samples']} teacher samples ({stats['unparsed']} without an answer), "
+        f"cot: {stats['questions']} questions, {stats['samples']} teacher samples ({stats['answer_calls']} second-stage answer "
+        f"calls, {stats['unparsed']} samples without an answer), "
         f"{stats['kept']} rationales kept for {stats['questions_kept']} questions ({stats['rationalized']} by "
         f"rationalization) -> {stats['records']} records in {output}",
         highlight=False,

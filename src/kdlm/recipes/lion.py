@@ -7,8 +7,12 @@
    and an instruction is hard when teacher score - student score >= 1 (`gap`), easy otherwise. A
    review whose scores cannot be read is asked again (`referee_retries`), then left out.
 3. Generation: the teacher writes new instructions from hard seeds (same domain and task type, similar
-   length and difficulty) and, for diversity, from easy seeds (same domain, rarer); exact duplicates and
-   those with ROUGE-L >= 0.7 against the pools are dropped; the rest join both pools.
+   length and difficulty) and, for diversity, from easy seeds (same domain, rarer), one seed per request
+   drawn at random, at temperature 1 and top_p 1, with max_tokens 4x the seed's word count (the reference's
+   generate_*_instruction.py). The reference's filters drop a generation that contains the word
+   "instruction" (after our own "New instruction:" label, which it may echo, is removed), was cut off by
+   the length limit, has three words or fewer, or starts with punctuation or a non-ASCII character; then
+   exact duplicates and those with ROUGE-L >= 0.7 against the pools are dropped; the rest join both pools.
 
 After the last round the teacher answers the new instructions too: the output is the Train Pool with
 the teacher's answers. The student is any model behind the same engine: an OpenAI-compatible endpoint
@@ -17,7 +21,9 @@ the teacher's answers. The student is any model behind the same engine: an OpenA
 
 from __future__ import annotations
 
+import random
 import re
+import string
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,7 +50,11 @@ class Settings(BaseModel):
     train_overrides: list[str] = Field(default_factory=list, description="Overrides for train_config.")
     answer: Answer = Field(default_factory=Answer, description="Sampling of teacher and student answers.")
     referee: Referee = Field(default_factory=Referee)
-    create: Answer = Field(default_factory=lambda: Answer(temperature=1.0, max_tokens=256))
+    create: Answer = Field(default_factory=lambda: Answer(temperature=1.0, top_p=1.0, max_tokens=1024),
+                           description="Sampling of new instructions; max_tokens is an upper bound on the per-seed limit.")
+    create_tokens_per_word: int | None = Field(4, ge=1, description="max_tokens of a creation request: this many per "
+                                               "word of its seed (Lion: 4); null: create.max_tokens.")
+    seed: int = Field(0, description="Seed of the random draws of creation seeds.")
 
 
 REFEREE_SYSTEM = "You are a careful, impartial checker of the quality of answers."
@@ -81,6 +91,31 @@ def parse_scores(text: str) -> tuple[float, float] | None:
         return None
     first, second = float(numbers[0]), float(numbers[1])
     return (first, second) if all(1 <= score <= 10 for score in (first, second)) else None
+
+
+def generation_problem(text: str, truncated: bool) -> str | None:
+    """Why Lion's post-processing drops a new instruction (already stripped of our label), or None to keep it."""
+    if not text:
+        return "empty"
+    if "instruction" in text.lower():
+        return "instruction_word"
+    if truncated:
+        return "truncated"
+    if len(text.split()) <= 3:
+        return "too_short"
+    if text[0] in string.punctuation:
+        return "punctuation_start"
+    if not text[0].isascii():
+        return "non_ascii_start"
+    return None
+
+
+def creation_sampling(settings: Settings, seed: str) -> Answer:
+    """The creation request's sampling: max_tokens per word of the seed, at most create.max_tokens."""
+    if settings.create_tokens_per_word is None:
+        return settings.create
+    cap = min(settings.create.max_tokens, settings.create_tokens_per_word * max(1, len(seed.split())))
+    return settings.create.model_copy(update={"max_tokens": cap})
 
 
 def judge(teacher_first: tuple[float, float], student_first: tuple[float, float], gap: float) -> tuple[float, float, bool]:
@@ -131,17 +166,21 @@ def create(session: Session, settings: Settings, seeds: list[str], count: int, i
     session.count(f"new_{kind}", 0)
     if not seeds or not count:
         return []
-    # Seeds are cycled; the sample index tells apart requests from the same seed, in this round and others
-    # (the same request would otherwise get the cached answer back).
+    # One seed per request, drawn at random (seeded: a rerun draws the same); the sample index tells apart
+    # requests from the same seed, in this round and others (the same request would otherwise get the cached
+    # answer back).
+    rng = random.Random(f"lion-create-{settings.seed}-{round_index}-{kind}")
     first = round_index * (settings.new_hard + settings.new_easy) + (0 if is_hard else settings.new_hard)
-    requests = [Request(user(create_prompt(seeds[number % len(seeds)], is_hard)), settings.create, sample=first + number)
-                for number in range(count)]
+    drawn = [rng.choice(seeds) for _ in range(count)]
+    requests = [Request(user(create_prompt(seed, is_hard)), creation_sampling(settings, seed), sample=first + number)
+                for number, seed in enumerate(drawn)]
     kept = []
     for answer in session.teacher.ask(requests):
         text = clean_evolution(answer.text) if answer else ""
         text = re.sub(r"(?i)^new instruction\s*:\s*", "", text).strip()
-        if not text:
-            session.count(f"new_{kind}_rejected_empty")
+        problem = generation_problem(text, answer is not None and answer.finish_reason == "length")
+        if problem is not None:
+            session.count(f"new_{kind}_rejected_{problem}")
         elif text in exact:
             session.count(f"new_{kind}_rejected_duplicate")
         elif not novelty.check(text).novel:

@@ -2,17 +2,27 @@
 
 1. Each request shows 8 shuffled instructions, 6 seed (human) and 2 machine-written ones, as a numbered
    list, and asks the teacher for the next ones.
-2. Every new instruction passes the heuristic filters (4-150 words, no blocked word, not a program
-   request, no punctuation or non-ASCII first character, not cut off by the length limit), an exact
+   With `classification_only` only the classification seed tasks are shown and make up the pool
+   (the reference's `--use_clf_seed_tasks_only`).
+2. A generation cut off by the length limit is dropped whole (the reference's post-processing returns
+   nothing for it). Every new instruction of the others passes the heuristic filters (4-150 words, no
+   blocked word, not a program request, no punctuation or non-ASCII first character), an exact
    duplicate check, and ROUGE-L novelty: max ROUGE-L against every seed and machine instruction < 0.7.
    Kept instructions join the pool at once and feed later prompts.
 3. The teacher says, few-shot, whether each instruction is a classification task.
 4. Instances: classification tasks are written output-first (the labels, then an input for each, which
-   avoids label imbalance), the others input-first; at most 5 per task; duplicates, empty outputs and
-   input == output are dropped.
+   avoids label imbalance), the others input-first. The reference's post-processing
+   (prepare_for_finetuning.py): the last instance of a cut-off generation, empty outputs, input ==
+   output, an input or output ending in ":" (an incomplete generation) and duplicates are dropped; a
+   task two of whose instances share a non-empty input but differ in output loses all its instances;
+   at most 5 per task, drawn at random.
 
-Output: one chat record per instance (instruction + input -> output), and OUTPUT.instructions.jsonl
-with each machine instruction, its 10 most similar pool instructions and its mean similarity.
+Output: one chat record per instance, and OUTPUT.instructions.jsonl with each machine instruction, its 10
+most similar pool instructions and its mean similarity. `encoding: templates` (default) lays out the
+prompt with one of the reference's encodings drawn at random per instance (e.g. "Task: {instruction}" /
+"Input: {input}" / "Output:", or instruction and input separated by blank lines), and, as the reference
+does half of the time, drops a lone field name before a colon in the input and single-spaces its blank
+lines; `encoding: plain` writes instruction, blank line, input. The output is the assistant's reply.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import json
 import random
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,7 +55,8 @@ class Settings(BaseModel):
     machine_examples: int = Field(2, ge=0, description="Machine instructions shown per request (seeds fill in early on).")
     requests_per_round: int = Field(5, ge=1, description="Requests sent together; the pool grows after each round.")
     max_rounds: int = Field(100, ge=1, description="Stop even if fewer instructions were kept (a weak teacher).")
-    classification_only: bool = Field(False, description="Ask for classification tasks only (the paper's variant).")
+    classification_only: bool = Field(False, description="Ask for classification tasks only, from the classification "
+                                      "seed tasks only (the paper's variant).")
     rouge_threshold: float = Field(0.7, gt=0, le=1, description="Keep an instruction when its max ROUGE-L is below this.")
     min_words: int = Field(4, ge=1)
     max_words: int = Field(150, ge=1)
@@ -52,6 +64,8 @@ class Settings(BaseModel):
     classify_examples: int = Field(8, ge=0, description="Labelled seed tasks in the classification prompt.")
     instance_examples: int = Field(2, ge=0, description="Seed tasks with their instances in the instance prompt.")
     instances_per_task: int = Field(5, ge=1)
+    encoding: Literal["templates", "plain"] = Field("templates", description="templates: the reference's prompt "
+                                                    "layouts, one drawn per instance; plain: instruction, blank line, input.")
     seed: int = Field(0, description="Seed of the example draws.")
     generation: Generation = Field(default_factory=Generation)
     classify: Short = Field(default_factory=Short)
@@ -175,17 +189,54 @@ def parse_instances(text: str, output_first: bool, truncated: bool = False) -> l
 _LEFTOVER = re.compile(r"(?i)\b(?:input|output|class[ \t]*label)[ \t]*\d*[ \t]*:")
 
 
-def clean_instances(instances: list[dict], limit: int) -> list[dict]:
-    """Drop empty outputs, input == output, duplicates, and fields that still hold another field's marker
-    (a malformed block, e.g. "Output: ... Output: ..."); keep at most `limit`."""
+def clean_instances(instances: list[dict], limit: int, rng: random.Random | None = None) -> list[dict]:
+    """The reference's instance post-processing, then at most `limit` instances.
+
+    Dropped: empty outputs, input == output, an input or output ending in ":" (an incomplete generation),
+    fields that still hold another field's marker (a malformed block, e.g. "Output: ... Output: ..."),
+    and duplicates. If two of the remaining instances share a non-empty input but differ in output, the
+    task's instances are all dropped (which one is right cannot be told). `limit` are drawn with `rng`
+    (the reference samples them at random), or the first ones without it.
+    """
     kept, seen = [], set()
     for instance in instances:
         key = (" ".join(instance["input"].split()), " ".join(instance["output"].split()))
-        if not key[1] or key[0] == key[1] or key in seen or _LEFTOVER.search(key[0] + " " + key[1]):
+        if not key[1] or key[0] == key[1] or key in seen or _LEFTOVER.search(key[0] + " " + key[1]) \
+                or key[0].endswith(":") or key[1].endswith(":"):
             continue
         seen.add(key)
         kept.append(instance)
-    return kept[:limit]
+    outputs: dict[str, str] = {}
+    for instance in kept:
+        text, output = " ".join(instance["input"].split()), " ".join(instance["output"].split())
+        if text and outputs.setdefault(text, output) != output:
+            return []
+    return rng.sample(kept, min(limit, len(kept))) if rng is not None else kept[:limit]
+
+
+# The reference's encodings of an instance for fine-tuning (prepare_for_finetuning.py), as (prompt layout)
+# with {instruction} and {input}; the output is the response. Its completions start with a space and end
+# with <|endoftext|>: in a chat record the template writes the turn's end instead.
+TEMPLATES_WITH_INPUT = ("{instruction}\nInput: {input}\nOutput:", "{instruction}\n\nInput: {input}\n\nOutput:",
+                        "Task: {instruction}\nInput: {input}\nOutput:", "{instruction}\n\n{input}\n\nOutput:",
+                        "{instruction}\n\n{input}", "{instruction}\n{input}", "Task: {instruction}\n\n{input}")
+TEMPLATES_WITHOUT_INPUT = ("{instruction} Output:", "{instruction}\nOutput:", "{instruction}\n\nOutput:",
+                           "{instruction}", "Task: {instruction}")
+
+
+def encode_prompt(instruction: str, text: str, rng: random.Random | None) -> str:
+    """The user turn of an instance: a reference encoding drawn with `rng`, or instruction + blank line + input
+    without it. With `rng`, half of the inputs lose a lone field name before a colon ("Sentence: ...") and
+    have blank lines single-spaced, as the reference prepares them."""
+    instruction, text = instruction.strip(), text.strip()
+    if rng is None:
+        return instruction + (f"\n\n{text}" if text else "")
+    if rng.random() < 0.5:
+        if len(set(re.findall(r"(\w+):", text))) == 1:
+            text = text.split(":", 1)[1].strip()
+        text = text.replace("\n\n", "\n")
+    layouts = TEMPLATES_WITH_INPUT if text else TEMPLATES_WITHOUT_INPUT
+    return rng.choice(layouts).format(instruction=instruction, input=text)
 
 
 # ---------------------------------------------------------------- the recipe
@@ -215,7 +266,9 @@ def load_seed_tasks(path: str) -> list[dict]:
 
 def grow_pool(session: Session, settings: Settings, seeds: list[dict], rng: random.Random) -> list[dict]:
     """Steps 1-2: rounds of generation requests until `num_instructions` machine instructions pass the filters."""
-    seed_texts = [task["instruction"] for task in seeds]
+    seed_texts = [task["instruction"] for task in seeds if task["is_classification"] or not settings.classification_only]
+    if not seed_texts:
+        raise KdlmError(f"recipe.classification_only: {settings.seed_tasks} has no seed task with \"is_classification\": true")
     novelty = RougeNovelty(seed_texts, threshold=settings.rouge_threshold)
     exact = ExactDedup(seed_texts)
     machine: list[dict] = []
@@ -232,7 +285,10 @@ def grow_pool(session: Session, settings: Settings, seeds: list[dict], rng: rand
         for answer in session.teacher.ask(requests):
             if answer is None:
                 continue
-            items = parse_instructions(answer.text, truncated=answer.finish_reason == "length")
+            if answer.finish_reason == "length":  # the reference drops a cut-off generation whole
+                session.count("generations_truncated")
+                continue
+            items = parse_instructions(answer.text)
             if not items:
                 session.count("generations_unparseable")
             for text, cut in items:
@@ -290,11 +346,11 @@ def run(session: Session, settings: Settings) -> dict:
     rows = []
     for index, (entry, answer) in enumerate(zip(machine, session.teacher.ask(requests), strict=True)):
         found = parse_instances(answer.text, bool(entry["is_classification"]), answer.finish_reason == "length") if answer else []
-        entry["instances"] = clean_instances(found, settings.instances_per_task)
+        entry["instances"] = clean_instances(found, settings.instances_per_task, rng)
         if not entry["instances"]:
             session.count("tasks_without_instances")
         for instance in entry["instances"]:
-            prompt = entry["instruction"] + (f"\n\n{instance['input']}" if instance["input"] else "")
+            prompt = encode_prompt(entry["instruction"], instance["input"], rng if settings.encoding == "templates" else None)
             rows.append(chat_record(prompt, instance["output"], {
                 "recipe": "self_instruct", "instruction_index": index, "is_classification": entry["is_classification"],
                 "teacher": session.config.teacher.model}))

@@ -2,8 +2,10 @@
 
 Objective per optimizer step (shared/METHODS.md §1):
     L = [(1 - w) * sum CE + w * sum D(teacher || student)] / (number of target tokens in the global batch)
-Records with a `weight` (a recipe's task weight) train with cross-entropy only, each target token's CE
-multiplied by its example's weight; the denominator stays the number of target tokens.
+Records with a `weight` (a recipe's task weight) multiply each of their target tokens' loss (CE, and the
+divergence when a white-box teacher is used) by that weight; the denominator stays the number of target
+tokens. Records with a `task` are averaged per task instead (kdlm.train.tasks: Distilling Step-by-Step's
+sum of weighted per-task means).
 The sums run over the micro-batches of the step on every process; the denominator is counted from
 the schedule itself, so gradient accumulation and data parallelism give the same gradient as one big
 batch. The teacher is frozen, in eval mode, without gradients; with `teacher.signal: topk` it does
@@ -52,6 +54,7 @@ from kdlm.train.forward import (
 from kdlm.train.hints import HintObjective, capture_projections, use_eager_attention
 from kdlm.train.interrupts import Terminated
 from kdlm.train.order import run_schedule
+from kdlm.train.tasks import has_tasks, task_scaled
 
 
 class StudentObjective(nn.Module):
@@ -100,15 +103,22 @@ class StudentObjective(nn.Module):
                                   "num_kv_heads": _num_kv_heads(self.student)}
                 hint_sum = hint_sum + hints.config.attention_weight * hints.attention_sum(student_states, teacher_states, mask)
         hidden = outputs.last_hidden_state[:, :-1][mask]
-        if "weights" in batch:  # per-example loss weights (records with "weight"): cross-entropy only
-            if teacher_target is not None:
-                raise KdlmError("records with a \"weight\" train with cross-entropy only: set loss.kd_weight=0")
+        if "weights" in batch:  # per-example loss weights (records with "weight" or "task")
             token_weights = batch["weights"][:, None].expand(mask.shape)[mask]
-            ce = (token_weights * nn.functional.cross_entropy(
-                project(self.student, hidden)[:, : self.vocab_size].float(), target_ids, reduction="none")).sum()
-            return ce + hint_sum, ce.new_zeros(()), ce, hint_sum.detach(), _count(target_ids)
-        total, kd, ce, count = self._logit_loss(hidden, target_ids, teacher_target, kd_weight)
+            total, kd, ce, count = self._weighted_loss(hidden, target_ids, teacher_target, kd_weight, token_weights)
+        else:
+            total, kd, ce, count = self._logit_loss(hidden, target_ids, teacher_target, kd_weight)
         return total + hint_sum, kd, ce, hint_sum.detach(), count
+
+    def _weighted_loss(self, hidden: Tensor, target_ids: Tensor, teacher_target, kd_weight: float, token_weights: Tensor):
+        """``_logit_loss`` with each token's terms times its weight: one call per distinct weight (a step holds
+        a few, one per task), so every loss path (dense, fused, top-k, sampled, online) is weighted alike."""
+        sums = [hidden.new_zeros((), dtype=torch.float32) for _ in range(3)]
+        for value in token_weights.unique().tolist():
+            rows = (token_weights == value).nonzero().squeeze(-1)
+            parts = self._logit_loss(hidden[rows], target_ids[rows], _rows_of(teacher_target, rows), kd_weight)[:3]
+            sums = [total + value * part for total, part in zip(sums, parts, strict=True)]
+        return (*sums, _count(target_ids))
 
     def _logit_loss(self, hidden: Tensor, target_ids: Tensor, teacher_target, kd_weight: float):
         options = {
@@ -144,6 +154,17 @@ class StudentObjective(nn.Module):
         else:
             kd, ce, _ = kd_loss_sums(student_logits, teacher_target, target_ids, **options)
         return (1 - kd_weight) * ce + kd_weight * kd, kd, ce, count
+
+
+def _rows_of(teacher_target, rows: Tensor):
+    """The teacher target restricted to some target rows (None, a cached tuple, dense logits or hidden states)."""
+    if teacher_target is None:
+        return None
+    if isinstance(teacher_target, tuple):
+        return tuple(tensor[rows] for tensor in teacher_target)
+    if isinstance(teacher_target, TeacherHidden):
+        return TeacherHidden(teacher_target.hidden[rows], teacher_target.weight, teacher_target.transform)
+    return teacher_target[rows]
 
 
 def _count(target_ids: Tensor) -> Tensor:
@@ -251,6 +272,10 @@ def train(
         raise KdlmError("kd_weight > 0 needs a teacher or cached teacher targets")
     output_dir = Path(config.output_dir)
     checkpoints = output_dir / "checkpoints"
+    per_task = has_tasks(examples)
+    if per_task and method is not None:
+        raise KdlmError(f"records with a \"task\" (per-task means) train off-policy only, not with {type(method).__name__}: "
+                        "drop the records' task field or set method.name=offpolicy")
 
     hints = None
     if hint_config is not None and hint_config.enabled:
@@ -352,6 +377,8 @@ def train(
                 step_tokens = sum(_num_targets(examples[i]) for batch in micro_batches for i in batch)
                 local_indices = [indices[rank * config.batch_size : (rank + 1) * config.batch_size] for indices in micro_batches]
                 local_examples = [[examples[i] for i in local] for local in local_indices]
+                if per_task:  # Distilling Step-by-Step: each task's mean over the step (kdlm.train.tasks)
+                    local_examples = task_scaled([examples[i] for b in micro_batches for i in b], local_examples, step_tokens)
                 if method is not None:  # on-policy: responses may be replaced by generated ones
                     local_examples = method.prepare_step(step, local_examples)
                     count = torch.tensor(float(sum(_num_targets(e) for batch in local_examples for e in batch)))
