@@ -127,7 +127,7 @@ def run_method(name: str, files: dict[str, Path], heldout: list[dict], tokenizer
     examples = encode_records(tokenizer, records, max_length=256)
     model = student(len(tokenizer), seed)
     config = TrainConfig(output_dir=str(out / "runs" / f"{fmt}-{balance}-{seed}"), max_steps=args.steps,
-                         batch_size=args.batch_size, lr=args.lr, warmup_steps=20, bf16=True, seed=seed, log_every=50)
+                         batch_size=args.batch_size, lr=args.lr, warmup_steps=20, bf16="auto", seed=seed, log_every=50)
     started = time.perf_counter()
     result = train(model, examples, train_config=config, loss_config=LossConfig(kd_weight=0),
                    pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))

@@ -53,7 +53,7 @@ def main() -> None:
     topk = []
     for start in range(0, len(examples), args.batch):
         batch = collate(examples[start : start + args.batch], tokenizer.pad_token_id)
-        logprobs = torch.log_softmax(teacher_logits(teacher, batch, bf16=True), dim=-1)
+        logprobs = torch.log_softmax(teacher_logits(teacher, batch, bf16="auto"), dim=-1)
         values, ids = logprobs.topk(config.teacher.top_k, dim=-1)
         counts = [sum(1 for label in example["labels"][1:] if label != -100) for example in examples[start : start + args.batch]]
         for piece_ids, piece_values in zip(ids.split(counts), values.split(counts), strict=True):
@@ -80,11 +80,11 @@ def main() -> None:
         loss = LossConfig(divergence=divergence)
         with tempfile.TemporaryDirectory() as output_dir:
             train_config = TrainConfig(output_dir=output_dir, max_steps=args.steps, batch_size=args.batch, lr=1e-3,
-                                       warmup_steps=0, bf16=True, length_grouped=False)
+                                       warmup_steps=0, bf16="auto", length_grouped=False)
             method = None
             if method_config is not None:
                 method = build_method(method_config, student=student, teacher=teacher, tokenizer=tokenizer, loss_config=loss,
-                                      max_steps=args.steps, seed=0, bf16=True, vocab_size=vocab, batch_size=args.batch,
+                                      max_steps=args.steps, seed=0, bf16="auto", vocab_size=vocab, batch_size=args.batch,
                                       val_examples=examples[:2])
             result = loop.train(student, examples, train_config=train_config, loss_config=loss,
                                 pad_token_id=tokenizer.pad_token_id, vocab_size=vocab,

@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --batch 4 --length 256
 
 The step is the training loop's own objective (``StudentObjective``: decoder, then the loss) forward and
-backward under bf16 autocast, for the two teacher signals of kdlm distill: ``topk`` (cached top-64
+backward under `bf16: auto` (bf16 autocast where the CPU runs it fast), for the two teacher signals of kdlm distill: ``topk`` (cached top-64
 targets) and ``online`` (the live teacher's hidden states, projected chunk by chunk when fused). Every
 configuration runs in a fresh process; memory is the growth of peak RSS over the loaded models and batch.
 """
@@ -20,6 +20,8 @@ import sys
 import time
 
 import torch
+
+from kdlm.precision import bf16_enabled, resolve_precision
 
 
 def child(signal: str, fused: bool, batch_size: int, length: int, steps: int) -> dict:
@@ -40,7 +42,7 @@ def child(signal: str, fused: bool, batch_size: int, length: int, steps: int) ->
     objective = StudentObjective(student, LossConfig(fused=fused), vocab)
     topk = None
     if signal == "topk":
-        logprobs = torch.log_softmax(teacher_logits(teacher, batch, bf16=True), dim=-1)
+        logprobs = torch.log_softmax(teacher_logits(teacher, batch, bf16="auto"), dim=-1)
         values, ids = logprobs.topk(64, dim=-1)
         topk = (ids, values)
         del logprobs
@@ -50,8 +52,8 @@ def child(signal: str, fused: bool, batch_size: int, length: int, steps: int) ->
         started = time.perf_counter()
         target = topk
         if signal == "online":
-            target, _ = run_teacher(teacher, batch, vocab, bf16=True, online=True, hints=None)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+            target, _ = run_teacher(teacher, batch, vocab, bf16="auto", online=True, hints=None)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_enabled("auto")):
             total, _, _, _, count = objective(batch, target, 1.0)
         (total / count).backward()
         student.zero_grad(set_to_none=True)
@@ -71,7 +73,8 @@ def main() -> None:
         signal, fused = args.child
         print(json.dumps(child(signal, fused == "fused", args.batch, args.length, args.steps)))
         return
-    print(f"batch {args.batch} x {args.length} tokens, bf16 autocast, 2/3 of each sequence in the loss")
+    precision = resolve_precision("auto", "cpu").describe()
+    print(f"batch {args.batch} x {args.length} tokens, {precision}, 2/3 of each sequence in the loss")
     print("| teacher signal | loss | peak memory growth (MB) | vs dense | step fwd+bwd (s) | vs dense |")
     print("|---|---|---|---|---|---|")
     for signal in ("topk", "online"):

@@ -17,7 +17,13 @@ import torch
 from kdlm.config import HintConfig, LossConfig
 from kdlm.data import encode_records
 from kdlm.data.tokenize import collate
-from kdlm.losses import DIVERGENCES, SAMPLED_DIVERGENCES, kd_loss_sums, sampled_kd_loss_sums, topk_kd_loss_sums
+from kdlm.losses import (
+    DIVERGENCES,
+    SAMPLED_DIVERGENCES,
+    kd_loss_sums,
+    sampled_kd_loss_sums,
+    topk_kd_loss_sums,
+)
 from kdlm.losses.fused import TeacherHidden, TeacherLogits, TeacherSampled, TeacherTopK, fused_kd_loss
 from kdlm.serve.sampling import Row, decode_batch
 from kdlm.serve.scoring import score_prompts

@@ -7,7 +7,14 @@ import torch
 
 from kdlm.config import load_config
 from kdlm.errors import KdlmError
-from kdlm.precision import bf16_enabled, cpu_flags, cpu_model, decide_from_flags, probe_matmul_seconds, resolve_precision
+from kdlm.precision import (
+    bf16_enabled,
+    cpu_flags,
+    cpu_model,
+    decide_from_flags,
+    probe_matmul_seconds,
+    resolve_precision,
+)
 
 
 @pytest.mark.parametrize(("flags", "fast"), [

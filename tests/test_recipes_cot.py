@@ -567,7 +567,7 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
     env = {**os.environ, "HF_HUB_OFFLINE": "1",  # the user's KDLM_CACHE: the converted teacher is reused
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     server = subprocess.Popen([*KDLM, "serve", "bundled:smollm2-135m-instruct", "--port", str(port), "--threads", "1",
-                               "--dtype", "bfloat16"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               "--dtype", "auto"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
         while True:

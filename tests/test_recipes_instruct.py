@@ -555,7 +555,7 @@ def _run_recipes_against_kdlm_serve(tmp_path: Path, model: str, student: Path, m
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
     env_home = {"KDLM_CACHE": os.environ.get("KDLM_CACHE", str(Path.home() / ".cache" / "kdlm"))}
-    server = _cli("serve", model, "--port", str(port), "--threads", "1", "--name", "served", "--dtype", "bfloat16",
+    server = _cli("serve", model, "--port", str(port), "--threads", "1", "--name", "served", "--dtype", "auto",
                   cwd=tmp_path, **env_home)
     try:
         deadline = time.monotonic() + 180

@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 

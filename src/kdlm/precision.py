@@ -18,12 +18,12 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
 #: The type of every ``bf16`` config field: force on, force off, or decide from the hardware.
-Bf16Setting = Union[bool, Literal["auto"]]
+Bf16Setting = bool | Literal["auto"]
 
 # x86 CPU flags under which oneDNN has native bf16 dot products.
 FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")

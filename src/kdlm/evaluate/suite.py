@@ -24,8 +24,8 @@ from kdlm.evaluate.metrics import speed, target_logits, text_perplexity
 from kdlm.evaluate.quality import generate_texts, mean_std, rouge_l, token_fidelity
 from kdlm.evaluate.report import SPEED_PROMPTS
 from kdlm.evaluate.tasks import Task, build_prompt, load_task
-from kdlm.precision import Bf16Setting
 from kdlm.models import check_vocab_compatible, describe_model, load_model
+from kdlm.precision import Bf16Setting
 from kdlm.teachers.answers import answer_prompts, fingerprint
 
 console = Console(stderr=True)

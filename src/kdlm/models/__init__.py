@@ -1,6 +1,13 @@
 """Load teachers and students, build students (prune, random, LoRA), and check vocabularies."""
 
-from kdlm.models.loading import BUNDLED_MODELS, cache_dir, default_device, ensure_bundled, load_model, load_tokenizer
+from kdlm.models.loading import (
+    BUNDLED_MODELS,
+    cache_dir,
+    default_device,
+    ensure_bundled,
+    load_model,
+    load_tokenizer,
+)
 from kdlm.models.student import (
     apply_lora,
     block_influence,
