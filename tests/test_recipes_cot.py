@@ -364,10 +364,11 @@ def test_weighted_records_train_on_the_teachers_topk_targets(tmp_path, fused, wi
     result = train(tiny_llama(len(tokenizer), seed=1), examples, train_config=config, topk_targets=targets,
                    loss_config=LossConfig(kd_weight=kd_weight, divergence="fkl", fused=fused),
                    pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
-    assert result.history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    # abs: the fp32 model sums per-token terms of order 1, so the total carries ~1e-7 of rounding (float64 reference)
+    assert result.history[0]["loss"] == pytest.approx(expected, rel=1e-5, abs=2e-7)
     kd_only = task_mean_objective([kd for _, kd in terms], examples).item() if with_tasks else None
     if kd_only is not None:
-        assert result.history[0]["kd"] == pytest.approx(kd_only, rel=1e-5)
+        assert result.history[0]["kd"] == pytest.approx(kd_only, rel=1e-5, abs=2e-7)
 
 
 def test_task_records_are_refused_with_an_on_policy_method(tmp_path):

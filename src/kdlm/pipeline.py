@@ -45,7 +45,7 @@ from kdlm.models import (
     save_student,
     select_layers,
 )
-from kdlm.precision import resolve_precision
+from kdlm.precision import bf16_enabled, resolve_precision
 from kdlm.teachers.answers import answer_prompts
 from kdlm.teachers.cache import (
     IDENTITY_KEYS,
@@ -159,7 +159,7 @@ def teacher_cache_identity(config: RunConfig, tokenizer, vocab_size: int, train_
     return cache_identity(
         kind=teacher.cache_kind, teacher=teacher.model, tokenizer=tokenizer, vocab_size=vocab_size,
         examples=train_examples, top_k=teacher.top_k, samples=teacher.samples, seed=data_seed(config),
-        bf16=config.train.bf16,
+        bf16=bf16_enabled(config.train.bf16),  # resolved: a cache records the precision it was computed in
     )
 
 
