@@ -68,6 +68,8 @@ def test_distill_end_to_end_brings_the_student_closer(workspace, signal):
 
     student = AutoModelForCausalLM.from_pretrained(workspace / out / "student")
     assert student.config.num_hidden_layers == 2
+    card = (workspace / out / "student" / "README.md").read_text()  # the model card names its origin and scores
+    assert str(workspace / "teacher") in card and "steps" in card and f"{after['kl_to_teacher']:.3f}" in card
 
 
 def test_teacher_answers_are_generated_once_and_cached(workspace):

@@ -30,7 +30,7 @@ from kdlm.config import RunConfig, dump_config
 from kdlm.data import encode_records, load_records, split_heldout
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
-from kdlm.evaluate.report import evaluate_models, write_report
+from kdlm.evaluate.report import evaluate_models, write_model_card, write_report
 from kdlm.losses.logits import check_sampled_settings
 from kdlm.models import (
     apply_lora,
@@ -358,6 +358,7 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
             rows_after = evaluate_models(models, teacher, tokenizer, heldout_examples, config.eval, vocab_size)
             report["rows"] = rows_before + rows_after
         write_report(report, output_dir)
+        write_model_card(student_dir, report, kept_layers)
     accelerator.wait_for_everyone()
     return report
 

@@ -95,3 +95,32 @@ def write_report(report: dict, output_dir: Path) -> None:
     lines += ["| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in timings.items()]
     lines += ["", f"steps: {report.get('steps')}, target tokens: {report.get('tokens')}"]
     (output_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def write_model_card(student_dir: Path, report: dict, kept_layers: list[int] | None) -> Path:
+    """README.md in the student folder: where it came from (teacher, method, data, budget) and how it scored."""
+    config = report["config"]
+    teacher, student, loss, train = config["teacher"], config["student"], config["loss"], config["train"]
+    method = config.get("method", {}).get("name", "offpolicy")
+    base = teacher["model"] if "/" in teacher["model"] and not Path(teacher["model"]).exists() else None
+    front = ["---", "library_name: transformers", "tags: [kdlm, knowledge-distillation]"]
+    if base:
+        front.append(f"base_model: {base}")
+    built = {"prune": f"{len(kept_layers or [])} teacher layers kept ({student['layers'] if isinstance(student['layers'], str) else 'listed'}): {kept_layers}",
+             "random": "the teacher's architecture, random weights", "model": f"initialised from {student.get('model')}"}
+    signal = "a top-k cache" if teacher["signal"] == "topk" else "the live teacher"
+    lines = [*front, "---", "", f"# Student distilled from {teacher['model']} with kdlm", "",
+             f"- **Student:** {built.get(student['init'], student['init'])}" + (" with a LoRA adapter (merged)" if student.get("lora") else ""),
+             f"- **Method:** {method}; loss {loss['divergence']} at temperature {loss['temperature']}, kd_weight "
+             f"{loss['kd_weight']}; teacher signal: {signal}" + (f" (top {teacher['top_k']})" if teacher["signal"] == "topk" else ""),
+             f"- **Data:** {config['data']['train']}" + (" (the teacher's own answers)" if config["data"].get("teacher_answers") else ""),
+             f"- **Budget:** {report.get('steps')} steps, {report.get('tokens')} target tokens, batch {train['batch_size']} x "
+             f"{train['grad_accum']} accumulation, lr {train['lr']}", ""]
+    if report.get("rows"):
+        lines += ["## Evaluation on held-out teacher answers", "", markdown_table(report["rows"]), ""]
+    lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'model = AutoModelForCausalLM.from_pretrained("{student_dir}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{student_dir}")', "```", ""]
+    path = Path(student_dir) / "README.md"
+    path.write_text("\n".join(lines))
+    return path
