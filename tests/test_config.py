@@ -66,3 +66,16 @@ def test_bad_config_names_key_and_file(tmp_path, text, overrides, expected):
 def test_missing_config_file(tmp_path):
     with pytest.raises(KdlmError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_config_show_lists_every_setting_with_value_default_and_help(tmp_path):
+    from kdlm.config import RunConfig, describe_settings
+
+    config = load_config(None, ["train.max_steps=7", "loss.divergence=jsd"])
+    rows = {row["key"]: row for row in describe_settings(config)}
+    expected_keys = {f"{section}.{name}" for section, sub in RunConfig.model_fields.items()
+                     for name in sub.annotation.model_fields}
+    assert set(rows) == expected_keys  # every leaf setting, nothing else
+    assert rows["train.max_steps"]["value"] == "7" and rows["train.max_steps"]["default"] == "60"
+    assert rows["loss.divergence"]["value"] == "'jsd'" and rows["loss.divergence"]["default"] == "'fkl'"
+    assert rows["train.bf16"]["help"].startswith("bf16 autocast")

@@ -176,6 +176,26 @@ def serve(
     run_server(backend, host=host, port=port, api_key=api_key, faults=faults, request_log=request_log,
                max_body_bytes=int(max_body_mb * 2**20), max_queue=max_queue, allowed_hosts=hosts)
 
+@app.command("config-show")
+def config_show(
+    config: Path = typer.Argument(None, help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    changed: bool = typer.Option(False, help="Only the settings whose value differs from the default."),
+) -> None:
+    """Every setting of a distill config: its value, default, type and help."""
+    from rich.table import Table
+
+    from kdlm.config import describe_settings
+
+    table = Table(show_lines=False)
+    for column in ("key", "value", "default", "type", "help"):
+        table.add_column(column, overflow="fold")
+    for row in describe_settings(_config(config, overrides)):
+        if not changed or row["value"] != row["default"]:
+            table.add_row(*row.values())
+    Console().print(table)
+
+
 @app.command()
 def plan(
     config: Path = typer.Argument(None, help=CONFIG_HELP),

@@ -2,7 +2,7 @@
 
 Every section is a pydantic model with `extra="forbid"`, so an unknown key or a bad value fails at
 once with a message that names the key and the file. Field descriptions double as documentation
-(`kdlm config-help` prints them).
+(`kdlm config-show CONFIG` prints them, with each value and default).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class LossConfig(Section):
         description="Compute the loss from hidden states chunk by chunk, never holding (tokens x vocabulary) "
         "logits; false: the dense path (full logits, then the loss).",
     )
-    chunk_rows: int | None = Field(None, ge=1, description="Tokens per chunk of the fused loss (default: ~16M logits).")
+    chunk_rows: int | None = Field(None, ge=1, description="Tokens per chunk of the fused loss (default: about 4 M logits per chunk, kdlm.losses.fused.DEFAULT_CHUNK_ELEMENTS).")
     allow_onpolicy_ce: bool = Field(
         False,
         description="Let an on-policy method (gkd, distillm, imitkd) train kd_weight < 1, i.e. cross-entropy on the "
@@ -410,3 +410,20 @@ def dump_config(config: RunConfig, path: Path) -> None:
     tree["teacher"]["api_key"] = None  # a secret: the rerun reads teacher.api_key_env or takes it as an override
     tree["train"]["overwrite"] = False  # an action, not a setting: rerunning this file must not delete this run
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def describe_settings(model: BaseModel, prefix: str = "") -> list[dict[str, str]]:
+    """Every setting of a config, depth first: dotted key, value, default, type and help (`kdlm config-show`)."""
+    rows = []
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            rows += describe_settings(value, key + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        shown = "**********" if name == "api_key" and value else value
+        rows.append({"key": key, "value": repr(shown), "default": repr(default), "type": kind,
+                     "help": field.description or ""})
+    return rows
