@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from conftest import missing
 from kdlm.evaluate.quality import generate_texts
 from kdlm.evaluate.suite import EvalSuiteConfig, accuracy_task, evaluate_suite
 from kdlm.evaluate.tasks import Item, Task
@@ -102,7 +104,8 @@ def test_accuracy_counts_exact_matches_of_extracted_answers(workspace):
 
 
 def test_lm_eval_bridge_on_a_local_task(workspace):
-    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'kdlm[lm-eval]'")
+    if importlib.util.find_spec("lm_eval") is None:
+        missing("lm-eval is not installed: pip install 'kdlm[lm-eval]' (scripts/setup.sh installs it)")
     from kdlm.evaluate.lm_eval_bridge import run_lm_eval, write_local_tasks
     from kdlm.evaluate.tasks import load_task
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import shared_data
 from kdlm.config import LossConfig, TrainConfig
 from kdlm.data import collate, encode_records, load_records
 from kdlm.errors import KdlmError
@@ -186,9 +187,7 @@ def test_accuracy_counts_unparseable_outputs_as_wrong():
 
 
 def test_task_loaders_read_the_shared_data_sets():
-    data = ROOT.parent / "shared" / "data"
-    if not data.is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
+    data = shared_data()
     gsm8k = load_task(TaskSpec(source=str(data / "gsm8k/train.jsonl"), format="gsm8k", limit=2))
     assert gsm8k[0]["answer"] == "72" and "<<" not in gsm8k[0]["rationale"] and "####" not in gsm8k[0]["rationale"]
     svamp = load_task(TaskSpec(source=str(data / "svamp/SVAMP.json"), format="svamp", limit=1))
@@ -560,8 +559,7 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
     from kdlm.recipes.answers import extract_answer
     from kdlm.serve import free_port
 
-    if not (ROOT.parent / "shared" / "data").is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
+    shared_data()
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
     env = {**os.environ, "HF_HUB_OFFLINE": "1",  # the user's KDLM_CACHE: the converted teacher is reused
@@ -610,9 +608,7 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
 
 
 def test_worked_solutions_stand_in_for_teacher_rationales(tmp_path):
-    data = ROOT.parent / "shared" / "data"
-    if not data.is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
+    data = shared_data()
     config = load_generate_config(ROOT / "configs" / "cot.yaml", [
         "teacher.base_url=http://127.0.0.1:9/v1", "progress=false", f"output={tmp_path}/cot.jsonl",  # nothing listens
         f"recipe.task.source={data}/gsm8k/train.jsonl", "recipe.task.limit=6", "recipe.heldout=1",
