@@ -87,20 +87,45 @@ def test_rouge_l_is_100_when_the_reference_is_the_models_own_answer(workspace):
     assert result["rouge_l_std"] == pytest.approx(torch.tensor(result["per_seed"]).std().item())
 
 
-def test_accuracy_counts_exact_matches_of_extracted_answers(workspace):
-    model, tokenizer = load_model(str(workspace / "run" / "student"))
-    greedy = generate_texts(model, tokenizer, [f"Question: {p}\nSay a number." for p in PROMPTS], seed=0, temperature=0, max_new_tokens=8)
-    # A random tiny model rarely writes digits: make each item's reference what extraction finds, or a number it cannot.
-    from kdlm.evaluate.answers import extract_number
+def scripted_model(tokenizer, answer: str):
+    """A one-layer Llama that writes `answer` after any chat prompt: its blocks add nothing (o_proj and down_proj
+    are zero), so the last hidden state is the current token's embedding, and an untied lm_head maps that
+    token to the next one of the chain (generation prompt's last token -> answer -> end of text)."""
+    from kdlm.evaluate.quality import chat_prompt_ids
 
-    found = [extract_number(text) for text in greedy]
-    items = [Item(prompt=p, reference=f if f is not None else 12345.0) for p, f in zip(PROMPTS, found, strict=True)]
-    expected = sum(f is not None for f in found) / len(found)
+    model = tiny_llama(len(tokenizer), num_layers=1, seed=11)
+    model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        head = torch.zeros_like(embeddings)
+        chain = [chat_prompt_ids(tokenizer, "x")[-1], *tokenizer(answer, add_special_tokens=False)["input_ids"]]
+        assert len(set(chain)) == len(chain), "each token of the answer once, none the prompt's last"
+        for current, following in zip(chain, [*chain[1:], tokenizer.eos_token_id], strict=True):
+            head[following] = 10 * embeddings[current] / embeddings[current].norm()
+        model.lm_head = torch.nn.Linear(embeddings.shape[1], embeddings.shape[0], bias=False)
+        model.lm_head.weight.copy_(head)
+    return model.eval()
+
+
+def test_accuracy_counts_exact_matches_of_extracted_answers(workspace):
+    # A model that answers "42" to everything, and items whose reference is 42 or not: the accuracy is known
+    # (3 of 5) before the scorer runs.
+    tokenizer = tiny_tokenizer()
+    model = scripted_model(tokenizer, "42")
+    assert generate_texts(model, tokenizer, ["What is six times seven?"], seed=0, temperature=0,
+                          max_new_tokens=24) == ["42"]
+    references = [42, 41, 42.0, 7, 42]
+    items = [Item(prompt=f"question {i}", reference=r) for i, r in enumerate(references)]
     task = Task("numbers", "accuracy", items, [], "number", instruction="Say a number.")
-    result = accuracy_task(model, tokenizer, task, settings(workspace, shots=[0], answer_max_new_tokens=8))
-    assert result["0-shot"] == pytest.approx(expected)
-    wrong = Task("numbers", "accuracy", [Item(p, 1e9) for p in PROMPTS], [], "number", instruction="Say a number.")
-    assert accuracy_task(model, tokenizer, wrong, settings(workspace, shots=[0]))["0-shot"] == 0.0
+    result = accuracy_task(model, tokenizer, task, settings(workspace, shots=[0], limit=5, answer_max_new_tokens=24))
+    assert result["0-shot"] == pytest.approx(3 / 5)
+    assert result["0-shot_example"] == "42"
+    labels = Task("labels", "accuracy", [Item("a", "yes"), Item("b", "no")], [], "label", ["yes", "no"], "Yes or no?")
+    yes = scripted_model(tokenizer, "yes")
+    assert accuracy_task(yes, tokenizer, labels, settings(workspace, shots=[0], answer_max_new_tokens=24))["0-shot"] == 0.5
 
 
 def test_lm_eval_bridge_on_a_local_task(workspace):
