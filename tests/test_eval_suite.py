@@ -16,7 +16,7 @@ from kdlm.evaluate.suite import EvalSuiteConfig, accuracy_task, evaluate_suite
 from kdlm.evaluate.tasks import Item, Task
 from kdlm.models import load_model
 from test_cli import cli_env
-from tiny import save_tiny_teacher, tiny_llama, tiny_tokenizer
+from tiny import save_tiny_teacher, scripted_model, tiny_llama, tiny_tokenizer
 
 PROMPTS = ["water boils at", "the quick brown fox", "two plus two is"]
 
@@ -85,29 +85,6 @@ def test_rouge_l_is_100_when_the_reference_is_the_models_own_answer(workspace):
     result = evaluate_suite([str(workspace / "teacher")], config)["models"]["teacher"]["refs"]
     assert result["per_seed"][0] == pytest.approx(100.0) and result["per_seed"][1] < 100.0
     assert result["rouge_l_std"] == pytest.approx(torch.tensor(result["per_seed"]).std().item())
-
-
-def scripted_model(tokenizer, answer: str):
-    """A one-layer Llama that writes `answer` after any chat prompt: its blocks add nothing (o_proj and down_proj
-    are zero), so the last hidden state is the current token's embedding, and an untied lm_head maps that
-    token to the next one of the chain (generation prompt's last token -> answer -> end of text)."""
-    from kdlm.evaluate.quality import chat_prompt_ids
-
-    model = tiny_llama(len(tokenizer), num_layers=1, seed=11)
-    model.config.tie_word_embeddings = False
-    with torch.no_grad():
-        layer = model.model.layers[0]
-        layer.self_attn.o_proj.weight.zero_()
-        layer.mlp.down_proj.weight.zero_()
-        embeddings = model.model.embed_tokens.weight
-        head = torch.zeros_like(embeddings)
-        chain = [chat_prompt_ids(tokenizer, "x")[-1], *tokenizer(answer, add_special_tokens=False)["input_ids"]]
-        assert len(set(chain)) == len(chain), "each token of the answer once, none the prompt's last"
-        for current, following in zip(chain, [*chain[1:], tokenizer.eos_token_id], strict=True):
-            head[following] = 10 * embeddings[current] / embeddings[current].norm()
-        model.lm_head = torch.nn.Linear(embeddings.shape[1], embeddings.shape[0], bias=False)
-        model.lm_head.weight.copy_(head)
-    return model.eval()
 
 
 def test_accuracy_counts_exact_matches_of_extracted_answers(workspace):
