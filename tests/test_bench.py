@@ -47,7 +47,7 @@ def _bench_yaml(root: Path) -> Path:
 
 def run_bench_cli(root: Path, *overrides: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "kdlm.cli", "bench", str(root / "bench.yaml"), *overrides], cwd=root,
-                          env=cli_env(root), capture_output=True, text=True, timeout=900)
+                          env=cli_env(root), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

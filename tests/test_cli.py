@@ -23,7 +23,7 @@ def cli_env(cwd: Path) -> dict:
 
 def run_cli(*args, cwd: Path, env_extra: dict | None = None, check_ok: bool = True):
     env = {**cli_env(cwd), **(env_extra or {})}
-    proc = subprocess.run([*KDLM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*KDLM, *args], cwd=cwd, env=env, capture_output=True, text=True)
     if check_ok:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -209,13 +209,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(workspace):
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "train_log.csv"
-    deadline = time.time() + 600  # generous: a loaded machine slows the tiny steps by orders of magnitude
-    while time.time() < deadline and proc.poll() is None and (not log.exists() or log.read_text().count("\n") < 5):
+    while proc.poll() is None and (not log.exists() or log.read_text().count("\n") < 5):  # no deadline: polls step 4
         time.sleep(0.2)
     try:
         assert proc.poll() is None and log.exists() and log.read_text().count("\n") >= 5, "training never got to step 4"
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=600)
+        stdout, stderr = proc.communicate()
     finally:
         if proc.poll() is None:  # never leave a 100,000-step run behind
             proc.kill()

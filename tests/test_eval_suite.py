@@ -47,7 +47,7 @@ def test_cli_eval_writes_json_and_markdown_and_caches(workspace):
             "--set", "perplexity_max_tokens=128", "--set", "fidelity_prompts=2", "--set", "fidelity_max_new_tokens=6",
             "--set", "generation_tokens=4", "--set", "bf16=false"]
     env = cli_env(workspace)
-    first = subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout + first.stderr
     report = json.loads((workspace / "cli" / "eval.json").read_text())
     teacher, student = report["models"]["teacher"], report["models"]["run"]
@@ -63,10 +63,10 @@ def test_cli_eval_writes_json_and_markdown_and_caches(workspace):
     markdown = (workspace / "cli" / "eval.md").read_text()
     assert "| teacher |" in markdown and "| run |" in markdown and "wikitext-2 ppl" in markdown
     # A rerun computes nothing: every (model, task) result is cached.
-    second = subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert second.stderr.count("all results cached") == 2
-    bad = subprocess.run([*args[:4], "--tasks", "nope"], cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    bad = subprocess.run([*args[:4], "--tasks", "nope"], cwd=workspace, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown task 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 

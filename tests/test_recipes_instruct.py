@@ -588,7 +588,7 @@ def _run_recipes_against_kdlm_serve(tmp_path: Path, model: str, student: Path, m
             results[name] = run_recipe(config)
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait()
     # Whatever the teacher wrote was parsed as far as it goes and filtered; what is kept passes the filters.
     machine = read_jsonl(tmp_path / "self_instruct" / "data.instructions.jsonl")
     seeds = [task["instruction"] for task in load_seed_tasks(str(seed_tasks_path()))]
