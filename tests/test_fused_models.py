@@ -74,7 +74,7 @@ def reference(model, batch: dict, teacher: torch.Tensor):
     total = (1 - KD_WEIGHT) * ce + KD_WEIGHT * kd
     total.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    return (float(total), float(kd), float(ce)), grads
+    return (total.item(), kd.item(), ce.item()), grads
 
 
 def objective_run(model, batch: dict, teacher: torch.Tensor, fused: bool):
