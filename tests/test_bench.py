@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import missing
 from kdlm.bench.config import load_bench_config
 from kdlm.errors import KdlmError
 from kdlm.models import load_model
@@ -46,7 +47,7 @@ def _bench_yaml(root: Path) -> Path:
 
 def run_bench_cli(root: Path, *overrides: str) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "kdlm.cli", "bench", str(root / "bench.yaml"), *overrides], cwd=root,
-                          env=cli_env(root), capture_output=True, text=True, timeout=900)
+                          env=cli_env(root), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -153,8 +154,8 @@ def test_html_report_renders_in_headless_chromium(bench):
     root, _ = bench
     browser_path = _browser()
     if browser_path is None:
-        pytest.skip("no headless Chromium: pip install playwright && python -m playwright install chromium "
-                    "(or apt-get install chromium-headless-shell)")
+        missing("no headless Chromium: pip install playwright && python -m playwright install chromium "
+                "(or apt-get install chromium-headless-shell)")
     from playwright.sync_api import sync_playwright
 
     report = root / "bench" / "report.html"

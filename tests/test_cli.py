@@ -23,7 +23,7 @@ def cli_env(cwd: Path) -> dict:
 
 def run_cli(*args, cwd: Path, env_extra: dict | None = None, check_ok: bool = True):
     env = {**cli_env(cwd), **(env_extra or {})}
-    proc = subprocess.run([*KDLM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*KDLM, *args], cwd=cwd, env=env, capture_output=True, text=True)
     if check_ok:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -46,6 +46,35 @@ def base_args(root: Path, output: str) -> list[str]:
     ]
 
 
+def fidelity_by_hand(root: Path, saved: dict, folder: Path) -> tuple[float, float, int]:
+    """KL(teacher || student) per answer token and top-1 agreement on the held-out examples of a run whose
+    config is `saved`, recomputed from the saved student in `folder` and the teacher: one example at a time
+    (no padding), float64 log-softmax."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdlm.data import encode_records, load_records, split_heldout
+
+    seed = saved["data"]["seed"] if saved["data"].get("seed") is not None else saved["train"]["seed"]
+    _, heldout = split_heldout(load_records(str(root / "chat.jsonl")), saved["data"]["heldout"], seed=seed)
+    examples = encode_records(AutoTokenizer.from_pretrained(root / "teacher"), heldout,
+                              max_length=saved["data"]["max_length"])
+    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher", torch_dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    vocab = min(teacher.config.vocab_size, student.config.vocab_size)
+    kl = agree = tokens = 0.0
+    with torch.no_grad():
+        for example in examples:
+            ids, labels = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"])
+            where = labels[1:] != -100  # position t predicts token t + 1
+            t = torch.log_softmax(teacher(ids).logits[0, :-1][where, :vocab].double(), -1)
+            s = torch.log_softmax(student(ids).logits[0, :-1][where, :vocab].double(), -1)
+            kl += float((t.exp() * (t - s)).sum())
+            agree += float((t.argmax(-1) == s.argmax(-1)).sum())
+            tokens += int(where.sum())
+    return kl / tokens, agree / tokens, int(tokens)
+
+
 @pytest.mark.parametrize("signal", ["topk", "online"])
 def test_distill_end_to_end_brings_the_student_closer(workspace, signal):
     out = f"run-{signal}"
@@ -60,6 +89,10 @@ def test_distill_end_to_end_brings_the_student_closer(workspace, signal):
     assert rows["teacher"]["kl_to_teacher"] == pytest.approx(0, abs=1e-5)
     assert rows["teacher"]["top1_agreement"] == 1.0
     before, after = rows["student before"], rows["student after"]
+    kl, top1, tokens = fidelity_by_hand(workspace, report["config"], workspace / out / "student")
+    assert after["eval_tokens"] == tokens
+    assert after["kl_to_teacher"] == pytest.approx(kl, rel=1e-4)
+    assert after["top1_agreement"] == pytest.approx(top1, abs=1e-4)
     assert after["kl_to_teacher"] < before["kl_to_teacher"]
     assert after["answer_perplexity"] < before["answer_perplexity"]
     assert (workspace / out / "report.md").read_text().count("|") > 20
@@ -136,14 +169,27 @@ def test_build_student_then_eval_compares_it_with_the_teacher(workspace):
     args = base_args(workspace, "built") + ["student.layers=[0,3]"]
     run_cli("build-student", *args, cwd=workspace)
     folder = workspace / "built" / "student-init"
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     student = AutoModelForCausalLM.from_pretrained(folder)
     assert student.config.num_hidden_layers == 2 and student.config.kdlm_teacher_layers == [0, 3]
-    run_cli("eval", *args, f"eval.models=[{folder}]", cwd=workspace)
-    rows = json.loads((workspace / "built" / "eval" / "report.json").read_text())["rows"]
-    assert [row["model"] for row in rows] == ["teacher", str(folder)]
+    # A random model beside it: the trained teacher's answers are peaked enough that the built student agrees
+    # on every top-1, and so would a top-1 agreement stuck at 1.
+    stranger = workspace / "built" / "random"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tiny_llama(len(tokenizer), num_layers=1, seed=7).save_pretrained(stranger)
+    tokenizer.save_pretrained(stranger)
+    run_cli("eval", *args, f"eval.models=[{folder},{stranger}]", cwd=workspace)
+    report = json.loads((workspace / "built" / "eval" / "report.json").read_text())
+    rows = report["rows"]
+    assert [row["model"] for row in rows] == ["teacher", str(folder), str(stranger)]
     assert rows[0]["top1_agreement"] == 1.0 and rows[1]["kl_to_teacher"] > 1e-4
+    for row, model in zip(rows[1:], [folder, stranger], strict=True):
+        kl, top1, tokens = fidelity_by_hand(workspace, report["config"], model)
+        assert row["eval_tokens"] == tokens
+        assert row["kl_to_teacher"] == pytest.approx(kl, rel=1e-4)
+        assert row["top1_agreement"] == pytest.approx(top1, abs=1e-4)
+    assert rows[2]["top1_agreement"] < 0.5
     assert rows[1]["disk_mb"] > 0
 
 
@@ -165,13 +211,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(workspace):
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "train_log.csv"
-    deadline = time.time() + 600  # generous: a loaded machine slows the tiny steps by orders of magnitude
-    while time.time() < deadline and proc.poll() is None and (not log.exists() or log.read_text().count("\n") < 5):
+    while proc.poll() is None and (not log.exists() or log.read_text().count("\n") < 5):  # no deadline: polls step 4
         time.sleep(0.2)
     try:
         assert proc.poll() is None and log.exists() and log.read_text().count("\n") >= 5, "training never got to step 4"
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=600)
+        stdout, stderr = proc.communicate()
     finally:
         if proc.poll() is None:  # never leave a 100,000-step run behind
             proc.kill()

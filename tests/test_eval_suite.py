@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -9,12 +10,13 @@ import sys
 import pytest
 import torch
 
+from conftest import missing
 from kdlm.evaluate.quality import generate_texts
 from kdlm.evaluate.suite import EvalSuiteConfig, accuracy_task, evaluate_suite
 from kdlm.evaluate.tasks import Item, Task
 from kdlm.models import load_model
 from test_cli import cli_env
-from tiny import save_tiny_teacher, tiny_llama, tiny_tokenizer
+from tiny import save_tiny_teacher, scripted_model, tiny_llama, tiny_tokenizer
 
 PROMPTS = ["water boils at", "the quick brown fox", "two plus two is"]
 
@@ -45,7 +47,7 @@ def test_cli_eval_writes_json_and_markdown_and_caches(workspace):
             "--set", "perplexity_max_tokens=128", "--set", "fidelity_prompts=2", "--set", "fidelity_max_new_tokens=6",
             "--set", "generation_tokens=4", "--set", "bf16=false"]
     env = cli_env(workspace)
-    first = subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout + first.stderr
     report = json.loads((workspace / "cli" / "eval.json").read_text())
     teacher, student = report["models"]["teacher"], report["models"]["run"]
@@ -61,10 +63,10 @@ def test_cli_eval_writes_json_and_markdown_and_caches(workspace):
     markdown = (workspace / "cli" / "eval.md").read_text()
     assert "| teacher |" in markdown and "| run |" in markdown and "wikitext-2 ppl" in markdown
     # A rerun computes nothing: every (model, task) result is cached.
-    second = subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr
     assert second.stderr.count("all results cached") == 2
-    bad = subprocess.run([*args[:4], "--tasks", "nope"], cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    bad = subprocess.run([*args[:4], "--tasks", "nope"], cwd=workspace, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown task 'nope'" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -86,23 +88,26 @@ def test_rouge_l_is_100_when_the_reference_is_the_models_own_answer(workspace):
 
 
 def test_accuracy_counts_exact_matches_of_extracted_answers(workspace):
-    model, tokenizer = load_model(str(workspace / "run" / "student"))
-    greedy = generate_texts(model, tokenizer, [f"Question: {p}\nSay a number." for p in PROMPTS], seed=0, temperature=0, max_new_tokens=8)
-    # A random tiny model rarely writes digits: make each item's reference what extraction finds, or a number it cannot.
-    from kdlm.evaluate.answers import extract_number
-
-    found = [extract_number(text) for text in greedy]
-    items = [Item(prompt=p, reference=f if f is not None else 12345.0) for p, f in zip(PROMPTS, found, strict=True)]
-    expected = sum(f is not None for f in found) / len(found)
+    # A model that answers "42" to everything, and items whose reference is 42 or not: the accuracy is known
+    # (3 of 5) before the scorer runs.
+    tokenizer = tiny_tokenizer()
+    model = scripted_model(tokenizer, "42")
+    assert generate_texts(model, tokenizer, ["What is six times seven?"], seed=0, temperature=0,
+                          max_new_tokens=24) == ["42"]
+    references = [42, 41, 42.0, 7, 42]
+    items = [Item(prompt=f"question {i}", reference=r) for i, r in enumerate(references)]
     task = Task("numbers", "accuracy", items, [], "number", instruction="Say a number.")
-    result = accuracy_task(model, tokenizer, task, settings(workspace, shots=[0], answer_max_new_tokens=8))
-    assert result["0-shot"] == pytest.approx(expected)
-    wrong = Task("numbers", "accuracy", [Item(p, 1e9) for p in PROMPTS], [], "number", instruction="Say a number.")
-    assert accuracy_task(model, tokenizer, wrong, settings(workspace, shots=[0]))["0-shot"] == 0.0
+    result = accuracy_task(model, tokenizer, task, settings(workspace, shots=[0], limit=5, answer_max_new_tokens=24))
+    assert result["0-shot"] == pytest.approx(3 / 5)
+    assert result["0-shot_example"] == "42"
+    labels = Task("labels", "accuracy", [Item("a", "yes"), Item("b", "no")], [], "label", ["yes", "no"], "Yes or no?")
+    yes = scripted_model(tokenizer, "yes")
+    assert accuracy_task(yes, tokenizer, labels, settings(workspace, shots=[0], answer_max_new_tokens=24))["0-shot"] == 0.5
 
 
 def test_lm_eval_bridge_on_a_local_task(workspace):
-    pytest.importorskip("lm_eval", reason="lm-eval is an optional extra: pip install 'kdlm[lm-eval]'")
+    if importlib.util.find_spec("lm_eval") is None:
+        missing("lm-eval is not installed: pip install 'kdlm[lm-eval]' (scripts/setup.sh installs it)")
     from kdlm.evaluate.lm_eval_bridge import run_lm_eval, write_local_tasks
     from kdlm.evaluate.tasks import load_task
 

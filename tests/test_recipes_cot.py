@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import shared_data
 from kdlm.config import LossConfig, TrainConfig
 from kdlm.data import collate, encode_records, load_records
 from kdlm.errors import KdlmError
@@ -186,9 +187,7 @@ def test_accuracy_counts_unparseable_outputs_as_wrong():
 
 
 def test_task_loaders_read_the_shared_data_sets():
-    data = ROOT.parent / "shared" / "data"
-    if not data.is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
+    data = shared_data()
     gsm8k = load_task(TaskSpec(source=str(data / "gsm8k/train.jsonl"), format="gsm8k", limit=2))
     assert gsm8k[0]["answer"] == "72" and "<<" not in gsm8k[0]["rationale"] and "####" not in gsm8k[0]["rationale"]
     svamp = load_task(TaskSpec(source=str(data / "svamp/SVAMP.json"), format="svamp", limit=1))
@@ -484,10 +483,10 @@ def test_generate_cli_runs_the_recipe_resumes_and_distill_trains_on_it(tmp_path)
                 "teacher.model=arith-teacher", "progress=false", f"output={tmp_path}/cot.jsonl", "recipe.task.format=arith",
                 "recipe.task.source=arith:40:1", "recipe.task.limit=null", "recipe.heldout=8", "sampling.n=3",
                 "recipe.format=step_by_step", "recipe.rationale_weight=0.5"]
-        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(args, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         sent = teacher.requests
-        again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        again = subprocess.run(args, env=env, capture_output=True, text=True)
         assert again.returncode == 0 and teacher.requests == sent  # the rerun pays for nothing twice
     samples_file = read_jsonl(tmp_path / "cot.rationales.jsonl")
     assert len(samples_file) == 32 * 3  # 40 problems less 8 held out, 3 samples each
@@ -511,7 +510,7 @@ def test_generate_cli_runs_the_recipe_resumes_and_distill_trains_on_it(tmp_path)
                            f"data.train={tmp_path}/cot.jsonl", "data.teacher_answers=false", "data.heldout=0",
                            "loss.kd_weight=0", "student.init=random", "student.num_layers=1", "train.max_steps=2",
                            "train.batch_size=4", f"train.output_dir={tmp_path}/student", "eval.enabled=false"],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "student" / "student" / "config.json").is_file()
 
@@ -528,14 +527,13 @@ def test_a_recipe_killed_mid_run_resumes_without_asking_twice(tmp_path):
                 "recipe.task.source=arith:40:2", "recipe.task.limit=null", "recipe.heldout=0", "recipe.prompt=zero_shot",
                 "sampling.n=3", "limits.concurrency=4"]
         first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
         while teacher.requests < 30:
-            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before it was killed"
+            assert first.poll() is None, "the first run ended before it was killed"
             time.sleep(0.01)
         first.send_signal(signal.SIGKILL)
         first.wait()
         asked_before = teacher.requests
-        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(args, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
     assert asked_before < 40 * 3  # killed inside the rationale stage
     samples = read_jsonl(tmp_path / "cot.rationales.jsonl")
@@ -547,7 +545,7 @@ def test_a_recipe_killed_mid_run_resumes_without_asking_twice(tmp_path):
 def test_an_unknown_recipe_is_a_clear_error(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run([*KDLM, "generate", "recipe.name=nope", f"output={tmp_path}/x.jsonl"], env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True)
     assert proc.returncode == 2 and "must name a recipe" in proc.stderr and "'nope'" in proc.stderr
 
 
@@ -561,8 +559,7 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
     from kdlm.recipes.answers import extract_answer
     from kdlm.serve import free_port
 
-    if not (ROOT.parent / "shared" / "data").is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
+    shared_data()
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
     env = {**os.environ, "HF_HUB_OFFLINE": "1",  # the user's KDLM_CACHE: the converted teacher is reused
@@ -570,7 +567,6 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
     server = subprocess.Popen([*KDLM, "serve", "bundled:smollm2-135m-instruct", "--port", str(port), "--threads", "1",
                                "--dtype", "auto"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 180
         while True:
             assert server.poll() is None, server.stdout.read()
             try:
@@ -578,23 +574,22 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "the server did not start"
             time.sleep(0.2)
         common = [f"teacher.base_url={url}", "progress=false", "sampling.max_tokens=40"]
         # SCoTD's unfiltered corpus: the 135M teacher rarely gets GSM8K right, but every parsed answer is kept.
         cot_run = subprocess.run([*KDLM, "generate", str(ROOT / "configs" / "cot.yaml"), *common,
                                   f"output={tmp_path}/cot.jsonl", "sampling.n=2", "recipe.task.limit=5",
                                   "recipe.heldout=1", "recipe.demonstrations=1", "recipe.filter=none"],
-                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                                 cwd=ROOT, env=env, capture_output=True, text=True)
         assert cot_run.returncode == 0, cot_run.stdout + cot_run.stderr
         icl_run = subprocess.run([*KDLM, "generate", str(ROOT / "configs" / "icl.yaml"), *common,
                                   f"output={tmp_path}/icl.jsonl", "sampling.max_tokens=3", "recipe.queries=2",
                                   "recipe.heldout=1", "sampling.n=1"],
-                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                                 cwd=ROOT, env=env, capture_output=True, text=True)
         assert icl_run.returncode == 0, icl_run.stdout + icl_run.stderr
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait()
     samples_by_question = {}  # what the teacher answered, in its rationales and in the second stage
     for stage in ("rationales", "final-answers"):
         for sample in read_jsonl(tmp_path / f"cot.{stage}.jsonl"):
@@ -611,9 +606,7 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
 
 
 def test_worked_solutions_stand_in_for_teacher_rationales(tmp_path):
-    data = ROOT.parent / "shared" / "data"
-    if not data.is_dir():
-        pytest.skip("../shared/data is not beside this checkout")
+    data = shared_data()
     config = load_generate_config(ROOT / "configs" / "cot.yaml", [
         "teacher.base_url=http://127.0.0.1:9/v1", "progress=false", f"output={tmp_path}/cot.jsonl",  # nothing listens
         f"recipe.task.source={data}/gsm8k/train.jsonl", "recipe.task.limit=6", "recipe.heldout=1",

@@ -18,7 +18,7 @@ from kdlm.recipes.arith import ArithTeacher, make_dataset
 from kdlm.recipes.tasks import TaskSpec
 from kdlm.serve import ServerThread
 from kdlm.train.loop import train
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import scripted_model, tiny_llama, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,6 +116,18 @@ def test_icl_recipe_end_to_end_then_train_and_evaluate(tmp_path):
     train(model, examples, train_config=TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=4, bf16=False),
           loss_config=LossConfig(kd_weight=0), pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
     evaluation = [json.loads(line) for line in (tmp_path / "icl.eval.jsonl").read_text().splitlines()]
+    assert len(evaluation) == 2 * 4 * 2
     scores = icl.evaluate(model, tokenizer, load_records(str(tmp_path / "icl.eval.jsonl")), max_new_tokens=4)
     assert set(scores) == {(task, shots) for task in ("arith:24:0", "arith:24:1") for shots in (0, 2)}
-    assert len(evaluation) == 2 * 4 * 2 and all(0.0 <= value <= 1.0 for value in scores.values())
+    # A model that answers one held-out query's gold to every prompt: each group's score, counted here from
+    # the written file, is the share of its golds equal to that answer (known, and not all 0 or all 1).
+    golds = [str(record["meta"]["gold"]) for record in evaluation]
+    answer = next(gold for gold in golds if len(set(gold)) == len(gold))  # the scripted model writes each token once
+    expected: dict[tuple[str, int], list[bool]] = {}
+    for record in evaluation:
+        key = (record["meta"]["task"], int(record["meta"]["shots"]))
+        expected.setdefault(key, []).append(float(record["meta"]["gold"]) == float(answer))
+    expected = {key: sum(hits) / len(hits) for key, hits in expected.items()}
+    assert 0 < max(expected.values()) and min(expected.values()) < 1
+    scripted = icl.evaluate(scripted_model(tokenizer, answer), tokenizer, evaluation, max_new_tokens=4)
+    assert scripted == pytest.approx(expected)

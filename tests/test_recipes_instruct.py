@@ -25,6 +25,7 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
+from conftest import shared_data
 from kdlm.data import load_records
 from kdlm.errors import KdlmError
 from kdlm.generate import GenerateConfig, load_generate_config
@@ -52,9 +53,12 @@ from kdlm.recipes.self_instruct import (
 from scripted_teacher import AppThread, scripted_app
 
 ROOT = Path(__file__).resolve().parents[1]
-SEEDS = ROOT.parent / "shared" / "data" / "self-instruct-seed" / "seed_tasks.jsonl"
-if not SEEDS.is_file():
-    SEEDS = Path("/work/shared/data/self-instruct-seed/seed_tasks.jsonl")
+
+
+def seed_tasks_path() -> Path:
+    return shared_data() / "self-instruct-seed" / "seed_tasks.jsonl"
+
+
 SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
@@ -276,7 +280,7 @@ def test_referee_scores_and_both_orders():
 
 
 def test_seed_tasks_are_read_and_bad_lines_are_named(tmp_path):
-    seeds = load_seed_tasks(str(SEEDS))
+    seeds = load_seed_tasks(str(seed_tasks_path()))
     assert len(seeds) == 175 and sum(task["is_classification"] for task in seeds) > 0
     bad = tmp_path / "seeds.jsonl"
     bad.write_text('{"instruction": "Fine task here.", "instances": []}\n{"instances": []}\n')
@@ -309,14 +313,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def self_instruct_recipe(**extra) -> dict:
-    return {"name": "self_instruct", "seed_tasks": str(SEEDS), "num_instructions": 10, "requests_per_round": 2, **extra}
+    return {"name": "self_instruct", "seed_tasks": str(seed_tasks_path()), "num_instructions": 10, "requests_per_round": 2, **extra}
 
 
 def test_self_instruct_end_to_end(tmp_path):
     with AppThread(scripted_app()) as server:
         stats = run_recipe(recipe_config(tmp_path, server.url, self_instruct_recipe()))
         prompts = list(server.app.state.prompts)
-    seeds = [task["instruction"] for task in load_seed_tasks(str(SEEDS))]
+    seeds = [task["instruction"] for task in load_seed_tasks(str(seed_tasks_path()))]
     machine = read_jsonl(tmp_path / "data.instructions.jsonl")
     texts = [entry["instruction"] for entry in machine]
     assert len(texts) == 10
@@ -384,7 +388,7 @@ def test_self_instruct_drops_a_cut_off_generation_whole_and_plain_encoding(tmp_p
 
 
 def test_classification_only_shows_and_compares_against_classification_seeds_only(tmp_path):
-    seeds = load_seed_tasks(str(SEEDS))
+    seeds = load_seed_tasks(str(seed_tasks_path()))
     classification = {task["instruction"] for task in seeds if task["is_classification"]}
     with AppThread(scripted_app()) as server:
         run_recipe(recipe_config(tmp_path, server.url, self_instruct_recipe(classification_only=True, max_rounds=1)))
@@ -494,33 +498,29 @@ def _cli(*args: str, cwd: Path, **environment: str) -> subprocess.Popen:
 
 
 def test_self_instruct_cli_killed_mid_run_resumes_without_paying_twice(tmp_path):
+    def args(url: str) -> list[str]:
+        return ["generate", str(ROOT / "configs" / "self_instruct.yaml"), f"recipe.seed_tasks={seed_tasks_path()}",
+                "recipe.num_instructions=10", "recipe.requests_per_round=2", f"output={tmp_path / 'run' / 'data.jsonl'}",
+                "progress=false", "teacher.model=teacher", f"teacher.base_url={url}", "limits.concurrency=2"]
+
+    cache = tmp_path / "run" / "data.sqlite"
     with AppThread(scripted_app(latency_s=0.15)) as server:
         straight = run_recipe(recipe_config(tmp_path / "straight", server.url, self_instruct_recipe()))
         total = straight["requests_sent"]
-        args = ["generate", str(ROOT / "configs" / "self_instruct.yaml"), f"recipe.seed_tasks={SEEDS}",
-                "recipe.num_instructions=10", "recipe.requests_per_round=2", f"output={tmp_path / 'run' / 'data.jsonl'}",
-                "progress=false", "teacher.model=teacher", f"teacher.base_url={server.url}", "limits.concurrency=2"]
-        cache = tmp_path / "run" / "data.sqlite"
-
-        def cached() -> int:
-            return _cached(cache)
-
-        proc = _cli(*args, cwd=tmp_path)
-        deadline = time.monotonic() + 90
-        while cached() < 8 and proc.poll() is None and time.monotonic() < deadline:
+        proc = _cli(*args(server.url), cwd=tmp_path)
+        while _cached(cache) < 8 and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=30)
-        done_before = cached()
-        assert 8 <= done_before < total, "the kill must land mid-run"
-        assert not (tmp_path / "run" / "data.jsonl").exists()
-        time.sleep(0.3)  # let the requests cut by the kill reach the server's count
-        received_before = server.app.state.received
-
-        rerun = _cli(*args, cwd=tmp_path)
-        stdout, stderr = rerun.communicate(timeout=180)
+        proc.communicate()
+    done_before = _cached(cache)
+    assert 8 <= done_before < total, "the kill must land mid-run"
+    assert not (tmp_path / "run" / "data.jsonl").exists()
+    # The rerun asks a server of its own, so that its count holds only the rerun's requests (none cut by the kill).
+    with AppThread(scripted_app(latency_s=0.15)) as fresh:
+        rerun = _cli(*args(fresh.url), cwd=tmp_path)
+        stdout, stderr = rerun.communicate()
         assert rerun.returncode == 0, stdout + stderr
-        resent = server.app.state.received - received_before
+        resent = fresh.app.state.received
     stats = json.loads((tmp_path / "run" / "data.stats.json").read_text())
     assert stats["requests_cached"] == done_before and stats["requests_sent"] == total - done_before
     assert resent == total - done_before  # nothing the cache held was sent again
@@ -558,7 +558,6 @@ def _run_recipes_against_kdlm_serve(tmp_path: Path, model: str, student: Path, m
     server = _cli("serve", model, "--port", str(port), "--threads", "1", "--name", "served", "--dtype", "auto",
                   cwd=tmp_path, **env_home)
     try:
-        deadline = time.monotonic() + 180
         while True:
             assert server.poll() is None, server.communicate()
             try:
@@ -566,7 +565,6 @@ def _run_recipes_against_kdlm_serve(tmp_path: Path, model: str, student: Path, m
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "kdlm serve did not start"
             time.sleep(0.2)
         sampling = {"max_tokens": max_tokens}
         base = {"teacher": {"model": "served", "base_url": url}, "limits": {"concurrency": 8, "timeout_s": 300},
@@ -575,7 +573,7 @@ def _run_recipes_against_kdlm_serve(tmp_path: Path, model: str, student: Path, m
         prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in
                                    ["Name three rivers in Europe.", "Write a haiku about rain.", "What is 7 times 8?"]))
         runs = {
-            "self_instruct": {"name": "self_instruct", "seed_tasks": str(SEEDS), "num_instructions": 3, "max_rounds": 1,
+            "self_instruct": {"name": "self_instruct", "seed_tasks": str(seed_tasks_path()), "num_instructions": 3, "max_rounds": 1,
                               "requests_per_round": 2, "generation": {"max_tokens": 2 * max_tokens},
                               "classify": {"max_tokens": 8}, "instances": sampling},
             "evol_instruct": {"name": "evol_instruct", "rounds": 1, "evolve": sampling, "answer": sampling},
@@ -590,10 +588,10 @@ def _run_recipes_against_kdlm_serve(tmp_path: Path, model: str, student: Path, m
             results[name] = run_recipe(config)
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait()
     # Whatever the teacher wrote was parsed as far as it goes and filtered; what is kept passes the filters.
     machine = read_jsonl(tmp_path / "self_instruct" / "data.instructions.jsonl")
-    seeds = [task["instruction"] for task in load_seed_tasks(str(SEEDS))]
+    seeds = [task["instruction"] for task in load_seed_tasks(str(seed_tasks_path()))]
     assert all(instruction_problem(entry["instruction"]) is None for entry in machine)
     assert all(rouge_l(seed, entry["instruction"]) < 0.7 for seed in seeds for entry in machine)
     assert results["self_instruct"]["requests_sent"] >= 2 and results["self_instruct"]["rounds"] == 1

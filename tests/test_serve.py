@@ -13,7 +13,7 @@ import torch
 
 from kdlm.serve import EchoBackend, ModelBackend, ServerThread
 from kdlm.serve.sampling import Row, decode_batch
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import tiny_llama, tiny_tokenizer, trained_tiny_teacher
 
 KEY = "test-key"
 
@@ -72,6 +72,35 @@ def test_chat_logprobs_are_the_models_raw_log_softmax(client, tiny):
     assert [alt.logprob for alt in first.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
     assert [alt.token for alt in first.top_logprobs] == [tokenizer.decode([int(i)]) for i in top.indices]
     assert math.fsum(math.exp(v) for v in reference.tolist()) == pytest.approx(1, abs=1e-4)
+
+
+def test_logprobs_at_another_temperature_and_top_p_are_still_the_raw_log_softmax():
+    # The server's promise (kdlm.serve.sampling): logprobs are the model's log-softmax at temperature 1 over the
+    # whole vocabulary, before top-p, whatever the sampling settings. The trained tiny teacher writes ASCII (one
+    # token a character), so its answer's token ids are known from its text.
+    model, tokenizer = trained_tiny_teacher()
+    prompt = "what is the capital of france?"
+    with ServerThread(ModelBackend("teacher", model, tokenizer)) as running:
+        client = openai.OpenAI(base_url=running.url, api_key="none", max_retries=0)
+        response = client.chat.completions.create(
+            model="teacher", messages=[{"role": "user", "content": prompt}], temperature=0.5, top_p=0.6, seed=5,
+            max_tokens=12, logprobs=True, top_logprobs=3)
+    entries = response.choices[0].logprobs.content
+    answer = "".join(entry.token for entry in entries)
+    prompt_ids = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                         add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert answer.isascii() and len(answer_ids) == len(entries) == 12
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0, len(prompt_ids) - 1 : -1].double()
+    raw, tempered = torch.log_softmax(logits, -1), torch.log_softmax(logits / 0.5, -1)
+    for entry, token, row, hot in zip(entries, answer_ids, raw, tempered, strict=True):
+        assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        top = row.topk(3)
+        assert [alt.logprob for alt in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        # Sampled inside the nucleus of the tempered distribution: the likelier tokens hold less than top_p.
+        assert float(hot.exp()[hot > hot[token]].sum()) < 0.6
+    assert float((raw - tempered).abs().max()) > 0.1  # the two distributions differ: the check above can fail
 
 
 def test_seed_reproduces_and_n_gives_distinct_samples(client):

@@ -254,7 +254,7 @@ def test_sampled_cache_reads_as_padded_log_weights(setup, tmp_path):
 def run_cli(*args, cwd: Path, check_ok: bool = True):
     env = {**os.environ, "KDLM_CACHE": str(cwd / "kdlm-cache"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([*KDLM, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*KDLM, *args], cwd=cwd, env=env, capture_output=True, text=True)
     if check_ok:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -350,35 +350,42 @@ write_cache(teacher, examples, folder, identity=identity, pad_token_id=tokenizer
 """
 
 
-def test_sigkill_mid_run_then_rerun_gives_the_straight_run_files(tmp_path):
+def writer(root: Path, folder: Path, script: str = WRITER, *extra: str) -> subprocess.Popen:
+    """The cache writer as a process of its own, on the tiny teacher and chat data in `root`."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-c", script, str(root), str(folder), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """A teacher, its data, and the cache an uninterrupted writer leaves in ROOT/straight."""
+    root = tmp_path_factory.mktemp("writer")
+    save_tiny_teacher(root / "teacher", num_layers=2)
+    write_chat_jsonl(root / "chat.jsonl", count=24)
+    straight = writer(root, root / "straight")
+    assert straight.wait() == 0, straight.stdout.read()
+    return root
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_straight_run_files(straight_run, tmp_path):
     """The issue's criterion with a real process: SIGKILL the writer once shards exist, run it again, compare."""
     import signal
     import time
 
-    save_tiny_teacher(tmp_path / "teacher", num_layers=2)
-    write_chat_jsonl(tmp_path / "chat.jsonl", count=24)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
-
-    def writer(folder: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(folder)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    straight = writer(tmp_path / "straight")
-    assert straight.wait(timeout=300) == 0, straight.stdout.read()
-    killed = writer(tmp_path / "killed")
+    killed = writer(straight_run, tmp_path / "killed")
     manifest = tmp_path / "killed" / "manifest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not manifest.exists() or len(json.loads(manifest.read_text())["shards"]) < 2):
+    while killed.poll() is None and (not manifest.exists() or len(json.loads(manifest.read_text())["shards"]) < 2):
         time.sleep(0.05)
     killed.send_signal(signal.SIGKILL)
-    killed.wait(timeout=60)
+    killed.wait()
     left = json.loads(manifest.read_text())
     assert 2 <= len(left["shards"]) < 8 and not left["complete"]  # it died mid-run (8 shards in all)
-    resumed = writer(tmp_path / "killed")
-    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    resumed = writer(straight_run, tmp_path / "killed")
+    assert resumed.wait() == 0, resumed.stdout.read()
     leftovers = {p.name for p in (tmp_path / "killed").glob("*.tmp")}
-    assert _digests(tmp_path / "killed").keys() - leftovers == _digests(tmp_path / "straight").keys()
-    assert {k: v for k, v in _digests(tmp_path / "killed").items() if k not in leftovers} == _digests(tmp_path / "straight")
+    assert _digests(tmp_path / "killed").keys() - leftovers == _digests(straight_run / "straight").keys()
+    assert {k: v for k, v in _digests(tmp_path / "killed").items() if k not in leftovers} == _digests(straight_run / "straight")
 
 
 def test_hint_losses_with_a_cache_are_refused_before_any_work(tmp_path):
@@ -391,3 +398,58 @@ def test_hint_losses_with_a_cache_are_refused_before_any_work(tmp_path):
     with pytest.raises(KdlmError, match="hint losses .* teacher.cache"):
         distill(config)
     assert not (tmp_path / "run").exists()
+
+
+# Stops the writer inside the write of shard 2 (the third of 8), then waits for the test's SIGKILL: "torn" after
+# half the shard's bytes reached its temporary file, "renamed" after the rename but before the manifest lists it.
+STOPPING_WRITER = """
+import os, sys, time
+from pathlib import Path
+import kdlm.teachers.cache as cache
+point, signal_file = sys.argv[3], Path(sys.argv[2]).parent / "stopped"
+target = Path(sys.argv[2]) / "shard-00002.safetensors"
+real_save, real_replace = cache.save_file, os.replace
+
+def stop():
+    signal_file.write_text(point)
+    time.sleep(3600)
+
+def save_file(tensors, path, metadata=None):
+    real_save(tensors, path, metadata=metadata)
+    if point == "torn" and Path(path).name == target.name + ".tmp":
+        with open(path, "r+b") as handle:
+            handle.truncate(os.path.getsize(path) // 2)
+        stop()
+
+def replace(source, destination):
+    real_replace(source, destination)
+    if point == "renamed" and Path(destination) == target:
+        stop()
+
+cache.save_file, os.replace = save_file, replace
+""" + WRITER.replace("on_shard=lambda index: time.sleep(0.3), ", "")
+
+
+@pytest.mark.parametrize("point", ["torn", "renamed"])
+def test_sigkill_inside_a_shard_write_then_rerun_gives_the_straight_run_files(straight_run, tmp_path, point):
+    import signal
+    import time
+
+    folder, straight = tmp_path / "killed", straight_run / "straight"
+    killed = writer(straight_run, folder, STOPPING_WRITER, point)
+    while not (tmp_path / "stopped").exists():  # no deadline: polls for the writer's own signal
+        assert killed.poll() is None, killed.stdout.read()
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    listed = [shard["file"] for shard in json.loads((folder / "manifest.json").read_text())["shards"]]
+    assert listed == ["shard-00000.safetensors", "shard-00001.safetensors"]  # shard 2 was in flight
+    if point == "torn":
+        tmp = folder / "shard-00002.safetensors.tmp"
+        assert tmp.stat().st_size < (straight / "shard-00002.safetensors").stat().st_size
+    else:
+        assert (folder / "shard-00002.safetensors").read_bytes() == (straight / "shard-00002.safetensors").read_bytes()
+    resumed = writer(straight_run, folder)
+    assert resumed.wait() == 0, resumed.stdout.read()
+    files = {name: digest for name, digest in _digests(folder).items() if not name.endswith(".tmp")}
+    assert files == _digests(straight)

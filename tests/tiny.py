@@ -94,3 +94,26 @@ def write_chat_jsonl(path: Path, count: int = 24) -> Path:
         lines.append(json.dumps({"prompt": prompt, "response": response}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def scripted_model(tokenizer, answer: str):
+    """A one-layer Llama that writes `answer` after any chat prompt: its blocks add nothing (o_proj and down_proj
+    are zero), so the last hidden state is the current token's embedding, and an untied lm_head maps that
+    token to the next one of the chain (generation prompt's last token -> answer -> end of text)."""
+    from kdlm.evaluate.quality import chat_prompt_ids  # the generation prompt's last token
+
+    model = tiny_llama(len(tokenizer), num_layers=1, seed=11)
+    model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        embeddings = model.model.embed_tokens.weight
+        head = torch.zeros_like(embeddings)
+        chain = [chat_prompt_ids(tokenizer, "x")[-1], *tokenizer(answer, add_special_tokens=False)["input_ids"]]
+        assert len(set(chain)) == len(chain), "each token of the answer once, none the prompt's last"
+        for current, following in zip(chain, [*chain[1:], tokenizer.eos_token_id], strict=True):
+            head[following] = 10 * embeddings[current] / embeddings[current].norm()
+        model.lm_head = torch.nn.Linear(embeddings.shape[1], embeddings.shape[0], bias=False)
+        model.lm_head.weight.copy_(head)
+    return model.eval()
