@@ -276,6 +276,35 @@ def test_sigterm_saves_and_the_resumed_run_equals_a_straight_one(workspace, caps
     assert yaml.safe_load((out / "config.yaml").read_text())["teacher"]["api_key"] is None
 
 
+def test_sigkill_loses_only_the_steps_after_the_last_save_and_resume_equals_a_straight_run(workspace):
+    """kill -9 (no handler runs) after step 5 with train.save_every=2: the step-4 checkpoint survives, and the
+    resumed run trains to the straight run's weights (save_every changes nothing else of a run)."""
+    if not (workspace / "straight-every2").exists():
+        _distill(*distill_args(workspace, "straight-every2"), "train.save_every=2")
+    out = workspace / "killed"
+    args = [*distill_args(workspace, "killed"), "train.save_every=2"]
+    env = {**cli_env(workspace), "KDLM_TEST_PAUSE_AT_STEP": "5"}
+    proc = subprocess.Popen([sys.executable, str(HERE / "paused_cli.py"), "distill", *args],
+                            cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "train_log.csv"
+    try:
+        while proc.poll() is None and (not log.exists() or log.read_text().count("\n") < 6):
+            time.sleep(0.1)  # polls for step 5 (the child waits there); no deadline: the CI timeout bounds it
+        assert proc.poll() is None, "the run ended before step 5"
+        proc.kill()
+        proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads((latest_checkpoint(out / "checkpoints") / "state.json").read_text())["step"] == 4
+    _distill(*args, "train.resume=true")
+    expected, got = _weights(workspace / "straight-every2"), _weights(out)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_a_changed_student_or_a_used_folder_is_refused(workspace):
     args = distill_args(workspace, "used", steps=2)
     _distill(*args)
