@@ -35,7 +35,7 @@ def main() -> None:
     from kdlm.config import LossConfig, MethodConfig, TrainConfig
     from kdlm.data import encode_records, load_records
     from kdlm.train.loop import train
-    from kdlm.train.onpolicy import build_method
+    from kdlm.train.methods import build_method
     from tiny import tiny_llama, trained_tiny_teacher, write_chat_jsonl
 
     teacher, tokenizer = trained_tiny_teacher(num_layers=2, steps=30)

@@ -39,7 +39,7 @@ def main() -> None:
     from kdlm.models import build_pruned_student, load_model
     from kdlm.pipeline import prepare_data
     from kdlm.teachers.signals import teacher_logits
-    from kdlm.train.onpolicy import build_method
+    from kdlm.train.methods import build_method
 
     loop.save_checkpoint = lambda *a, **k: None  # a checkpoint per row would time the disk, not the step
     config = load_config("configs/quickstart.yaml")

@@ -16,8 +16,9 @@ from kdlm.evaluate.metrics import fidelity, target_logits
 from kdlm.losses import kd_loss_sums
 from kdlm.train.distillm import AdaptiveThreshold, ReplayBuffer, choose_source, fresh_probability
 from kdlm.train.loop import train
+from kdlm.train.methods import build_method
 from kdlm.train.minillm import future_returns, minillm_token_losses, rollout_rewards, whiten
-from kdlm.train.onpolicy import GKD, build_method, data_probability, prompt_ids, sample_examples
+from kdlm.train.onpolicy import GKD, data_probability, prompt_ids, sample_examples
 from tiny import tiny_llama, trained_tiny_teacher, write_chat_jsonl
 
 CONFIGS = Path(__file__).parent.parent / "configs"

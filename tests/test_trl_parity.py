@@ -23,7 +23,7 @@ from kdlm.config import LossConfig, MethodConfig, TrainConfig
 from kdlm.data import encode_records, load_records
 from kdlm.data.tokenize import collate
 from kdlm.train.loop import train
-from kdlm.train.onpolicy import build_method
+from kdlm.train.methods import build_method
 from tiny import tiny_llama, trained_tiny_teacher, write_chat_jsonl
 
 # Adam's first step moves every weight by about lr·g/(|g| + eps): where |g| is near eps, float rounding in two

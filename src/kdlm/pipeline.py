@@ -57,7 +57,7 @@ from kdlm.teachers.cache import (
 )
 from kdlm.train.checkpoint import config_record, prepare_output_dir
 from kdlm.train.loop import train, write_history
-from kdlm.train.onpolicy import build_method, check_method_loss
+from kdlm.train.methods import build_method, check_method_loss
 
 console = Console()
 
