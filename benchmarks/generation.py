@@ -66,7 +66,7 @@ def engine_rate(url: str, concurrency: int, requests: int, folder: Path) -> floa
 def local_tokens_per_second(batch_size: int, single_prompts: int, max_tokens: int, bf16: bool) -> dict:
     from kdlm.data import load_records
     from kdlm.models import load_model
-    from kdlm.serve.sampling import Row, decode_batch
+    from kdlm.models.decode import Row, decode_batch
 
     model, tokenizer = load_model("bundled:smollm2-135m-instruct")
     records = load_records("builtin:quickstart")[:batch_size]

@@ -89,7 +89,7 @@ def _kdlm_imports() -> dict[str, str]:
     import importlib
 
     results = {}
-    for module in ("kdlm.losses.fused", "kdlm.train.loop", "kdlm.serve.sampling", "kdlm.pipeline", "kdlm.cli"):
+    for module in ("kdlm.losses.fused", "kdlm.train.loop", "kdlm.models.decode", "kdlm.pipeline", "kdlm.cli"):
         try:
             importlib.import_module(module)
             results[module] = "ok"
@@ -213,7 +213,7 @@ def _compare_greedy(tokenizer, device: str) -> dict:
 
     import torch
 
-    from kdlm.serve.sampling import Row, decode_batch
+    from kdlm.models.decode import Row, decode_batch
     from tiny import trained_tiny_teacher
 
     model, _ = trained_tiny_teacher(num_layers=2, steps=30 if device != "cpu" else 5)

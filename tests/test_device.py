@@ -25,7 +25,7 @@ from kdlm.losses import (
     topk_kd_loss_sums,
 )
 from kdlm.losses.fused import TeacherHidden, TeacherLogits, TeacherSampled, TeacherTopK, fused_kd_loss
-from kdlm.serve.sampling import Row, decode_batch
+from kdlm.models.decode import Row, decode_batch
 from kdlm.serve.scoring import score_prompts
 from kdlm.teachers.signals import teacher_logits
 from kdlm.train.hints import HintObjective, use_eager_attention

@@ -11,8 +11,8 @@ import openai
 import pytest
 import torch
 
+from kdlm.models.decode import Row, decode_batch
 from kdlm.serve import EchoBackend, ModelBackend, ServerThread
-from kdlm.serve.sampling import Row, decode_batch
 from tiny import tiny_llama, tiny_tokenizer, trained_tiny_teacher
 
 KEY = "test-key"
@@ -75,7 +75,7 @@ def test_chat_logprobs_are_the_models_raw_log_softmax(client, tiny):
 
 
 def test_logprobs_at_another_temperature_and_top_p_are_still_the_raw_log_softmax():
-    # The server's promise (kdlm.serve.sampling): logprobs are the model's log-softmax at temperature 1 over the
+    # The server's promise (kdlm.models.decode): logprobs are the model's log-softmax at temperature 1 over the
     # whole vocabulary, before top-p, whatever the sampling settings. The trained tiny teacher writes ASCII (one
     # token a character), so its answer's token ids are known from its text.
     model, tokenizer = trained_tiny_teacher()

@@ -19,9 +19,9 @@ import httpx
 import openai
 import pytest
 
+from kdlm.models.decode import Row, decode_batch
 from kdlm.serve import EchoBackend, ModelBackend, ServerThread
 from kdlm.serve.guard import default_allowed_hosts
-from kdlm.serve.sampling import Row, decode_batch
 from kdlm.serve.server import free_port
 from tiny import tiny_llama, tiny_tokenizer
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kdlm.data.tokenize import collate
 from kdlm.losses import kd_loss_sums
-from kdlm.train.forward import project, target_hidden_states
+from kdlm.models.forward import project, target_hidden_states
 
 
 def _batches(examples: list[dict], batch_size: int, pad_token_id: int):

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor
 
 from kdlm.errors import KdlmError
-from kdlm.serve.sampling import Row, decode_batch
+from kdlm.models.decode import Row, decode_batch
 
 _SCORER = None
 

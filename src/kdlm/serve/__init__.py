@@ -23,7 +23,7 @@ __all__ = [
 def __getattr__(name: str):
     # The decoder needs torch; `kdlm serve echo` and clients that only need free_port do not.
     if name in ("Row", "decode_batch"):
-        from kdlm.serve import sampling
+        from kdlm.models import decode as sampling
 
         return getattr(sampling, name)
     raise AttributeError(f"module 'kdlm.serve' has no attribute {name!r}")

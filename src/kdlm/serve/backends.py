@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kdlm.serve.events import Event, token_entry
+from kdlm.events import Event, token_entry
 
 if TYPE_CHECKING:  # torch is imported when a model backend is built, not by the echo stub
-    from kdlm.serve.sampling import Row
+    from kdlm.models.decode import Row
     from kdlm.serve.scoring import ScoredToken
 
 
@@ -131,7 +131,7 @@ class BatchScheduler:
             self.batches += 1
             self.rows += len(rows)
             started = time.monotonic()
-            from kdlm.serve.sampling import decode_batch
+            from kdlm.models.decode import decode_batch
 
             try:
                 await asyncio.to_thread(decode_batch, self.model, self.tokenizer, rows, on_delta, self.bf16,
@@ -206,7 +206,7 @@ class ModelBackend:
         return None
 
     def stream(self, prompt_ids: list[int], params: Params) -> AsyncIterator[Event]:
-        from kdlm.serve.sampling import Row
+        from kdlm.models.decode import Row
 
         rows = [
             Row(

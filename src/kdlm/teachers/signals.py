@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdlm.models.forward import project, target_hidden_states
 from kdlm.precision import Bf16Setting, bf16_enabled
-from kdlm.train.forward import project, target_hidden_states
 
 
 def teacher_logits(teacher, batch: dict[str, Tensor], *, bf16: Bf16Setting) -> Tensor:

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from kdlm.config import LossConfig
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
+from kdlm.models.forward import decoder_outputs, project, target_mask
 from kdlm.precision import bf16_enabled
-from kdlm.train.forward import decoder_outputs, project, target_mask
 from kdlm.train.onpolicy import OnPolicyMethod, plain_examples, prompt_ids
 
 

@@ -238,7 +238,7 @@ def capture_projections(model, layers: list[int], names: tuple[str, ...] = ("v_p
 
     Returns (store, handles): ``store[(name, block)]`` is filled by the next forward; remove the handles after it.
     """
-    from kdlm.train.forward import _unwrap
+    from kdlm.models.forward import _unwrap
 
     store: dict[tuple[str, int], Tensor] = {}
     handles = []
@@ -256,7 +256,7 @@ def capture_projections(model, layers: list[int], names: tuple[str, ...] = ("v_p
 
 def use_eager_attention(model) -> None:
     """Attention probabilities are only returned by the eager implementation (SDPA/flash do not expose them)."""
-    from kdlm.train.forward import _unwrap
+    from kdlm.models.forward import _unwrap
 
     base = _unwrap(model)
     if hasattr(base, "set_attn_implementation"):

@@ -40,9 +40,7 @@ from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
 from kdlm.losses import kd_loss_sums, sampled_kd_loss_sums, topk_kd_loss_sums
 from kdlm.losses.fused import TeacherHidden, TeacherLogits, fused_kd_loss, sparse_target
-from kdlm.precision import bf16_enabled
-from kdlm.train.checkpoint import config_record, load_checkpoint, prepare_output_dir, save_checkpoint
-from kdlm.train.forward import (
+from kdlm.models.forward import (
     _unwrap,
     decoder_outputs,
     lm_head_weight,
@@ -51,6 +49,8 @@ from kdlm.train.forward import (
     project,
     target_mask,
 )
+from kdlm.precision import bf16_enabled
+from kdlm.train.checkpoint import config_record, load_checkpoint, prepare_output_dir, save_checkpoint
 from kdlm.train.hints import HintObjective, capture_projections, use_eager_attention
 from kdlm.train.interrupts import Terminated
 from kdlm.train.order import run_schedule

@@ -37,8 +37,8 @@ from torch import Tensor
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
 from kdlm.losses.divergences import rkl, upcast
+from kdlm.models.forward import decoder_outputs, project, target_mask
 from kdlm.precision import bf16_enabled
-from kdlm.train.forward import decoder_outputs, project, target_mask
 from kdlm.train.onpolicy import OnPolicyMethod, PolicyWrapper, cache_name, output_cache, prompt_ids
 
 

@@ -2,7 +2,7 @@
 
 The training loop stays the same; a method only swaps a micro-batch's examples before the teacher and the
 loss see them (``prepare_step``), and logs a few facts after the step (``after_step``). Samples come from
-``kdlm.serve.sampling.decode_batch``, the batched, KV-cached decode the server and the generate engine use,
+``kdlm.models.decode.decode_batch``, the batched, KV-cached decode the server and the generate engine use,
 run on the very student module being trained (switched to eval mode for the decode, no second copy).
 
 - GKD (arXiv 2306.13649): with probability ``lmbda`` a micro-batch's responses are student samples;
@@ -43,9 +43,9 @@ import torch.nn.functional as F
 
 from kdlm.config import MethodConfig
 from kdlm.data.tokenize import collate
+from kdlm.models.decode import Row, decode_batch
+from kdlm.models.forward import decoder_outputs, logit_transform, plain_lm_head, project, target_mask
 from kdlm.precision import bf16_enabled
-from kdlm.serve.sampling import Row, decode_batch
-from kdlm.train.forward import decoder_outputs, logit_transform, plain_lm_head, project, target_mask
 
 IGNORE_INDEX = -100
 # ImitKD's exponential schedule: the data probability is EXP_BASE^(-t/T) (asappresearch/imitkd: exp_base 200).

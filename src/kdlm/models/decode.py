@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kdlm.events import token_entry
 from kdlm.precision import Bf16Setting, bf16_enabled
-from kdlm.serve.events import token_entry
 
 
 @dataclass
