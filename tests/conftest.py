@@ -5,6 +5,7 @@ where .ci/run installs everything the suite claims, it fails: a skip there would
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -29,3 +30,12 @@ def shared_data() -> Path:
     if not folder.is_dir():
         missing(f"{folder} is missing: the data set tests need ../shared/data beside this checkout")
     return folder
+
+
+def until(condition, what: str, timeout_s: float = 120.0):
+    """Poll `condition` until it returns a true value (a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.01)
+    return value

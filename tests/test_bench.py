@@ -182,7 +182,8 @@ def test_html_report_renders_in_headless_chromium(bench):
 
 
 def test_self_instruct_conversion_keeps_human_outputs_and_names_bad_lines(tmp_path):
-    from kdlm.bench.runner import convert_self_instruct, flatten
+    from kdlm.bench.runner import convert_self_instruct
+    from kdlm.config import flatten
 
     source = tmp_path / "seed.jsonl"
     rows = [{"instruction": "Add.", "instances": [{"input": "2 and 3", "output": "5"}]},

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import until
 from kdlm.data import load_records
 from kdlm.errors import KdlmError
 from kdlm.generate import GenerateConfig, RateLimiter, generate
@@ -39,14 +40,6 @@ def config(tmp_path: Path, url: str, prompts: Path, **sections) -> GenerateConfi
         tree[name] = {**tree[name], **values} if isinstance(values, dict) and name in tree else values
     return GenerateConfig.model_validate(tree)
 
-
-def until(condition, what: str, timeout_s: float = 120.0):
-    """Poll `condition` until it returns a true value (a hang guard, not a timing assertion)."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.01)
-    return value
 
 
 def settled(server) -> dict:

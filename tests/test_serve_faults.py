@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 
+from conftest import until
 from kdlm.models.decode import Row, decode_batch
 from kdlm.serve import EchoBackend, ModelBackend, ServerThread
 from kdlm.serve.guard import default_allowed_hosts
@@ -28,14 +29,6 @@ from tiny import tiny_llama, tiny_tokenizer
 KDLM = [sys.executable, "-m", "kdlm.cli"]
 MB = 2**20
 
-
-def until(condition, what: str, timeout_s: float = 120.0):
-    """Poll `condition` until it returns a true value (a hang guard, not a timing assertion)."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.01)
-    return value
 
 
 def stats(url: str) -> dict:

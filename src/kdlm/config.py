@@ -427,3 +427,15 @@ def describe_settings(model: BaseModel, prefix: str = "") -> list[dict[str, str]
         rows.append({"key": key, "value": repr(shown), "default": repr(default), "type": kind,
                      "help": field.description or ""})
     return rows
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested settings as dotted keys: ``{"a": {"b": 1}, "c.d": 2}`` -> ``{"a.b": 1, "c.d": 2}``; lists are leaves."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

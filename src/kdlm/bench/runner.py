@@ -30,7 +30,7 @@ from rich.console import Console
 from kdlm.bench.config import BenchConfig
 from kdlm.bench.report import write_bench_report
 from kdlm.bench.stats import noise_groups, summarise
-from kdlm.config import RunConfig, load_config
+from kdlm.config import RunConfig, flatten, load_config
 from kdlm.errors import KdlmError
 from kdlm.evaluate.suite import Fidelity, evaluate_suite
 from kdlm.models import describe_model, load_model
@@ -40,17 +40,6 @@ from kdlm.teachers.cache import read_manifest
 console = Console(stderr=True)
 CACHE_KEYS = ("teacher.model", "teacher.top_k", "teacher.cache_kind", "teacher.samples", "data", "train.bf16")
 
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}, "c.d": 2} -> {"a.b": 1, "c.d": 2}."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _find(path: str, root: Path) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdlm.config import flatten
 from kdlm.errors import KdlmError
 
 KEEP_LAST = 2
@@ -39,17 +40,6 @@ MAY_CHANGE = (
 def _may_change(key: str) -> bool:
     return any(key == name or key.startswith(name + ".") for name in MAY_CHANGE)
 
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists and other values are leaves."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def config_record(config: dict) -> dict:
