@@ -79,3 +79,37 @@ def test_config_show_lists_every_setting_with_value_default_and_help(tmp_path):
     assert rows["train.max_steps"]["value"] == "7" and rows["train.max_steps"]["default"] == "60"
     assert rows["loss.divergence"]["value"] == "'jsd'" and rows["loss.divergence"]["default"] == "'fkl'"
     assert rows["train.bf16"]["help"].startswith("bf16 autocast")
+
+
+def test_trl_names_are_read_as_kdlm_settings_and_a_clash_is_refused():
+    config = load_config(None, ["train.learning_rate=0.001", "train.gradient_accumulation_steps=4",
+                                "train.save_steps=25", "train.per_device_train_batch_size=2",
+                                "train.resume_from_checkpoint=true", "teacher.base_url=http://127.0.0.1:9/v1"])
+    assert (config.train.lr, config.train.grad_accum, config.train.save_every, config.train.batch_size) == (0.001, 4, 25, 2)
+    assert config.train.resume is True and config.teacher.api_base == "http://127.0.0.1:9/v1"
+    with pytest.raises(KdlmError, match="learning_rate and lr name the same setting"):
+        load_config(None, ["train.learning_rate=0.001", "train.lr=0.002"])
+    from kdlm.generate import load_generate_config
+
+    generate = load_generate_config(None, ["teacher.api_base=http://127.0.0.1:9/v1", "sampling.max_new_tokens=7"])
+    assert generate.teacher.base_url == "http://127.0.0.1:9/v1" and generate.sampling.max_tokens == 7
+
+
+def test_config_show_names_aliases_and_reads_every_kind_of_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from kdlm.cli import app
+    from kdlm.config import config_kind, describe_settings
+
+    rows = {row["key"]: row for row in describe_settings(load_config(None))}
+    assert "learning_rate" in rows["train.lr"]["help"]
+    assert [config_kind(ROOT / "configs" / name) for name in ("quickstart.yaml", "generate.yaml", "bench_cpu.yaml")] == [
+        "distill", "generate", "bench"]
+    unlabeled = tmp_path / "g.yaml"
+    unlabeled.write_text("prompts: builtin:quickstart\nsampling:\n  n: 3\n")
+    assert config_kind(unlabeled) == "generate"
+    result = CliRunner().invoke(app, ["config", "show", str(unlabeled), "--changed"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "sampling.n" in result.output and "3" in result.output and "sampling.temperature" not in result.output
+    result = CliRunner().invoke(app, ["config-show", "train.max_steps=9", "--changed"], terminal_width=200)
+    assert result.exit_code == 0 and "train.max_steps" in result.output and "train.lr" not in result.output

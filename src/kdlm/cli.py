@@ -176,24 +176,47 @@ def serve(
     run_server(backend, host=host, port=port, api_key=api_key, faults=faults, request_log=request_log,
                max_body_bytes=int(max_body_mb * 2**20), max_queue=max_queue, allowed_hosts=hosts)
 
-@app.command("config-show")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configs: `kdlm config show CONFIG`.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
 def config_show(
     config: Path = typer.Argument(None, help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     changed: bool = typer.Option(False, help="Only the settings whose value differs from the default."),
+    kind: str = typer.Option("auto", help="distill, generate or bench (auto: from the file's top-level keys)."),
 ) -> None:
-    """Every setting of a distill config: its value, default, type and help."""
+    """Every setting of a distill, generate or bench config: its value, default, type and help."""
     from rich.table import Table
 
-    from kdlm.config import describe_settings
+    from kdlm.config import config_kind, describe_settings
 
-    table = Table(show_lines=False)
+    kind = config_kind(config) if kind == "auto" else kind
+    if kind == "generate":
+        from kdlm.generate.config import load_generate_config
+
+        settings = load_generate_config(config, overrides or [])
+    elif kind == "bench":
+        from kdlm.bench.config import load_bench_config
+
+        if config is None:
+            raise KdlmError("kdlm config show --kind bench needs a bench config file")
+        settings = load_bench_config(config, overrides or [])[0]
+    elif kind == "distill":
+        settings = _config(config, overrides)
+    else:
+        raise KdlmError(f"--kind {kind!r}: choose auto, distill, generate or bench")
+    table = Table(show_lines=False, title=f"{config or 'defaults'} ({kind} config)")
     for column in ("key", "value", "default", "type", "help"):
         table.add_column(column, overflow="fold")
-    for row in describe_settings(_config(config, overrides)):
+    for row in describe_settings(settings):
         if not changed or row["value"] != row["default"]:
             table.add_row(*row.values())
     Console().print(table)
+
+
+app.command("config-show", hidden=True)(config_show)  # the name before `kdlm config show`
 
 
 @app.command()

@@ -2,13 +2,13 @@
 
 Every section is a pydantic model with `extra="forbid"`, so an unknown key or a bad value fails at
 once with a message that names the key and the file. Field descriptions double as documentation
-(`kdlm config-show CONFIG` prints them, with each value and default).
+(`kdlm config show CONFIG` prints them, with each value and default).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -19,6 +19,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_validator,
 )
 
 from kdlm.errors import KdlmError
@@ -40,10 +41,28 @@ def _masked(override: str) -> str:
 
 
 class Section(BaseModel):
+    """A config section: unknown keys are errors; `ALIASES` maps other tools' names to kdlm's (one name per setting)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    ALIASES: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_aliases(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.ALIASES:
+            return data
+        data = dict(data)
+        for alias, name in cls.ALIASES.items():
+            if alias not in data:
+                continue
+            if name in data:
+                raise ValueError(f"{alias} and {name} name the same setting; keep one ({name})")
+            data[name] = data.pop(alias)
+        return data
 
 
 class TeacherConfig(Section):
+    ALIASES: ClassVar[dict[str, str]] = {"base_url": "api_base"}  # the name `kdlm generate` and openai use
     model: str = Field("bundled:smollm2-135m-instruct", description="bundled:NAME, a HF folder, a .gguf file or a hub id.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype of the teacher.")
     signal: Literal["online", "topk"] = Field(
@@ -196,6 +215,16 @@ class HintConfig(Section):
 
 
 class TrainConfig(Section):
+    ALIASES: ClassVar[dict[str, str]] = {  # TRL / transformers TrainingArguments names
+        "learning_rate": "lr",
+        "gradient_accumulation_steps": "grad_accum",
+        "per_device_train_batch_size": "batch_size",
+        "save_steps": "save_every",
+        "logging_steps": "log_every",
+        "resume_from_checkpoint": "resume",
+        "overwrite_output_dir": "overwrite",
+    }
+
     output_dir: str = Field("runs/quickstart", description="Checkpoints, logs, the final student and reports.")
     max_steps: int = Field(60, ge=0, description="Optimizer steps.")
     max_minutes: float | None = Field(None, gt=0, description="Stop (and save) after this much training time.")
@@ -413,7 +442,7 @@ def dump_config(config: RunConfig, path: Path) -> None:
 
 
 def describe_settings(model: BaseModel, prefix: str = "") -> list[dict[str, str]]:
-    """Every setting of a config, depth first: dotted key, value, default, type and help (`kdlm config-show`)."""
+    """Every setting of a config, depth first: dotted key, value, default, type and help (`kdlm config show`)."""
     rows = []
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
@@ -424,9 +453,34 @@ def describe_settings(model: BaseModel, prefix: str = "") -> list[dict[str, str]
         default = field.get_default(call_default_factory=True)
         kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
         shown = "**********" if name == "api_key" and value else value
-        rows.append({"key": key, "value": repr(shown), "default": repr(default), "type": kind,
-                     "help": field.description or ""})
+        aliases = [alias for alias, target in getattr(type(model), "ALIASES", {}).items() if target == name]
+        help_text = (field.description or "") + (f" (also read as {', '.join(aliases)})" if aliases else "")
+        rows.append({"key": key, "value": repr(shown), "default": repr(default), "type": kind, "help": help_text.strip()})
     return rows
+
+
+GENERATE_KEYS = {"prompts", "sampling", "limits", "recipe", "prices", "output", "cache"}
+BENCH_KEYS = {"methods", "base", "method_overrides", "seeds", "shared_student", "shared_cache", "train_data", "curve_every"}
+
+
+def config_kind(path: str | Path | None) -> str:
+    """Which command a YAML config is for (distill, generate or bench), from its top-level keys."""
+    if path is None or not Path(path).is_file():
+        return "distill"  # the loader then reports a missing file itself
+    text = Path(path).read_text()
+    first = text.split("\n", 1)[0].split()  # shipped configs start with "# kdlm VERB FILE"
+    if len(first) >= 3 and first[:2] == ["#", "kdlm"] and first[2] in ("distill", "generate", "bench"):
+        return first[2]
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError:
+        return "distill"
+    keys = set(tree) if isinstance(tree, dict) else set()
+    if keys & BENCH_KEYS:
+        return "bench"
+    if keys & GENERATE_KEYS and not keys & {"student", "loss", "train"}:
+        return "generate"
+    return "distill"
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

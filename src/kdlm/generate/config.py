@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from kdlm.config import load_yaml_model
+from kdlm.config import Section, load_yaml_model
 from kdlm.precision import Bf16Setting
 
 
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
 class TeacherSection(Section):
+    ALIASES: ClassVar[dict[str, str]] = {"api_base": "base_url"}  # the name `kdlm distill` uses
     backend: Literal["openai", "transformers", "vllm"] = Field(
         "openai", description="openai: any OpenAI-compatible endpoint; transformers/vllm: run `model` locally."
     )
@@ -30,6 +27,7 @@ class TeacherSection(Section):
 
 
 class SamplingSection(Section):
+    ALIASES: ClassVar[dict[str, str]] = {"max_new_tokens": "max_tokens"}  # transformers' name
     n: int = Field(1, ge=1, description="Samples per prompt; each is one request with its own seed and cache entry.")
     temperature: float = Field(0.7, ge=0, le=2, description="0 means greedy.")
     top_p: float = Field(0.9, gt=0, le=1)
