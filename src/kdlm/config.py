@@ -259,6 +259,14 @@ class TrainConfig(Section):
     length_grouped: bool = Field(
         True, description="Batch sequences of similar length together (less padding); order stays seeded."
     )
+    report_to: Literal["auto", "none"] | list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        "auto", description="Trackers besides train_log.csv (Accelerate's): auto is TensorBoard, plus W&B and MLflow "
+        "where installed and configured (WANDB_API_KEY or WANDB_MODE; MLFLOW_TRACKING_URI); none: the CSV only.",
+    )
+    push_to_hub: str | None = Field(
+        None, description="Hub repository id (user/name) the trained student and its model card are pushed to at the "
+        "end; a failed push (offline, no token) is reported after everything is saved locally.",
+    )
 
 
 class EvalConfig(Section):
@@ -392,17 +400,19 @@ def _format_errors(error: ValidationError, source: str) -> str:
 
 
 def load_yaml_model(model: type[M], path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
-                    what: str = "config", sections: str = "sections", example: str = "train.max_steps=50") -> M:
+                    what: str = "config", sections: str = "sections", example: str = "train.max_steps=50",
+                    tree: dict | None = None) -> M:
     """Read a YAML file into the pydantic `model`, after `key=value` overrides (dotted keys, typed values).
 
     Shared by every kdlm config (distill, generate, bench). `what` names the file in the not-found error,
-    `sections` lists its top-level keys for the not-a-mapping error, `example` shows a valid override.
+    `sections` lists its top-level keys for the not-a-mapping error, `example` shows a valid override;
+    `tree` (the Python API) stands for the file's content.
 
     Raises:
         KdlmError: missing file, bad YAML, unknown key or bad value (the message names the key and the file).
     """
-    tree: dict = {}
-    source = "defaults"
+    source = "defaults" if tree is None else "settings given in Python"
+    tree = dict(tree or {})
     if path is not None:
         path = Path(path)
         source = str(path)

@@ -31,6 +31,7 @@ from kdlm.data import encode_records, load_records, split_heldout
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
 from kdlm.evaluate.report import evaluate_models, write_model_card, write_report
+from kdlm.hub import push_folder
 from kdlm.losses.logits import check_sampled_settings
 from kdlm.models import (
     apply_lora,
@@ -58,6 +59,7 @@ from kdlm.teachers.cache import (
 from kdlm.train.checkpoint import config_record, prepare_output_dir
 from kdlm.train.loop import train, write_history
 from kdlm.train.methods import build_method, check_method_loss
+from kdlm.train.trackers import resolve_report_to
 
 console = Console()
 
@@ -238,6 +240,7 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
     """
     _check_signal(config)
     _check_cache_exists(config)
+    resolve_report_to(config.train.report_to)  # an uninstalled tracker stops here, before any model loads
     seed_everything(config.train.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     output_dir = Path(config.train.output_dir)
@@ -360,6 +363,8 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
         write_report(report, output_dir)
         write_model_card(student_dir, report, kept_layers)
     accelerator.wait_for_everyone()
+    if config.train.push_to_hub and accelerator.is_main_process:  # last: a failed push loses nothing
+        console.print(f"pushed the student to {push_folder(output_dir / 'student', config.train.push_to_hub)}")
     return report
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+from kdlm.atomic import write_text
 
 #: The type of every ``bf16`` config field: force on, force off, or decide from the hardware.
 Bf16Setting = bool | Literal["auto"]
@@ -130,10 +131,7 @@ def _probe_cached(model: str) -> Precision:
         fp32_s, bf16_s = probe_matmul_seconds()
         known[key] = {"fp32_s": fp32_s, "bf16_s": bf16_s}
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(known, indent=1))
-            temporary.replace(path)
+            write_text(path, json.dumps(known, indent=1))
         except OSError:
             pass  # an unwritable cache only costs the probe again next time
     fp32_s, bf16_s = known[key]["fp32_s"], known[key]["bf16_s"]

@@ -29,10 +29,11 @@ from kdlm.errors import KdlmError
 ROLES = ("system", "user", "assistant")
 ACCEPTED_SHAPES = (
     '{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}, '
-    '{"prompt": str, "response": str}, {"prompt": str}, '
+    '{"prompt": str, "response"|"completion": str}, {"prompt": str}, '
+    '{"prompt": [messages], "completion": [messages]} (TRL\'s conversational form), '
     '{"instruction": str, "input": str, "output": str} (input and output optional), {"text": str}'
 )
-_SHAPE_KEYS = {"messages", "prompt", "response", "instruction", "input", "output", "text", "meta", "weight", "task"}
+_SHAPE_KEYS = {"messages", "prompt", "response", "completion", "instruction", "input", "output", "text", "meta", "weight", "task"}
 
 
 def load_records(source: str, *, split: str = "train") -> list[dict]:
@@ -117,6 +118,13 @@ def normalise_record(raw: object, where: str) -> dict:
         )
     if "messages" in raw:
         record = {"messages": _check_messages(raw["messages"], where)}
+    elif "prompt" in raw and _is_messages(raw["prompt"]):  # TRL's conversational prompt/completion
+        completion = raw.get("completion") or []
+        if not isinstance(completion, list):
+            raise KdlmError(f'{where}: "completion" must be a list of messages when "prompt" is one, got {type(completion).__name__}')
+        record = {"messages": _check_messages(raw["prompt"] + completion, where)}
+    elif "prompt" in raw and "completion" in raw:  # TRL's standard prompt/completion
+        record = {"messages": _turns(_string(raw, "prompt", where), _optional_string(raw, "completion", where))}
     elif "prompt" in raw:
         record = {"messages": _turns(_string(raw, "prompt", where), _optional_string(raw, "response", where))}
     elif "instruction" in raw:
@@ -233,6 +241,10 @@ def _check_messages(messages: object, where: str) -> list[dict]:
     if not any(message["role"] == "user" for message in checked):
         raise KdlmError(f'{where}: "messages" needs at least one "user" message')
     return checked
+
+
+def _is_messages(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 
 
 def _turns(prompt: str, response: str | None) -> list[dict]:

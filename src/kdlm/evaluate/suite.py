@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
+from kdlm.atomic import write_text
 from kdlm.data import encode_records
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
@@ -94,10 +95,7 @@ class ResultStore:
     def put(self, model: str, task: str, key: str, value) -> None:
         self.data["models"].setdefault(model, {})[task] = value
         self.data["keys"][f"{model}/{task}"] = key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=float))
-        tmp.replace(self.path)
+        write_text(self.path, json.dumps(self.data, indent=1, default=float))
 
 
 def rouge_task(model, tokenizer, task: Task, config: EvalSuiteConfig) -> dict:

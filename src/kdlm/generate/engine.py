@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import random
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from kdlm.atomic import atomic_path
 from kdlm.data import load_records
 from kdlm.errors import KdlmError
 from kdlm.generate.backends import Job, RefusedError, TransientError, make_backend
@@ -175,10 +175,8 @@ async def _run_jobs(config: GenerateConfig, backend, jobs: list[Job], cache: Ans
 def write_records(config: GenerateConfig, jobs: list[Job], cache: AnswerCache, output: Path) -> tuple[int, float]:
     """Write one chat record per answered job, in prompt order, atomically; return (records, total cost)."""
     parameters = sampling_parameters(config)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(output.name + ".tmp")
     written, total_cost = 0, 0.0
-    with temporary.open("w", encoding="utf-8") as sink:
+    with atomic_path(output) as temporary, temporary.open("w", encoding="utf-8") as sink:
         for job in jobs:
             answer: Answer | None = cache.get(job.fingerprint)
             if answer is None:
@@ -199,7 +197,6 @@ def write_records(config: GenerateConfig, jobs: list[Job], cache: AnswerCache, o
             messages = job.messages + [{"role": "assistant", "content": answer.text}]
             sink.write(json.dumps({"messages": messages, "meta": meta}, ensure_ascii=False) + "\n")
             written += 1
-    os.replace(temporary, output)
     return written, total_cost
 
 

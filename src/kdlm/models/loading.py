@@ -8,6 +8,7 @@ slower than reading safetensors.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import re
@@ -37,6 +38,36 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "kdlm"
 
 
+MEMORY_PREFIX = "memory:"
+_IN_MEMORY: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+
+
+def register_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Make a model object loadable by spec (the Python API's way to pass models): returns ``memory:NAME``.
+
+    NAME is the model's name plus a fingerprint of its config and weights (shape, sum and first values of
+    each tensor), so that caches keyed by the teacher's name (teacher answers, top-k caches) neither mix two
+    different in-memory models nor miss when the same model is passed again in another process.
+    """
+    digest = hashlib.sha1(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            digest.update(f"{name}{tuple(tensor.shape)}{flat.double().sum().item():.6e}".encode())
+            digest.update(flat[:64].float().cpu().numpy().tobytes())
+    base = Path(str(getattr(model.config, "_name_or_path", "") or model.config.model_type)).name or "model"
+    spec = f"{MEMORY_PREFIX}{base}-{digest.hexdigest()[:12]}"
+    _IN_MEMORY[spec] = (model, tokenizer)
+    return spec
+
+
+def _from_memory(spec: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if spec not in _IN_MEMORY:
+        raise KdlmError(f"{spec!r} names an in-memory model of another process; pass the model object to kdlm's Python API "
+                        "again, or save it (model.save_pretrained) and give the folder")
+    return _IN_MEMORY[spec]
+
+
 def load_model(
     spec: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -54,7 +85,10 @@ def load_model(
     Raises:
         KdlmError: The spec names nothing that exists, or the Hub cannot provide it.
     """
-    if spec.startswith(BUNDLED_PREFIX):
+    if spec.startswith(MEMORY_PREFIX):  # a model object given to the Python API: not copied
+        model, tokenizer = _from_memory(spec)
+        model = model.to(dtype) if model.dtype != dtype and model.dtype.is_floating_point else model
+    elif spec.startswith(BUNDLED_PREFIX):
         model, tokenizer = _load_folder(ensure_bundled(spec[len(BUNDLED_PREFIX) :]), dtype)
     else:
         path = Path(spec).expanduser()
@@ -93,6 +127,8 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     Raises:
         KdlmError: The spec names nothing that exists, or no tokenizer can be read from it.
     """
+    if spec.startswith(MEMORY_PREFIX):
+        return _from_memory(spec)[1]
     try:
         if spec.startswith(BUNDLED_PREFIX):
             tokenizer = AutoTokenizer.from_pretrained(ensure_bundled(spec[len(BUNDLED_PREFIX) :]))

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from kdlm.atomic import write_jsonl
 from kdlm.errors import KdlmError
 from kdlm.generate.backends import Job, RefusedError, make_backend
 from kdlm.generate.cache import Answer, AnswerCache
@@ -139,16 +139,6 @@ def parse_settings(model: type[BaseModel], config: GenerateConfig) -> BaseModel:
         raise KdlmError("\n".join(lines)) from None
 
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    """Write rows atomically (a temporary file, then a rename): a killed run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", encoding="utf-8") as sink:
-        for row in rows:
-            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
-
-
 def chat_record(prompt: str, answer: str, meta: dict) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "meta": meta}
 
@@ -175,7 +165,7 @@ class Session:
 
     def finish(self, rows: list[dict], name: str) -> dict:
         """Write the output records and OUTPUT.stats.json; print one summary line; return the stats."""
-        write_jsonl(rows, self.output)
+        write_jsonl(self.output, rows)
         every = [self.teacher, *self.others]
         stats = {
             "recipe": name,

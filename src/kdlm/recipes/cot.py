@@ -48,6 +48,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
+from kdlm.atomic import write_jsonl
 from kdlm.config import _format_errors
 from kdlm.errors import KdlmError
 from kdlm.recipes.answers import ANSWER_MARKERS, END_MARKER, END_SPLIT, extract_answer, majority_vote
@@ -254,13 +255,6 @@ def parse_student_output(text: str, recipe: CotRecipe) -> str | None:
 # ---- the run ---------------------------------------------------------------------------------------
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
-    temporary.replace(path)
-
-
 def _ask(config, name: str, prompts: list[list[dict]], n: int, temperature: float | None = None,
          max_tokens: int | None = None) -> dict:
     """Send `prompts` (n samples each) through the engine; {(prompt index, sample): answer text}."""
@@ -269,7 +263,7 @@ def _ask(config, name: str, prompts: list[list[dict]], n: int, temperature: floa
     output = Path(config.output)
     stage = output.with_name(f"{output.stem}.{name}.jsonl")
     prompt_file = output.with_name(f"{output.stem}.{name}.prompts.jsonl")
-    _write_jsonl(prompt_file, [{"messages": messages} for messages in prompts])
+    write_jsonl(prompt_file, [{"messages": messages} for messages in prompts])
     update = {"n": n} | ({} if temperature is None else {"temperature": temperature})
     sampling = config.sampling.model_copy(update=update | ({} if max_tokens is None else {"max_tokens": max_tokens}))
     stage_config = config.model_copy(update={
@@ -379,9 +373,9 @@ def run(config) -> dict:
     if not records or (recipe.format != "label_only" and not stats["kept"]):
         raise KdlmError("no rationale passed the filter: check the teacher's answers in the stage files next to "
                         f"{output}, or loosen recipe.filter")
-    _write_jsonl(output, records)
+    write_jsonl(output, records)
     if heldout:
-        _write_jsonl(output.with_name(f"{output.stem}.heldout.jsonl"), [
+        write_jsonl(output.with_name(f"{output.stem}.heldout.jsonl"), [
             {"prompt": student_prompt(example["question"], recipe), "meta": {"id": example["id"], "gold": example["answer"]}}
             for example in heldout
         ])

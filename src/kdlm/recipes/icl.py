@@ -29,10 +29,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
+from kdlm.atomic import write_jsonl
 from kdlm.config import _format_errors
 from kdlm.errors import KdlmError
 from kdlm.recipes.answers import extract_answer, majority_vote
-from kdlm.recipes.cot import _ask, _write_jsonl
+from kdlm.recipes.cot import _ask
 from kdlm.recipes.tasks import TaskSpec, accuracy, greedy_outputs, load_task
 
 console = Console(stderr=True)
@@ -167,10 +168,10 @@ def run(config) -> dict:
     records = training_records(items, labels, recipe.lm_weight)
     if not records:
         raise KdlmError(f"the teacher's answers gave no label to train on; check {output.stem}.teacher.jsonl")
-    _write_jsonl(output, records)
+    write_jsonl(output, records)
     evaluation = evaluation_prompts(recipe)
     if evaluation:
-        _write_jsonl(output.with_name(f"{output.stem}.eval.jsonl"), evaluation)
+        write_jsonl(output.with_name(f"{output.stem}.eval.jsonl"), evaluation)
     agree = sum(label == item["gold"] for item, label in zip(items, labels, strict=True))
     stats = {"queries": len(items), "labelled": sum(label is not None for label in labels), "agree_with_gold": agree,
              "records": len(records), "eval_prompts": len(evaluation)}

@@ -27,8 +27,9 @@ import string
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdlm.atomic import write_jsonl
 from kdlm.generate.config import TeacherSection
-from kdlm.recipes.calls import Calls, Request, Session, chat_record, user, write_jsonl
+from kdlm.recipes.calls import Calls, Request, Session, chat_record, user
 from kdlm.recipes.evol_instruct import clean_evolution, load_instructions
 from kdlm.recipes.filters import ExactDedup, RougeNovelty
 from kdlm.recipes.sampling import Answer, Referee
@@ -208,7 +209,7 @@ def train_student(session: Session, settings: Settings, rows: list[dict], round_
     folder = session.output.parent / f"{session.output.stem}-round{round_index}"
     data = folder / "imitation.jsonl"
     if not (folder / "student" / "config.json").is_file() or not (folder / "report.json").is_file():
-        write_jsonl(rows, data)
+        write_jsonl(data, rows)
         config = load_config(settings.train_config, [*settings.train_overrides, f"data.train={data}",
                                                      "data.teacher_answers=false", f"train.output_dir={folder}"])
         distill(config)

@@ -35,8 +35,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdlm.atomic import write_jsonl
 from kdlm.errors import KdlmError
-from kdlm.recipes.calls import Request, Session, chat_record, user, write_jsonl
+from kdlm.recipes.calls import Request, Session, chat_record, user
 from kdlm.recipes.filters import BLOCKED_WORDS, ExactDedup, RougeNovelty, instruction_problem
 from kdlm.recipes.sampling import Creative, Greedy, Short
 
@@ -354,6 +355,6 @@ def run(session: Session, settings: Settings) -> dict:
             rows.append(chat_record(prompt, instance["output"], {
                 "recipe": "self_instruct", "instruction_index": index, "is_classification": entry["is_classification"],
                 "teacher": session.config.teacher.model}))
-    write_jsonl(machine, session.output.with_suffix(".instructions.jsonl"))
+    write_jsonl(session.output.with_suffix(".instructions.jsonl"), machine)
     session.count("instructions", len(machine))
     return session.finish(rows, "self_instruct")

@@ -56,7 +56,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,6 +64,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from kdlm.atomic import atomic_path
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError, os_error_behind
 from kdlm.losses.logits import log_one_minus_exp, tail_logmass_from_kept
@@ -185,16 +185,13 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-    except Exception as exc:  # a full disk inside safetensors: an OSError that names the file
-        if isinstance(exc, OSError) or (error := os_error_behind(exc, tmp)) is None:
-            raise
-        raise error from None
-    with tmp.open("rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp:
+        try:
+            write(tmp)
+        except Exception as exc:  # a full disk inside safetensors: an OSError that names the file
+            if isinstance(exc, OSError) or (error := os_error_behind(exc, tmp)) is None:
+                raise
+            raise error from None
 
 
 def _save_manifest(folder: Path, manifest: dict) -> None:

@@ -33,7 +33,7 @@ KEEP_LAST = 2
 # issue that asked for this list names it, since extending a finished run is the commonest resume.
 MAY_CHANGE = (
     "train.max_steps", "train.max_minutes", "train.save_every", "train.save_every_minutes", "train.log_every",
-    "train.resume", "train.overwrite", "train.output_dir", "eval", "teacher.api_key", "teacher.api_key_env",
+    "train.resume", "train.overwrite", "train.output_dir", "train.report_to", "train.push_to_hub", "eval", "teacher.api_key", "teacher.api_key_env",
 )
 
 

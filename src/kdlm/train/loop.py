@@ -35,7 +35,7 @@ from rich.progress import (
 )
 from torch import Tensor, nn
 
-from kdlm.config import HintConfig, LossConfig, TrainConfig
+from kdlm.config import HintConfig, LossConfig, TrainConfig, flatten
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
 from kdlm.losses import kd_loss_sums, sampled_kd_loss_sums, topk_kd_loss_sums
@@ -55,6 +55,7 @@ from kdlm.train.hints import HintObjective, capture_projections, use_eager_atten
 from kdlm.train.interrupts import Terminated
 from kdlm.train.order import run_schedule
 from kdlm.train.tasks import has_tasks, task_scaled
+from kdlm.train.trackers import close_trackers, log_metrics, open_trackers, resolve_report_to
 
 
 class StudentObjective(nn.Module):
@@ -326,7 +327,8 @@ def train(
     device_type = accelerator.device.type
     use_bf16 = bf16_enabled(config.bf16, accelerator.device)
     history: list[dict] = []
-    log_file, writer = _open_logs(output_dir, accelerator, resumed=start_step > 0)
+    log_file, trackers = _open_logs(output_dir, accelerator, resumed=start_step > 0, report_to=config.report_to,
+                                    run_config=run_config)
     step = start_step
     started = last_save = time.perf_counter()
 
@@ -437,7 +439,7 @@ def train(
                     record.update(method.after_step(step))
                 history.append(record)
                 if accelerator.is_main_process and step % config.log_every == 0:
-                    _log(record, log_file, writer)
+                    _log(record, log_file, trackers)
                 info = f"loss {record['loss']:.3f} (kd {kd_mean:.3f} ce {ce_mean:.3f}) {record['tokens_per_s']:.0f} tok/s"
                 progress.update(task, completed=step, info=info)
                 if (reason := save_due()) is not None:
@@ -450,41 +452,33 @@ def train(
         accelerator.print(f"interrupted at step {step}: continue with train.resume=true")
         raise
     finally:
-        if accelerator.is_main_process and writer is not None:
-            writer.close()
+        close_trackers(trackers)
     save("end of training")
     seconds = seconds_before + time.perf_counter() - started
     student.eval()
     return TrainResult(steps=step, tokens=tokens_seen, seconds=seconds, history=history)
 
 
-def _open_logs(output_dir: Path, accelerator: Accelerator, resumed: bool):
+def _open_logs(output_dir: Path, accelerator: Accelerator, resumed: bool, report_to, run_config: dict | None):
+    """train_log.csv (always) and the trackers of train.report_to (kdlm.train.trackers), on the main process."""
     if not accelerator.is_main_process:
-        return None, None
+        return None, []
     output_dir.mkdir(parents=True, exist_ok=True)
     log_file = output_dir / "train_log.csv"
     if not resumed and log_file.exists():
         log_file.unlink()
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(output_dir / "tensorboard"))
-    except ImportError:  # tensorboard is a declared dependency; keep training if it is broken
-        writer = None
-    return log_file, writer
+    hparams = flatten(run_config) if run_config else None
+    return log_file, open_trackers(resolve_report_to(report_to), output_dir, output_dir.name, hparams)
 
 
-def _log(record: dict, log_file: Path, writer) -> None:
+def _log(record: dict, log_file: Path, trackers: list) -> None:
     new = not log_file.exists()
     with log_file.open("a", newline="") as handle:
         out = csv.DictWriter(handle, fieldnames=list(record))
         if new:
             out.writeheader()
         out.writerow(record)
-    if writer is not None:
-        for key, value in record.items():
-            if key != "step" and isinstance(value, float) and math.isfinite(value):
-                writer.add_scalar(f"train/{key}", value, record["step"])
+    log_metrics(trackers, record, record["step"])
 
 
 def write_history(history: list[dict], path: Path) -> None:
