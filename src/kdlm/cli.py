@@ -161,6 +161,9 @@ def serve(
         "`*` accepts any. Guards a keyless local server against DNS rebinding."),
 ) -> None:
     """Serve a model through an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from kdlm.errors import require_extra
+
+    require_extra("serve", ("fastapi", "uvicorn", "openai"), "kdlm serve")
     from kdlm.serve import Faults, build_backend, run_server
 
     if threads:

@@ -25,3 +25,12 @@ def os_error_behind(exc: Exception, path) -> OSError | None:
         return None
     code = int(match.group(1))
     return OSError(code, os.strerror(code), str(path))
+
+
+def require_extra(extra: str, modules: tuple[str, ...], what: str) -> None:
+    """Raise a KdlmError naming the pip extra to install when one of `modules` is missing (`what` needs them)."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise KdlmError(f"{what} needs {', '.join(missing)}: pip install 'kdlm[{extra}]' (or 'kdlm[all]')")

@@ -29,7 +29,7 @@ from rich.console import Console
 from kdlm.config import RunConfig, dump_config
 from kdlm.data import encode_records, load_records, split_heldout
 from kdlm.data.tokenize import collate
-from kdlm.errors import KdlmError
+from kdlm.errors import KdlmError, require_extra
 from kdlm.evaluate.report import evaluate_models, write_model_card, write_report
 from kdlm.hub import push_folder
 from kdlm.losses.logits import check_sampled_settings
@@ -379,6 +379,7 @@ def run_cache_teacher(config: RunConfig) -> dict:
     dtype = torch.bfloat16 if config.teacher.dtype == "bfloat16" else torch.float32
     started = time.perf_counter()
     if config.teacher.api_base:  # a served teacher: its tokenizer here, its top-k log-probs over the API
+        require_extra("api", ("openai",), "a teacher behind an API (teacher.api_base)")
         from kdlm.teachers.api import ApiTeacher
 
         tokenizer = load_tokenizer(config.teacher.model)

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from kdlm.atomic import write_text
+from kdlm.paths import cache_dir
 
 #: The type of every ``bf16`` config field: force on, force off, or decide from the hardware.
 Bf16Setting = bool | Literal["auto"]
@@ -119,7 +120,6 @@ def _cpuinfo_lines() -> list[str]:
 
 def _probe_cached(model: str) -> Precision:
     """Time bf16 against fp32 once per (CPU, torch version); the answer is kept in the kdlm cache."""
-    from kdlm.models.loading import cache_dir  # the one place that knows $KDLM_CACHE
 
     key = f"{model} | torch {torch.__version__} | {platform.machine()}"
     path = cache_dir() / "precision.json"
@@ -131,7 +131,7 @@ def _probe_cached(model: str) -> Precision:
         fp32_s, bf16_s = probe_matmul_seconds()
         known[key] = {"fp32_s": fp32_s, "bf16_s": bf16_s}
         try:
-            write_text(path, json.dumps(known, indent=1))
+            write_text(path, json.dumps(known, indent=1), per_process=True)  # processes probe at once
         except OSError:
             pass  # an unwritable cache only costs the probe again next time
     fp32_s, bf16_s = known[key]["fp32_s"], known[key]["bf16_s"]

@@ -15,7 +15,7 @@ import asyncio
 import os
 from dataclasses import dataclass
 
-from kdlm.errors import KdlmError
+from kdlm.errors import KdlmError, require_extra
 from kdlm.generate.cache import Answer
 from kdlm.generate.config import GenerateConfig
 
@@ -59,6 +59,7 @@ class OpenAIBackend:
     """Any OpenAI-compatible chat endpoint, through the `openai` async client (its own retries off)."""
 
     def __init__(self, config: GenerateConfig):
+        require_extra("api", ("openai",), "a teacher behind an OpenAI-compatible API (teacher.backend=openai)")
         import openai
 
         teacher = config.teacher

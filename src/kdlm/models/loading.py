@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import re
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from kdlm.errors import KdlmError
+from kdlm.paths import cache_dir
 
 BUNDLED_PREFIX = "bundled:"
 
@@ -30,12 +30,6 @@ BUNDLED_MODELS: dict[str, tuple[str, str]] = {
 
 # "gpt2" or "org/name": what the Hub accepts as a repository id.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-def cache_dir() -> Path:
-    """Return the folder where kdlm keeps converted models: ``$KDLM_CACHE`` or ``~/.cache/kdlm``."""
-    env = os.environ.get("KDLM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "kdlm"
 
 
 MEMORY_PREFIX = "memory:"
