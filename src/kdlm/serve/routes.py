@@ -1,7 +1,12 @@
 """The /v1 endpoints: models, stats, chat completions, completions (generation and prompt scoring).
 
 Each endpoint gets the server's state (`get_state`) and, for a completion, its admitted `Call`
-(kdlm.serve.depends) as FastAPI dependencies; the router checks the API key on every route.
+(kdlm.serve.depends) as FastAPI dependencies; the router checks the API key on every route. Whole
+answers use OpenAI's own types where the server's JSON fits them: /v1/models (`Model`), usage
+(`CompletionUsage`) and generated completions (`Completion`). Chat answers do not fit
+(`ChatCompletionTokenLogprob` requires `top_logprobs`, which this server leaves out when none are
+asked for), nor scored prompts (their `top_logprobs` starts with null, as OpenAI's API answers), nor
+streamed chunks: those stay plain dicts, with the same fields.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from openai.types import Completion, Model
 
 from kdlm.serve import answers
 from kdlm.serve.backends import Params
@@ -34,7 +40,8 @@ async def openapi(request: Request):
 async def models(state: ServeState = Depends(get_state)):
     backend = state.backend
     info = backend.model_info() if hasattr(backend, "model_info") else {}
-    return {"object": "list", "data": [{"id": backend.name, "object": "model", "created": 0, "owned_by": "kdlm", **info}]}
+    model = Model(id=backend.name, object="model", created=0, owned_by="kdlm", **info)
+    return {"object": "list", "data": [model.model_dump(exclude_unset=True)]}
 
 
 @router.get("/kdlm/stats")
@@ -156,7 +163,7 @@ async def _generate(call: Call, state: ServeState, prompts: list):
     per_prompt = await call.until_gone(asyncio.gather(*(answers.collect(backend, ids, params) for ids in all_ids)))
     choices = [choice for group in per_prompt for choice in group]
     await call.finish()
-    return JSONResponse({
+    answer = Completion.model_validate({
         **header,
         "choices": [
             {
@@ -169,6 +176,7 @@ async def _generate(call: Call, state: ServeState, prompts: list):
         ],
         "usage": answers.usage(sum(len(ids) for ids in all_ids), choices),
     })
+    return JSONResponse(answer.model_dump(exclude_unset=True))
 
 
 async def _score_ids(state: ServeState, prompts: list) -> list[list[int]]:
