@@ -9,10 +9,9 @@ import datasets
 import pytest
 import torch
 
-from tiny import CORPUS, trained_tiny_teacher
-
 import kdlm
 from kdlm.errors import KdlmError
+from tiny import CORPUS, trained_tiny_teacher
 
 SETTINGS = {"data.heldout": 4, "data.teacher_answers": False, "data.max_length": 160, "student.num_layers": 1, "student.keep_first_last": False,
             "train.batch_size": 4, "train.max_steps": 3, "train.lr": 3e-3, "eval.enabled": False}

@@ -301,3 +301,20 @@ def test_a_keyless_server_on_a_public_address_warns():
     proc.terminate()
     _, stderr = proc.communicate(timeout=30)
     assert "warning: serving on 0.0.0.0 without an API key" in stderr
+
+
+def test_faults_are_drawn_for_valid_requests_only():
+    """An invalid body gets its 400 before any fault is drawn; a wrong key its 401; neither counts as received."""
+    from kdlm.serve import Faults
+
+    with ServerThread(EchoBackend(), api_key="k", faults=Faults(rate_429=1.0)) as server:
+        keyed = {"Authorization": "Bearer k"}
+        invalid = httpx.post(server.url + "/chat/completions", json={"model": "echo", "messages": []}, headers=keyed)
+        assert invalid.status_code == 400 and invalid.json()["error"]["param"] == "messages"
+        refused = httpx.post(server.url + "/chat/completions", json={"model": "echo", "messages": []})
+        assert refused.status_code == 401
+        valid = httpx.post(server.url + "/completions", json={"model": "echo", "prompt": "a b"}, headers=keyed)
+        assert valid.status_code == 429 and valid.headers["retry-after"] == "1"
+        counts = server.app.state.serve.counts
+        assert (counts["received"], counts["429"], counts["rejected"]) == (1, 1, 1)
+        assert server.app.state.counts is counts  # the old name, the same counters

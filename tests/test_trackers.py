@@ -7,11 +7,10 @@ import importlib.util
 
 import pytest
 
-from tiny import trained_tiny_teacher, write_chat_jsonl
-
 import kdlm
 from kdlm.errors import KdlmError
 from kdlm.train.trackers import resolve_report_to
+from tiny import trained_tiny_teacher, write_chat_jsonl
 
 SETTINGS = {"data.heldout": 0, "data.teacher_answers": False, "data.max_length": 160, "student.num_layers": 1,
             "student.keep_first_last": False, "train.batch_size": 4, "train.max_steps": 3, "eval.enabled": False}

@@ -1,8 +1,9 @@
 """An OpenAI-compatible server for any local model: batched sampling with logprobs, fault injection."""
 
-from kdlm.serve.app import Faults, create_app
+from kdlm.serve.app import create_app
 from kdlm.serve.backends import BatchScheduler, EchoBackend, ModelBackend, Params
 from kdlm.serve.server import ServerThread, build_backend, free_port, run_server
+from kdlm.serve.state import Faults
 
 __all__ = [
     "BatchScheduler",

@@ -7,6 +7,8 @@ import contextlib
 import secrets
 import time
 
+from openai.types import CompletionUsage
+
 from kdlm.serve.backends import Params
 
 
@@ -27,8 +29,14 @@ async def collect(backend, prompt_ids, params: Params) -> list[dict]:
 
 
 def usage(prompt_tokens: int, choices: list[dict]) -> dict:
-    completion = sum(len(choice["logprobs"]) for choice in choices)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+    """Token counts of an answer: its choices hold one logprob entry per generated token."""
+    return _usage(prompt_tokens, sum(len(choice["logprobs"]) for choice in choices))
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    counts = CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                             total_tokens=prompt_tokens + completion_tokens)
+    return counts.model_dump(exclude_unset=True)
 
 
 def legacy_logprobs(entries: list[dict]) -> dict:
@@ -58,8 +66,7 @@ async def chat_chunks(backend, prompt_ids, params: Params, logprobs: bool, heade
                 item["logprobs"] = {"content": [entry] if entry is not None else []}
             yield {**header, "choices": [item]}
     if usage:
-        yield {**header, "choices": [], "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
-                                                  "total_tokens": len(prompt_ids) + tokens}}
+        yield {**header, "choices": [], "usage": _usage(len(prompt_ids), tokens)}
 
 
 async def completion_chunks(backend, prompt_ids, params: Params, logprobs: bool, header: dict, usage: bool):
@@ -72,5 +79,4 @@ async def completion_chunks(backend, prompt_ids, params: Params, logprobs: bool,
                 item["logprobs"] = legacy_logprobs([entry] if entry is not None else [])
             yield {**header, "choices": [item]}
     if usage:
-        yield {**header, "choices": [], "usage": {"prompt_tokens": len(prompt_ids), "completion_tokens": tokens,
-                                                  "total_tokens": len(prompt_ids) + tokens}}
+        yield {**header, "choices": [], "usage": _usage(len(prompt_ids), tokens)}
