@@ -7,7 +7,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from kdlm.errors import KdlmError
-from kdlm.xtok.align import align_spans, byte_spans, token_bytes
+from kdlm.xtok.align import align_spans, byte_spans, one_to_one, token_bytes
 from kdlm.xtok.data import check_chat_template, encode_pair, encode_pairs
 from kdlm.xtok.target import group_firsts
 from tiny import CHATML, tiny_sp_tokenizer
@@ -158,3 +158,9 @@ def test_group_firsts_count_rows_over_the_micro_batch():
         {"labels": [-100, 8, 9], "teacher_labels": [-100, -100, 3, 4, 5], "groups": [[[1], [2]]]},
     ]
     assert group_firsts(examples) == ([0, 2, 4], [0, 1, 4])
+
+
+def test_one_to_one_keeps_single_token_groups(student_tokenizer, teacher_tokenizer):
+    example = encode_pair(student_tokenizer, teacher_tokenizer, chat("hot water"), max_length=128)
+    # h o t | ▁water / Ġw ater | </s> / <|im_end|>: the 1:2 group is left out
+    assert one_to_one(example["groups"]) == ([0, 1, 2, 4], [0, 1, 2, 5])

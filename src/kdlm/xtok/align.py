@@ -242,3 +242,9 @@ def align_response(student: ResponseTokens, teacher: ResponseTokens, student_pie
 
 def _squeeze(data: bytes) -> bytes:
     return b"".join(data.split())
+
+
+def one_to_one(groups: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[int]]:
+    """The student and teacher positions of the 1:1 groups (where top-1 agreement is defined), in order."""
+    pairs = [(student[0], teacher[0]) for student, teacher in groups if len(student) == 1 and len(teacher) == 1]
+    return [s for s, _ in pairs], [t for _, t in pairs]
