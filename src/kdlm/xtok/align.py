@@ -56,10 +56,10 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     for token, index in vocab.items():
         if token == tokenizer.unk_token:
             continue
-        if token in added:
-            result[index] = token.encode()
-        elif (match := _BYTE_FALLBACK.fullmatch(token)) is not None:
+        if (match := _BYTE_FALLBACK.fullmatch(token)) is not None:  # also when registered as an added token
             result[index] = bytes([int(match.group(1), 16)])
+        elif token in added:
+            result[index] = token.encode()
         elif byte_level and all(char in table for char in token):
             result[index] = bytes(table[char] for char in token)
         else:
