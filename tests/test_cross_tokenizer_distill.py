@@ -105,6 +105,20 @@ def test_distill_uld_from_the_teacher_cache(workspace):
     assert manifest["vocab_size"] == 259  # the teacher's vocabulary, not the student's 323
 
 
+def test_distill_from_a_cache_written_by_cache_teacher_without_loading_the_teacher(workspace):
+    """`kdlm cache-teacher` knows nothing of the student: its cache (teacher tokens) serves the cross-tokenizer run."""
+    from kdlm.pipeline import run_cache_teacher
+
+    folder = workspace / "shared-cache"
+    run_cache_teacher(load_config(None, args(workspace, "cache-writer", "teacher.signal=topk", "teacher.top_k=8",
+                                             f"teacher.cache={folder}")))
+    distill(load_config(None, args(workspace, "from-cache", "loss.cross_tokenizer=hybrid", "teacher.signal=topk",
+                                   "teacher.top_k=8", f"teacher.cache={folder}", "train.max_steps=3")))
+    log = read_log(workspace / "from-cache")
+    assert len(log) == 3 and log[-1]["kd"] < log[0]["kd"]
+    assert 0 < log[0]["mapped_mass"] <= 1.0
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     ((), "loss.cross_tokenizer=uld or loss.cross_tokenizer=hybrid"),  # today's refusal names the new option
     (("loss.cross_tokenizer=uld", "hints.hidden_weight=1"), "the two models' positions are different tokens"),

@@ -21,9 +21,6 @@ def check_cross_settings(config) -> None:
         raise KdlmError(f"method.name={config.method.name} with loss.cross_tokenizer: on-policy methods across tokenizers "
                         "are not implemented yet (student samples would have to be re-tokenised for the teacher); "
                         "use method.name=offpolicy")
-    if config.teacher.api_base:
-        raise KdlmError("teacher.api_base with loss.cross_tokenizer: a served teacher's log-probs across tokenizers are "
-                        "not implemented yet; use the teacher's weights (teacher.model) or its top-k cache")
     if config.student.init != "model" or not config.student.model:
         raise KdlmError(
             f"loss.cross_tokenizer needs a student with its own tokenizer: set student.init=model and student.model "
