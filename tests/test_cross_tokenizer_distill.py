@@ -119,11 +119,37 @@ def test_distill_from_a_cache_written_by_cache_teacher_without_loading_the_teach
     assert 0 < log[0]["mapped_mass"] <= 1.0
 
 
+def test_gkd_trains_on_student_samples_paired_again_for_the_teacher(workspace):
+    from kdlm.xtok.onpolicy import CrossTokenizerSamples
+
+    distill(load_config(None, args(workspace, "gkd", "loss.cross_tokenizer=hybrid", "teacher.signal=online",
+                                   "method.name=gkd", "method.lmbda=1", "method.max_new_tokens=6", "loss.kd_weight=1",
+                                   "train.max_steps=2", "train.batch_size=4")))
+    log = read_log(workspace / "gkd")
+    assert [row["generated"] for row in log] == [4, 8] and all(row["kd"] > 0 for row in log)
+
+    student_tokenizer = tiny_sp_tokenizer()
+    teacher_tokenizer = AutoTokenizer.from_pretrained(workspace / "teacher")
+    prompt = [{"role": "user", "content": "q"}]
+    original = {**encode_pair(student_tokenizer, teacher_tokenizer, [*prompt, {"role": "assistant", "content": "x"}],
+                              max_length=96), "prompt_messages": prompt}
+    start = [i for i, label in enumerate(original["labels"]) if label != -100][0]
+    canonical = encode_pair(student_tokenizer, teacher_tokenizer, [*prompt, {"role": "assistant", "content": "water is"}],
+                            max_length=96)
+    sampled_ids = canonical["input_ids"][start:-1]  # what the student would sample, without its end of turn
+    sample = {"input_ids": original["input_ids"][:start] + sampled_ids, "labels": [-100] * start + sampled_ids}
+    paired = CrossTokenizerSamples(None, student_tokenizer, teacher_tokenizer, 96).paired(sample, original)
+    assert paired["input_ids"] == canonical["input_ids"]  # its own tokens, then the template's end of turn
+    assert paired["teacher_input_ids"] == canonical["teacher_input_ids"]
+    assert paired["groups"] == canonical["groups"] and len(paired["groups"]) == 6  # w, at/a+t, er/e+r, ▁, is/i+s, end
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     ((), "loss.cross_tokenizer=uld or loss.cross_tokenizer=hybrid"),  # today's refusal names the new option
     (("loss.cross_tokenizer=uld", "hints.hidden_weight=1"), "the two models' positions are different tokens"),
     (("loss.cross_tokenizer=uld", "student.init=prune"), "needs a student with its own tokenizer"),
-    (("loss.cross_tokenizer=uld", "method.name=gkd"), "on-policy methods across tokenizers"),
+    (("loss.cross_tokenizer=uld", "method.name=minillm"), "only GKD on student samples"),
+    (("loss.cross_tokenizer=uld", "method.name=gkd", "method.seq_kd=true"), "only GKD on student samples"),
 ])
 def test_what_a_cross_tokenizer_run_refuses(workspace, extra, message):
     with pytest.raises(KdlmError, match=message):

@@ -58,6 +58,7 @@ from kdlm.teachers.cache import (
 from kdlm.train.checkpoint import config_record, prepare_output_dir
 from kdlm.train.loop import train, write_history
 from kdlm.train.methods import build_method, check_method_loss
+from kdlm.xtok.onpolicy import CrossTokenizerSamples
 from kdlm.xtok.run import check_cross_settings, load_student_tokenizer, prepare_cross_data, teacher_view
 from kdlm.xtok.target import CrossTokenizer
 
@@ -328,11 +329,13 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
         pt_examples = encode_records(tokenizer, load_records(config.method.pt_data), max_length=config.data.max_length)
     examples_per_step = config.train.batch_size * config.train.grad_accum * accelerator.num_processes
     method = build_method(
-        config.method, student=student, teacher=teacher, tokenizer=tokenizer, loss_config=config.loss,
+        config.method, student=student, teacher=teacher, tokenizer=student_tokenizer, loss_config=config.loss,
         max_steps=config.train.max_steps, seed=config.train.seed, bf16=config.train.bf16, vocab_size=vocab_size,
         batch_size=config.train.batch_size, val_examples=method_val, pt_examples=pt_examples,
         steps_per_epoch=len(train_examples) // examples_per_step,
     )
+    if cross and method is not None:  # GKD: student samples are re-tokenised for the teacher (kdlm.xtok.onpolicy)
+        method = CrossTokenizerSamples(method, student_tokenizer, tokenizer, config.data.max_length)
 
     topk_targets = None
     started = time.perf_counter()

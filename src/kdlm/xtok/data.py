@@ -66,6 +66,7 @@ def encode_pairs(student_tokenizer, teacher_tokenizer, records: list[dict], *, m
             raise KdlmError(f"record {index + 1} has no response: generate teacher answers first (data.teacher_answers: true)")
         example = encode_pair(student_tokenizer, teacher_tokenizer, record["messages"], max_length=max_length)
         example.update({key: record[key] for key in ("weight", "task") if key in record})
+        example["prompt_messages"] = record["messages"][:-1]  # on-policy samples are paired again from it
         if any(label != IGNORE_INDEX for label in example["labels"][1:]):
             examples.append(example)
         else:

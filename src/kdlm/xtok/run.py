@@ -17,10 +17,9 @@ def check_cross_settings(config) -> None:
             "position by position, and with loss.cross_tokenizer the two models' positions are different tokens: "
             "set the hint weights to 0"
         )
-    if config.method.name != "offpolicy":
-        raise KdlmError(f"method.name={config.method.name} with loss.cross_tokenizer: on-policy methods across tokenizers "
-                        "are not implemented yet (student samples would have to be re-tokenised for the teacher); "
-                        "use method.name=offpolicy")
+    if config.method.name not in ("offpolicy", "gkd") or (config.method.name == "gkd" and config.method.seq_kd):
+        raise KdlmError(f"method.name={config.method.name} with loss.cross_tokenizer: of the on-policy methods only GKD on "
+                        "student samples (method.seq_kd=false) runs across tokenizers; use method.name=gkd or offpolicy")
     if config.student.init != "model" or not config.student.model:
         raise KdlmError(
             f"loss.cross_tokenizer needs a student with its own tokenizer: set student.init=model and student.model "
