@@ -105,15 +105,20 @@ def test_distill_uld_from_the_teacher_cache(workspace):
     assert manifest["vocab_size"] == 259  # the teacher's vocabulary, not the student's 323
 
 
-def test_distill_from_a_cache_written_by_cache_teacher_without_loading_the_teacher(workspace):
-    """`kdlm cache-teacher` knows nothing of the student: its cache (teacher tokens) serves the cross-tokenizer run."""
+def test_distill_from_a_served_teachers_cache_without_loading_the_teacher(workspace):
+    """Gray-box across tokenizers: `kdlm cache-teacher` fills a cache from a served teacher's top-k log-probs (its
+    own tokens, knowing nothing of the student); the cross-tokenizer run trains from it with the server gone."""
     from kdlm.pipeline import run_cache_teacher
+    from kdlm.serve import ModelBackend, ServerThread
 
-    folder = workspace / "shared-cache"
-    run_cache_teacher(load_config(None, args(workspace, "cache-writer", "teacher.signal=topk", "teacher.top_k=8",
-                                             f"teacher.cache={folder}")))
+    folder, teacher_folder = workspace / "served-cache", str(workspace / "teacher")
+    model = AutoModelForCausalLM.from_pretrained(teacher_folder).eval()
+    with ServerThread(ModelBackend(teacher_folder, model, AutoTokenizer.from_pretrained(teacher_folder))) as server:
+        run_cache_teacher(load_config(None, args(workspace, "cache-writer", "teacher.signal=topk", "teacher.top_k=8",
+                                                 f"teacher.cache={folder}", f"teacher.api_base={server.url}")))
     distill(load_config(None, args(workspace, "from-cache", "loss.cross_tokenizer=hybrid", "teacher.signal=topk",
-                                   "teacher.top_k=8", f"teacher.cache={folder}", "train.max_steps=3")))
+                                   "teacher.top_k=8", f"teacher.cache={folder}", "teacher.api_base=http://127.0.0.1:9/v1",
+                                   "train.max_steps=3")))
     log = read_log(workspace / "from-cache")
     assert len(log) == 3 and log[-1]["kd"] < log[0]["kd"]
     assert 0 < log[0]["mapped_mass"] <= 1.0
