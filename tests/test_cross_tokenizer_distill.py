@@ -169,3 +169,32 @@ def test_a_student_without_chat_template_is_refused_before_any_work(workspace):
     tiny_llama(len(tokenizer)).save_pretrained(folder)
     with pytest.raises(KdlmError, match="student tokenizer .* has no chat template"):
         distill(load_config(None, args(workspace, "no-template-run", "loss.cross_tokenizer=uld", f"student.model={folder}")))
+
+
+def test_record_weights_scale_both_terms_of_the_cross_tokenizer_loss():
+    from types import SimpleNamespace
+
+    from kdlm.data.tokenize import collate
+    from kdlm.xtok.target import CrossTokenizer, cross_tokenizer_forward
+    from tiny import tiny_tokenizer
+
+    student_tokenizer, teacher_tokenizer = tiny_sp_tokenizer(), tiny_tokenizer()
+    examples = [encode_pair(student_tokenizer, teacher_tokenizer, [{"role": "user", "content": "q"},
+                                                                   {"role": "assistant", "content": text}], max_length=64)
+                for text in ("water is on", "the cat")]
+    cross = CrossTokenizer("hybrid", student_tokenizer, teacher_tokenizer, len(student_tokenizer), len(teacher_tokenizer))
+    teacher = tiny_llama(len(teacher_tokenizer), seed=1)
+    target = cross.teacher_target(teacher, examples, torch.device("cpu"), bf16=False)
+    objective = SimpleNamespace(student=tiny_llama(len(student_tokenizer), seed=2), vocab_size=len(student_tokenizer),
+                                loss=load_config(None, ["loss.cross_tokenizer=hybrid"]).loss, cross=cross, cross_stats={})
+    batch = collate(examples, student_tokenizer.pad_token_id)
+    _, kd, ce, _, count = cross_tokenizer_forward(objective, batch, target, 0.5)
+    weighted = collate([{**examples[0], "weight": 3.0}, examples[1]], student_tokenizer.pad_token_id)
+    _, kd_weighted, ce_weighted, _, _ = cross_tokenizer_forward(objective, weighted, target, 0.5)
+    first = dict(batch, input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1], labels=batch["labels"][:1])
+    first_target = cross.teacher_target(teacher, examples[:1], torch.device("cpu"), bf16=False)
+    _, kd_first, ce_first, _, _ = cross_tokenizer_forward(objective, first, first_target, 0.5)
+    torch.testing.assert_close(kd_weighted, kd + 2 * kd_first)  # the first record counts 3 times, the second once
+    torch.testing.assert_close(ce_weighted, ce + 2 * ce_first)
+    assert count.item() == sum(label != -100 for e in examples for label in e["labels"][1:])
+    assert objective.cross_stats["groups"] == 2 * len(target.student_rows) + len(first_target.student_rows)
