@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich.console import Console
+
 from kdlm.data import encode_records
 from kdlm.errors import KdlmError
 from kdlm.xtok.data import alignment_share, check_chat_template, encode_pairs
@@ -42,7 +44,7 @@ def prepare_cross_data(config, train_records: list[dict], heldout_records: list[
     train = encode_pairs(student_tokenizer, teacher_tokenizer, train_records, max_length=config.data.max_length,
                          min_aligned=config.loss.cross_tokenizer_min_aligned)
     heldout = encode_records(student_tokenizer, heldout_records, max_length=config.data.max_length) if heldout_records else []
-    print(f"cross-tokenizer: {sum(len(e['groups']) for e in train)} aligned groups, "
+    Console().print(f"cross-tokenizer: {sum(len(e['groups']) for e in train)} aligned groups, "
           f"{alignment_share(train):.1%} of response bytes spelled alike by both tokenizers")
     return train, heldout
 
