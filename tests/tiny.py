@@ -117,3 +117,35 @@ def scripted_model(tokenizer, answer: str):
         model.lm_head = torch.nn.Linear(embeddings.shape[1], embeddings.shape[0], bias=False)
         model.lm_head.weight.copy_(head)
     return model.eval()
+
+
+# A second tokenizer, unlike tiny_tokenizer() in every way the cross-tokenizer tests need: SentencePiece-style
+# ("▁" for spaces, prepended to the text), byte fallback for what its alphabet lacks (capitals, accents, emoji),
+# a few merges, other special tokens and a Zephyr-like chat template. Fixed vocabulary and merges, like
+# tiny_tokenizer(), so that ids are the same in every process.
+ZEPHYR = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '</s>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+SP_MERGES = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "a"), ("i", "s"), ("▁", "c"), ("▁", "w"), ("a", "t"),
+             ("▁w", "at"), ("e", "r"), ("▁wat", "er"), ("o", "n"), ("▁", "o"), ("▁", "f"), ("▁", "s")]
+
+
+def tiny_sp_tokenizer() -> PreTrainedTokenizerFast:
+    """SentencePiece-like BPE with byte fallback: 6 special tokens + 256 bytes + 46 characters + 15 merges."""
+    from tokenizers import decoders as dec
+
+    specials = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    alphabet = list("▁abcdefghijklmnopqrstuvwxyz.,?!0123456789()+-*")
+    vocab: dict[str, int] = {}
+    for token in [*specials, *(f"<0x{b:02X}>" for b in range(256)), *alphabet, *(a + b for a, b in SP_MERGES)]:
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=SP_MERGES, unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tokenizer.decoder = dec.Sequence([dec.Replace("▁", " "), dec.ByteFallback(), dec.Fuse(), dec.Strip(" ", 1, 0)])
+    tokenizer.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    fast.chat_template = ZEPHYR
+    return fast

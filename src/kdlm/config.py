@@ -159,6 +159,22 @@ class LossConfig(Section):
         "logits; false: the dense path (full logits, then the loss).",
     )
     chunk_rows: int | None = Field(None, ge=1, description="Tokens per chunk of the fused loss (default: about 4 M logits per chunk, kdlm.losses.fused.DEFAULT_CHUNK_ELEMENTS).")
+    cross_tokenizer: Literal["off", "uld", "hybrid"] = Field(
+        "off",
+        description="A student whose tokenizer differs from the teacher's (docs/cross-tokenizer.md): uld (sorted-probability "
+        "Wasserstein, Boizard et al. 2024) or hybrid (loss.divergence on tokens both vocabularies spell alike, ULD on "
+        "the rest); off refuses such a student.",
+    )
+    cross_tokenizer_min_aligned: float = Field(
+        0.9, ge=0, le=1,
+        description="Least share of response bytes whose tokens spell the same text for both models; below it a "
+        "cross-tokenizer run is refused (0: proceed anyway).",
+    )
+    cross_tokenizer_top_k: int = Field(
+        0, ge=0,
+        description="ULD's sorted comparison over the k largest probabilities of each side plus one entry for the rest "
+        "(about 20x faster than sorting 49k entries on a CPU; never above the exact value); 0: exact.",
+    )
     allow_onpolicy_ce: bool = Field(
         False,
         description="Let an on-policy method (gkd, distillm, imitkd) train kd_weight < 1, i.e. cross-entropy on the "

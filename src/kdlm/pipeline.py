@@ -60,6 +60,9 @@ from kdlm.train.checkpoint import config_record, prepare_output_dir
 from kdlm.train.loop import train, write_history
 from kdlm.train.methods import build_method, check_method_loss
 from kdlm.train.trackers import resolve_report_to
+from kdlm.xtok.onpolicy import CrossTokenizerSamples
+from kdlm.xtok.run import check_cross_settings, load_student_tokenizer, prepare_cross_data, teacher_view
+from kdlm.xtok.target import CrossTokenizer
 
 console = Console()
 
@@ -77,6 +80,14 @@ def data_seed(config: RunConfig) -> int:
 
 def prepare_data(config: RunConfig, teacher, tokenizer) -> tuple[list[dict], list[dict]]:
     """Load records, hold out a split by prompt, let the teacher answer prompts; returns tokenised (train, heldout)."""
+    train_records, heldout_records = prepare_records(config, teacher, tokenizer)
+    train_examples = encode_records(tokenizer, train_records, max_length=config.data.max_length)
+    heldout_examples = encode_records(tokenizer, heldout_records, max_length=config.data.max_length) if heldout_records else []
+    return train_examples, heldout_examples
+
+
+def prepare_records(config: RunConfig, teacher, tokenizer) -> tuple[list[dict], list[dict]]:
+    """The (train, heldout) records, with the teacher's answers when ``data.teacher_answers``."""
     records = load_records(config.data.train)
     train_records, heldout_records = split_heldout(records, config.data.heldout, seed=data_seed(config))
     if config.data.teacher_answers:
@@ -90,9 +101,7 @@ def prepare_data(config: RunConfig, teacher, tokenizer) -> tuple[list[dict], lis
         }
         train_records = _with_answers(teacher, tokenizer, train_records, config.data.samples_per_prompt, kwargs)
         heldout_records = _with_answers(teacher, tokenizer, heldout_records, 1, kwargs)
-    train_examples = encode_records(tokenizer, train_records, max_length=config.data.max_length)
-    heldout_examples = encode_records(tokenizer, heldout_records, max_length=config.data.max_length) if heldout_records else []
-    return train_examples, heldout_examples
+    return train_records, heldout_records
 
 
 def _with_answers(teacher, tokenizer, records: list[dict], samples: int, kwargs: dict) -> list[dict]:
@@ -105,7 +114,7 @@ def _with_answers(teacher, tokenizer, records: list[dict], samples: int, kwargs:
 
 def build_student(
     config: RunConfig, teacher, tokenizer, train_examples: list[dict], kept_layers: list[int] | None,
-    teacher_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None, cross: bool = False,
 ):
     """The student before training, and the teacher layers it keeps (for pruned students).
 
@@ -141,7 +150,10 @@ def build_student(
                 )
             student = build_pruned_student(teacher, kept_layers)
     teacher_vocab_size = teacher.config.vocab_size if teacher is not None else teacher_vocab_size
-    vocab_size = check_vocab_compatible(tokenizer, student_tokenizer, teacher_vocab_size, student.config.vocab_size)
+    if cross:  # loss.cross_tokenizer: the student keeps its own vocabulary (kdlm.xtok)
+        vocab_size = student.config.vocab_size
+    else:
+        vocab_size = check_vocab_compatible(tokenizer, student_tokenizer, teacher_vocab_size, student.config.vocab_size)
     if cfg.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)
         student.get_output_embeddings().weight.requires_grad_(False)
@@ -179,6 +191,7 @@ def _check_cache_exists(config: RunConfig) -> None:
 
 def _check_signal(config: RunConfig) -> None:
     teacher = config.teacher
+    check_cross_settings(config)
     check_method_loss(config.method, config.loss)  # before any model is loaded
     if config.method.name != "offpolicy" and (teacher.signal != "online" or teacher.cache):
         raise KdlmError(
@@ -257,6 +270,7 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
     timings: dict[str, float] = {}
     use_kd = config.loss.kd_weight > 0
     from_cache = config.teacher.cache is not None  # train without ever loading the teacher's weights
+    cross = config.loss.cross_tokenizer != "off"  # the student has its own tokenizer (kdlm.xtok)
 
     started = time.perf_counter()
     dtype = torch.bfloat16 if config.teacher.dtype == "bfloat16" else torch.float32
@@ -268,15 +282,21 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
             teacher, tokenizer = load_model(config.teacher.model, dtype=dtype, device=accelerator.device)
         timings["load_tokenizer_s" if from_cache else "load_teacher_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        train_examples, heldout_examples = prepare_data(config, teacher, tokenizer)
+        student_tokenizer = load_student_tokenizer(config) if cross else tokenizer
+        if cross:
+            train_examples, heldout_examples = prepare_cross_data(
+                config, *prepare_records(config, teacher, tokenizer), tokenizer, student_tokenizer)
+        else:
+            train_examples, heldout_examples = prepare_data(config, teacher, tokenizer)
     timings["data_s"] = time.perf_counter() - started
     console.print(f"data: {len(train_examples)} training and {len(heldout_examples)} held-out examples")
 
     manifest = None
+    teacher_examples = teacher_view(train_examples) if cross else train_examples  # the cache is in the teacher's tokens
     if from_cache:  # check the cache before building anything: a mismatch is the likeliest user error
         folder = teacher_cache_folder(config)
         found = read_manifest(folder) or {}
-        identity = teacher_cache_identity(config, tokenizer, found.get("vocab_size", 0), train_examples)
+        identity = teacher_cache_identity(config, tokenizer, found.get("vocab_size", 0), teacher_examples)
         manifest = check_cache(folder, identity, tuple(key for key in IDENTITY_KEYS if key != "examples_per_shard"))
         console.print(f"teacher cache: {folder} ({manifest['kind']}, {manifest['num_tokens']} tokens); teacher not loaded")
 
@@ -284,7 +304,7 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
     started = time.perf_counter()
     student, kept_layers, vocab_size = build_student(
         config, teacher, tokenizer, train_examples, previous.get("kept_layers"),
-        teacher_vocab_size=manifest["vocab_size"] if manifest else None,
+        teacher_vocab_size=manifest["vocab_size"] if manifest else None, cross=cross,
     )
     timings["build_student_s"] = time.perf_counter() - started
     if kept_layers is not None:
@@ -294,6 +314,9 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
 
     evaluate = config.eval.enabled and accelerator.is_main_process and heldout_examples
     rows_before = []
+    if cross and evaluate:
+        console.print("cross-tokenizer run: the teacher-vs-student table needs a shared vocabulary and is skipped")
+        evaluate = False
     if evaluate and not config.train.resume and teacher is not None:
         rows_before = evaluate_models(
             {"teacher": (teacher, None), "student before": (student, None)}, teacher, tokenizer, heldout_examples, config.eval, vocab_size
@@ -309,11 +332,13 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
         pt_examples = encode_records(tokenizer, load_records(config.method.pt_data), max_length=config.data.max_length)
     examples_per_step = config.train.batch_size * config.train.grad_accum * accelerator.num_processes
     method = build_method(
-        config.method, student=student, teacher=teacher, tokenizer=tokenizer, loss_config=config.loss,
+        config.method, student=student, teacher=teacher, tokenizer=student_tokenizer, loss_config=config.loss,
         max_steps=config.train.max_steps, seed=config.train.seed, bf16=config.train.bf16, vocab_size=vocab_size,
         batch_size=config.train.batch_size, val_examples=method_val, pt_examples=pt_examples,
         steps_per_epoch=len(train_examples) // examples_per_step,
     )
+    if cross and method is not None:  # GKD: student samples are re-tokenised for the teacher (kdlm.xtok.onpolicy)
+        method = CrossTokenizerSamples(method, student_tokenizer, tokenizer, config.data.max_length)
 
     topk_targets = None
     started = time.perf_counter()
@@ -321,12 +346,12 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
         folder = teacher_cache_folder(config)
         with accelerator.main_process_first():
             if manifest is None:  # the run's own cache: (re)written here with the loaded teacher
-                identity = teacher_cache_identity(config, tokenizer, teacher.config.vocab_size, train_examples)
+                identity = teacher_cache_identity(config, tokenizer, teacher.config.vocab_size, teacher_examples)
                 found = read_manifest(folder)
                 if found is not None and any(found.get(key) != identity[key] for key in IDENTITY_KEYS):
                     shutil.rmtree(folder)  # made for other data or settings; it is this run's private cache
                 manifest = write_cache(
-                    teacher, train_examples, folder, identity=identity, pad_token_id=tokenizer.pad_token_id,
+                    teacher, teacher_examples, folder, identity=identity, pad_token_id=tokenizer.pad_token_id,
                     batch_size=config.train.batch_size, show_progress=accelerator.is_main_process,
                 )
             topk_targets = read_targets(folder, manifest)
@@ -334,18 +359,20 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
 
     result = train(
         student, train_examples, train_config=config.train, loss_config=config.loss,
-        pad_token_id=tokenizer.pad_token_id, vocab_size=vocab_size,
+        pad_token_id=student_tokenizer.pad_token_id, vocab_size=vocab_size,
         teacher=teacher if (use_kd and topk_targets is None) or config.hints.enabled or method else None,
         topk_targets=topk_targets, accelerator=accelerator,
         run_state={"kept_layers": kept_layers, "targets_kind": manifest["kind"] if topk_targets is not None else None},
         hint_config=config.hints, method=method,
         on_step=(lambda step: on_step(step, student)) if on_step else None, run_config=run_config,
+        cross_tokenizer=CrossTokenizer(config.loss.cross_tokenizer, student_tokenizer, tokenizer, vocab_size,
+                                       manifest["vocab_size"] if manifest else teacher.config.vocab_size) if cross else None,
     )
     timings["train_s"] = result.seconds
     report: dict = {"config": config.model_dump(), "timings": timings, "steps": result.steps, "tokens": result.tokens}
     if accelerator.is_main_process:
         student_dir = output_dir / "student"
-        save_student(student, tokenizer, student_dir)
+        save_student(student, student_tokenizer, student_dir)
         write_history(result.history, output_dir / "history.json")
         if evaluate:
             models = {}

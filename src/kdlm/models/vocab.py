@@ -18,8 +18,8 @@ from kdlm.errors import KdlmError
 _PROBE_TEXT = "Hello, World!  naïve café 123 4.56\n\tdef f(x): return x**2  # 日本語 🙂"
 
 _CROSS_TOKENIZER_HINT = (
-    "Use a student that shares the teacher's tokenizer, or a cross-tokenizer method "
-    "(ULD, GOLD, MinED or DSKD; METHODS.md §5)."
+    "Use a student that shares the teacher's tokenizer, or distill across tokenizers with "
+    "loss.cross_tokenizer=uld or loss.cross_tokenizer=hybrid (docs/cross-tokenizer.md)."
 )
 
 

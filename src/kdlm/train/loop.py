@@ -56,6 +56,7 @@ from kdlm.train.interrupts import Terminated
 from kdlm.train.order import run_schedule
 from kdlm.train.tasks import has_tasks, task_scaled
 from kdlm.train.trackers import close_trackers, log_metrics, open_trackers, resolve_report_to
+from kdlm.xtok.target import CrossTokenizer, CrossTokenizerTarget, cross_tokenizer_forward
 
 
 class StudentObjective(nn.Module):
@@ -65,8 +66,11 @@ class StudentObjective(nn.Module):
     (tokens, vocabulary) logits exist; otherwise the student's logits are projected, then the dense loss.
     """
 
-    def __init__(self, student: nn.Module, loss: LossConfig, vocab_size: int, hints: HintObjective | None = None):
+    def __init__(self, student: nn.Module, loss: LossConfig, vocab_size: int, hints: HintObjective | None = None,
+                 cross: CrossTokenizer | None = None):
         super().__init__()
+        self.cross = cross  # teacher and student tokenizers differ (kdlm.xtok): its own loss path
+        self.cross_stats: dict = {}
         self.student = student
         self.loss = loss
         self.vocab_size = vocab_size
@@ -83,6 +87,8 @@ class StudentObjective(nn.Module):
         """
         if method_loss is not None:
             return method_loss(self, batch, teacher_target)
+        if isinstance(teacher_target, CrossTokenizerTarget):
+            return cross_tokenizer_forward(self, batch, teacher_target, kd_weight)
         mask = target_mask(batch["labels"])
         target_ids = batch["labels"][:, 1:][mask]
         hint_sum = batch["input_ids"].new_zeros((), dtype=torch.float32)
@@ -241,6 +247,7 @@ def train(
     hint_config: HintConfig | None = None,
     method=None,
     run_config: dict | None = None,
+    cross_tokenizer: CrossTokenizer | None = None,
 ) -> TrainResult:
     """Train `student` in place on tokenised `examples`; checkpoints go to `output_dir/checkpoints`.
 
@@ -260,6 +267,9 @@ def train(
         run_config: the whole run's config (``RunConfig.model_dump(mode="json")``), recorded in every checkpoint;
             resuming under other settings is refused (``kdlm.train.checkpoint.MAY_CHANGE``). Default: the
             train, loss and hint settings.
+        cross_tokenizer: the student's tokenizer differs from the teacher's (``loss.cross_tokenizer``): each example
+            also carries the teacher's tokens and the alignment (``kdlm.xtok.data.encode_pairs``), and the
+            teacher (or ``topk_targets``, in the teacher's tokens) is read at the aligned groups.
 
     Raises:
         KdlmError: on a non-finite loss (after saving the last good step) or a bad setup.
@@ -288,7 +298,7 @@ def train(
             use_eager_attention(student)
             use_eager_attention(teacher)
     # The objective holds the student and the hint projections: both train, both go into checkpoints.
-    objective = StudentObjective(student, loss_config, vocab_size, hints)
+    objective = StudentObjective(student, loss_config, vocab_size, hints, cross_tokenizer)
     trainable = [param for param in objective.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
@@ -390,9 +400,14 @@ def train(
                     batch = {k: v.to(accelerator.device) for k, v in collate(local_examples[index], pad_token_id).items()}
                     target, teacher_states = None, None
                     online = use_kd and topk_targets is None
-                    if online or hints is not None:
+                    if use_kd and cross_tokenizer is not None:  # the teacher reads its own tokens (kdlm.xtok)
+                        target = (cross_tokenizer.cached_target([topk_targets[i] for i in local], local_examples[index],
+                                                                accelerator.device) if topk_targets is not None else
+                                  cross_tokenizer.teacher_target(teacher, local_examples[index], accelerator.device,
+                                                                 bf16=config.bf16))
+                    elif online or hints is not None:
                         target, teacher_states = run_teacher(teacher, batch, vocab_size, bf16=config.bf16, online=online, hints=hints)
-                    if use_kd and topk_targets is not None:
+                    if use_kd and topk_targets is not None and cross_tokenizer is None:
                         target = tuple(  # (ids, logprobs) top-k or (ids, log_weights, logprobs) sampled
                             torch.cat([topk_targets[i][j] for i in local]).to(accelerator.device)
                             for j in range(len(topk_targets[0]))
@@ -437,6 +452,9 @@ def train(
                 }
                 if method is not None:
                     record.update(method.after_step(step))
+                if cross_tokenizer is not None and cross_tokenizer.mode == "hybrid":  # this process's groups
+                    stats, checkpointed.cross_stats = checkpointed.cross_stats, {}
+                    record["mapped_mass"] = stats.get("mapped_mass", 0.0) / max(stats.get("groups", 0), 1)
                 history.append(record)
                 if accelerator.is_main_process and step % config.log_every == 0:
                     _log(record, log_file, trackers)

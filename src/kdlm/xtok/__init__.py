@@ -1,0 +1,1 @@
+"""Cross-tokenizer distillation: token alignment (align), paired examples (data) and the training target."""
