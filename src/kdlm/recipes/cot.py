@@ -51,7 +51,7 @@ from rich.console import Console
 from kdlm.config import _format_errors
 from kdlm.errors import KdlmError
 from kdlm.recipes.answers import ANSWER_MARKERS, END_MARKER, END_SPLIT, extract_answer, majority_vote
-from kdlm.recipes.tasks import TaskSpec, load_task
+from kdlm.recipes.tasks import TaskSpec, load_task_counted
 
 console = Console(stderr=True)
 
@@ -335,10 +335,13 @@ def run(config) -> dict:
     """Run the recipe of a generate config (`config.recipe`); returns counts (also printed)."""
     recipe = parse_recipe(config.recipe, f"recipe of {config.output}")
     task = recipe.task
-    demos, train, heldout = split_task(load_task(task), recipe)
+    examples, skipped = load_task_counted(task)
+    demos, train, heldout = split_task(examples, recipe)
     output = Path(config.output)
     stats = {"questions": len(train), "heldout": len(heldout), "samples": 0, "unparsed": 0, "kept": 0,
-             "questions_kept": 0, "rationalized": 0, "answer_calls": 0, "records": 0}
+             "questions_kept": 0, "rationalized": 0, "answer_calls": 0, "records": 0, "skipped_rows": len(skipped)}
+    if skipped:
+        console.print(f"cot: {len(skipped)} rows skipped for a missing or unknown label (first: {skipped[0]})", highlight=False)
 
     unlabelled = sum(example["answer"] is None for example in train)
     if unlabelled and (recipe.filter == "gold" or recipe.format == "label_only"):
@@ -385,6 +388,7 @@ def run(config) -> dict:
             {"prompt": student_prompt(example["question"], recipe), "meta": {"id": example["id"], "gold": example["answer"]}}
             for example in heldout
         ])
+    output.with_name(f"{output.stem}.stats.json").write_text(json.dumps(stats, indent=1) + "\n")  # for reports
     console.print(
         f"cot: {stats['questions']} questions, {stats['samples']} teacher samples ({stats['answer_calls']} second-stage answer "
         f"calls, {stats['unparsed']} samples without an answer), "
