@@ -8,7 +8,8 @@ Three kinds:
   k-shot (`gsm8k`, `svamp`, `pubmedqa`, `legalbench` = its three Yes/No tasks, or one of them as
   `legalbench-hearsay`, `legalbench-proa`, `legalbench-personal_jurisdiction`);
 - `perplexity`: plain text (`wikitext-2`, `tinyshakespeare`, `ppl:PATH`);
-- domain tasks of the applications (docs/apps.md): `gsm8k-test` (held-out GSM8K), `legalbench-rule_qa`
+- domain tasks of the applications (docs/apps.md): `gsm8k-test` and `pubmedqa-test` (the records the app
+  configs hold out), `legalbench-rule_qa`
   (ROUGE-L against the rule), `medical-refusal` (kind `refusal`: our out-of-scope medical prompts).
   Accuracy tasks with `checks` get domain metrics (kdlm.evaluate.domain): calibration and abstention
   (pubmedqa), rationale correctness (gsm8k, svamp). Rows with a missing or unknown label are skipped and
@@ -36,8 +37,9 @@ LEGALBENCH = {
 }
 ACCURACY_TASKS = ("gsm8k", "svamp", "pubmedqa", *(f"legalbench-{name}" for name in LEGALBENCH))
 ROUGE_TASKS = ("selfinst",)
-DOMAIN_TASKS = ("gsm8k-test", "legalbench-rule_qa", "medical-refusal")
+DOMAIN_TASKS = ("gsm8k-test", "pubmedqa-test", "legalbench-rule_qa", "medical-refusal")
 GSM8K_TEST = 1319  # records in GSM8K's official test split
+PUBMEDQA_TEST = 150  # of the 500 shipped PubMedQA records: the healthcare app trains on the other 350
 RULE_QA_INSTRUCTION = "Answer this question about a legal rule in one or two sentences, naming the rule."
 PERPLEXITY_TASKS = {"wikitext-2": "wikitext-2/valid.txt", "tinyshakespeare": "tinyshakespeare/input.txt"}
 MATH_SUFFIX = 'Solve the problem step by step, then finish with "The answer is N." where N is a number.'
@@ -155,7 +157,9 @@ def _svamp() -> Task:
                 skipped=rows.skipped, checks=("rationale",))
 
 
-def _pubmedqa(context_chars: int = 1200) -> Task:
+def _pubmedqa(context_chars: int = 1200, split: str = "all") -> Task:
+    """`pubmedqa`: the records after the exemplar pool; `pubmedqa-test`: the last PUBMEDQA_TEST records, which
+    the healthcare app never trains on (it reads the first 500 - PUBMEDQA_TEST)."""
     rows = read_pubmedqa(_file("pubmedqa/pqal_train_dev.json"))
     items = []
     for row in rows.rows:
@@ -166,8 +170,9 @@ def _pubmedqa(context_chars: int = 1200) -> Task:
     labels = ["yes", "no", "maybe"]
     instruction = ("Answer the research question with yes, no or maybe (maybe when the context does not settle it). "
                    + LABEL_SUFFIX.format(labels="yes/no/maybe"))
-    return Task("pubmedqa", "accuracy", items[EXEMPLAR_POOL:], items[:EXEMPLAR_POOL], "label", labels, instruction,
-                skipped=rows.skipped, checks=("calibration", "abstention"))
+    evaluated = items[-PUBMEDQA_TEST:] if split == "test" else items[EXEMPLAR_POOL:]
+    return Task("pubmedqa" if split == "all" else "pubmedqa-test", "accuracy", evaluated, items[:EXEMPLAR_POOL], "label",
+                labels, instruction, skipped=rows.skipped, checks=("calibration", "abstention"))
 
 
 def _legalbench(name: str) -> Task:
@@ -222,6 +227,8 @@ def load_task(spec: str) -> list[Task]:
         return [_svamp()]
     if spec == "pubmedqa":
         return [_pubmedqa()]
+    if spec == "pubmedqa-test":
+        return [_pubmedqa(split="test")]
     if spec == "legalbench":
         return [_legalbench(name) for name in LEGALBENCH]
     if spec.startswith("legalbench-") and spec[len("legalbench-") :] in (*LEGALBENCH, "rule_qa"):
