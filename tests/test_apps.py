@@ -118,3 +118,44 @@ def test_education_app_runs_end_to_end_with_the_rule_based_teacher(tmp_path):
     assert "gsm8k-test 0-shot rationale ok" in report and "wikitext-2 ppl" in report
     assert (app / "commands.sh").read_text().splitlines()[1] == f"kdlm generate {app / 'generate.yaml'}"
     assert load_config(app / "distill.yaml").data.train == str(app / "data" / "train.jsonl")  # the written step config
+
+
+class FormTeacher(ArithTeacher):
+    """Answers every question in the domain's form with one fixed label; told the correct answer, gives that one."""
+
+    def __init__(self, body: str, label: str):
+        super().__init__()
+        self.body, self.label = body, label
+
+    def answer(self, messages, seed):
+        told = messages[-1]["content"].rsplit("The correct answer is ", 1)
+        label = told[1].split(".")[0] if len(told) == 2 else self.label
+        return f"{self.body}\nAnswer: {label}"
+
+
+def test_law_and_healthcare_generate_steps_write_domain_rationales_and_count_skipped_rows(tmp_path):
+    tsv = tmp_path / "hearsay.tsv"
+    tsv.write_text("label\ttext\nYes\tA said so.\nNo\tB nodded.\nmaybe\tC wrote it.\nYes\tD told E.\n")
+    pubmed = tmp_path / "pubmed.json"
+    pubmed.write_text(json.dumps({str(i): {"QUESTION": f"Does drug {i} work?", "CONTEXTS": [f"Trial {i} ran."],
+                                           "final_decision": decision} for i, decision in
+                                  enumerate(["yes", "maybe", "unknown", "yes", "no"])}, indent=1))
+    cases = [("law", str(tsv), "Rule: hearsay is an out-of-court statement offered for its truth.", "Yes"),
+             ("healthcare", str(pubmed), "Evidence: 'Trial ran.' The trial supports it.", "yes")]
+    for domain, source, body, label in cases:
+        teacher = FormTeacher(body, label)
+        out = tmp_path / domain
+        with ServerThread(teacher) as server:
+            config = load_app_config(APPS / f"{domain}.yaml", [
+                f"output_dir={out}", "steps=[generate]", f"generate.teacher.base_url={server.url}",
+                "generate.teacher.model=arith-teacher", "generate.progress=false", "generate.sampling.n=2",
+                f"generate.recipe.task.source={source}", "generate.recipe.task.limit=null"])
+            report = run_app(config).read_text()
+        assert "rows skipped for a missing or unknown label: 1" in report
+        records = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+        assert len(records) == (3 if domain == "law" else 4) and all(r["response"].startswith(body) for r in records)
+        assert all(r["response"].endswith(f"--> {r['meta']['gold']} END") for r in records)  # wrong labels rationalized
+        asked = json.loads((out / "data" / "train.rationales.jsonl").read_text().splitlines()[0])["messages"][0]["content"]
+        assert asked.endswith("'Answer: No'." if domain == "law" else "'Answer: maybe'.")  # the domain cue
+    law = [json.loads(line) for line in (tmp_path / "law" / "data" / "train.jsonl").read_text().splitlines()]
+    assert all(r["prompt"].startswith("Is this evidence hearsay") for r in law)  # task.instruction before the facts

@@ -32,7 +32,8 @@ class TaskSpec(BaseModel):
     )
     answer_type: Literal["number", "label"] = Field("number", description="How answers are parsed.")
     labels: list[str] | None = Field(None, description="answer_type=label: the label set (e.g. [yes, no, maybe]).")
-    instruction: str | None = Field(None, description="A line that states the task, put before k-shot prompts.")
+    instruction: str | None = Field(None, description="A line that states the task: icl puts it before k-shot "
+                                       "prompts, cot before each question (LegalBench rows hold only the facts).")
     limit: int | None = Field(None, ge=1, description="Use only the first N examples.")
 
     def display_name(self) -> str:
