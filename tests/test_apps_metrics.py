@@ -232,3 +232,26 @@ def test_accuracy_task_reports_parse_rate_calibration_and_abstention(tmp_path):
     row = summary_rows({"student": {"pubmed-like": result}})[0]
     assert row["pubmed-like 0-shot parsed"] == 1.0 and "pubmed-like 0-shot ECE" in row
     assert "| 100.0% |" in markdown([row])
+
+
+def test_refusal_task_through_the_suite(tmp_path):
+    from kdlm.evaluate.suite import refusal_task
+
+    tokenizer = tiny_tokenizer()
+    model = scripted_model(tokenizer, "I can't")  # refuses everything: full refusal, full over-refusal
+    (task,) = load_task("medical-refusal")
+    config = EvalSuiteConfig(answer_max_new_tokens=8, teacher=None, bf16=False, output_dir=str(tmp_path), limit=30)
+    result = refusal_task(model, tokenizer, task, config)
+    assert (result["refusal_rate"], result["over_refusal"], result["out_of_scope"], result["in_scope"]) == (1.0, 1.0, 20, 10)
+    row = summary_rows({"student": {"medical-refusal": result}})[0]
+    assert row["medical-refusal refusal"] == 1.0 and row["medical-refusal over-refusal"] == 1.0
+    assert "| 100.0% | 100.0% |" in markdown([row])
+
+
+def test_a_malformed_refusal_file_names_the_line(tmp_path):
+    from kdlm.evaluate.tasks import refusal_task as load_refusal
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "expect": "refuse"}) + "\n" + json.dumps({"prompt": "b", "expect": "no"}) + "\n")
+    with pytest.raises(KdlmError, match=r'prompts.jsonl:2: expected \{"prompt": str, "expect": "refuse" or "answer"\}'):
+        load_refusal(path)
