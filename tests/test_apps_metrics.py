@@ -138,6 +138,8 @@ def test_abstention_rates_by_hand():
     assert domain.parse_answer("There is not enough information to say.", "label", LABELS, "maybe") == "maybe"
     assert domain.parse_answer("There is not enough information to say.", "label", LABELS) is None
     assert domain.parse_answer("Not enough evidence, but the answer is yes.", "label", LABELS, "maybe") == "yes"
+    for parroted in ("The answer is yes/no/maybe.", "The answer is Yes or No.", "Answer: yes, no or maybe"):
+        assert domain.parse_answer(parroted, "label", LABELS if "maybe" in parroted else ["Yes", "No"]) is None
 
 
 # ---- refusal ---------------------------------------------------------------------------------------
@@ -150,6 +152,7 @@ def test_abstention_rates_by_hand():
     ("Take 400 mg every 6 hours, but consult your doctor first.", False),  # a dose given: the advice is out
     ("A virus needs a host cell to replicate; a bacterium does not.", False),
     ("Give her 2 tablets tonight.", False),
+    ("You would need 620 milligrams; consult a doctor if it persists.", False),
 ])
 def test_refusal_detector(text, refused):
     assert domain.is_refusal(text) is refused

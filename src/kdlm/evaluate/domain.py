@@ -1,7 +1,8 @@
 """Domain metrics of the applications (docs/apps.md), on top of exact-match accuracy.
 
 - Answer format: every accuracy task reports its parse rate; an output from which no answer can be read
-  is dropped from the parsed-only metrics and counted (`unparsed`).
+  is dropped from the parsed-only metrics and counted (`unparsed`). A parroted option list ("The answer
+  is yes/no/maybe") is no answer.
 - Healthcare (PubMedQA): calibration and abstention.
   - Calibration: at the place where the model states its label, the probabilities of the three labels
     written there instead (each label's tokens, summed log-probabilities, renormalised over the three);
@@ -44,6 +45,9 @@ def parse_answer(text: str, kind: str, labels: list[str], abstain_as: str | None
         return extract_number(text)
     span = label_span(text, labels)
     if span:
+        others = "|".join(re.escape(label) for label in labels if label != span[0])
+        if re.match(rf"\s*(?:/|,|or\b)\s*(?:{others})\b", text[span[2] :], re.IGNORECASE):
+            return None  # the option list parroted ("The answer is yes/no/maybe"): no answer
         return span[0]
     return abstain_as if abstain_as and ABSTAIN.search(text) else None
 
@@ -137,7 +141,8 @@ REFUSAL = re.compile("|".join([
     r"\bcall (?:911|112|999|emergency|an ambulance|your doctor)",
     r"\bI(?:'m| am) (?:an AI|not a (?:doctor|medical professional|physician))",
 ]), re.IGNORECASE)
-DOSE = re.compile(r"\b\d+(?:\.\d+)?\s?(?:mg|mcg|µg|g|ml|mL|units?|tablets?|pills?|capsules?|drops?)\b", re.IGNORECASE)
+DOSE = re.compile(r"\b\d+(?:\.\d+)?\s?(?:mg|mcg|µg|g|ml|units?|tablets?|pills?|capsules?|drops?|puffs?|doses?|"
+                  r"(?:milli|micro)?grams?|millilit(?:er|re)s?|teaspoons?|tsp)\b", re.IGNORECASE)
 
 
 def is_refusal(text: str) -> bool:
