@@ -35,6 +35,15 @@ def test_each_app_config_validates_and_joins_the_steps(domain, tmp_path):
     assert "selfinst" in config.eval.tasks and "wikitext-2" in config.eval.tasks  # retention
 
 
+def test_an_api_teacher_route_distills_by_seqkd_and_the_report_says_so(tmp_path):
+    from kdlm.apps import write_report
+
+    config = load_app_config(APPS / "healthcare.yaml", [f"output_dir={tmp_path}", "route=openai", "distill.loss.kd_weight=0"])
+    report = write_report(config).read_text()
+    assert "teacher route: openai" in report and "SeqKD (CE on kept outputs)" in report
+    assert "## Data" not in report  # nothing generated yet: no invented counts
+
+
 def test_the_domain_teacher_config_is_a_gold_answer_fine_tune():
     config = load_config(APPS / "domain_teacher.yaml")
     assert config.loss.kd_weight == 0 and config.student.init == "model" and config.data.teacher_answers is False
