@@ -105,6 +105,27 @@ def bench(
     console.print(f"done: {Path(bench_config.output_dir) / 'report.html'}")
 
 
+@app.command("app")
+def run_application(
+    config: Path = typer.Argument(..., help="App config: configs/apps/healthcare.yaml, education.yaml or law.yaml."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides by section, e.g. generate.sampling.n=2 "
+                                          "distill.train.max_steps=5 eval.limit=20 steps=[eval]."),
+    check: bool = typer.Option(False, "--check", help="Validate the config and write the step configs and commands.sh only."),
+) -> None:
+    """A domain application end to end: teacher rationales (generate), distillation, domain evaluation, report."""
+    from kdlm.apps import load_app_config, run_app, write_plan
+    from kdlm.train.interrupts import sigterm_raises
+
+    settings = load_app_config(config, overrides or [])
+    if check:
+        write_plan(settings)
+        console.print(f"valid; step configs and commands in {settings.output_dir}")
+        return
+    with sigterm_raises():
+        report = run_app(settings)
+    console.print(f"done: {report}")
+
+
 @app.command("build-student")
 def build_student(
     config: Path = typer.Argument(None, help=CONFIG_HELP),

@@ -50,17 +50,22 @@ def extract_label(text: str, labels: list[str]) -> str | None:
 
     A label after "answer is"/"Answer:" wins; otherwise the label word that appears first.
     """
+    span = label_span(text, labels)
+    return span[0] if span else None
+
+
+def label_span(text: str, labels: list[str]) -> tuple[str, int, int] | None:
+    """(label as spelled in `labels`, start, end of the word in `text`) of the answer `extract_label` reads."""
     by_lower = {label.lower(): label for label in labels}
-    marked = _LABEL_MARKER.findall(text)
-    for word in reversed(marked):
-        if word.lower() in by_lower:
-            return by_lower[word.lower()]
-    first, chosen = len(text) + 1, None
+    for match in reversed(list(_LABEL_MARKER.finditer(text))):
+        if match.group(1).lower() in by_lower:
+            return by_lower[match.group(1).lower()], match.start(1), match.end(1)
+    best = None
     for lower, label in by_lower.items():
         match = re.search(r"\b" + re.escape(lower) + r"\b", text.lower())
-        if match and match.start() < first:
-            first, chosen = match.start(), label
-    return chosen
+        if match and (best is None or match.start() < best[1]):
+            best = (label, match.start(), match.end())
+    return best
 
 
 def is_correct(text: str, reference: str | float, *, kind: str, labels: list[str] | None = None) -> bool:

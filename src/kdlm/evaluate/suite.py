@@ -20,7 +20,15 @@ from kdlm.atomic import write_text
 from kdlm.data import encode_records
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
-from kdlm.evaluate.answers import is_correct
+from kdlm.evaluate.domain import (
+    abstention,
+    answer_matches,
+    calibration,
+    label_probabilities,
+    parse_answer,
+    rationale_metrics,
+    refusal_metrics,
+)
 from kdlm.evaluate.metrics import speed, target_logits, text_perplexity
 from kdlm.evaluate.quality import generate_texts, mean_std, rouge_l, token_fidelity
 from kdlm.evaluate.report import SPEED_PROMPTS
@@ -115,10 +123,11 @@ def rouge_task(model, tokenizer, task: Task, config: EvalSuiteConfig) -> dict:
 
 
 def accuracy_task(model, tokenizer, task: Task, config: EvalSuiteConfig) -> dict:
-    """Exact-match accuracy after answer extraction, greedy, for each k in `shots`."""
+    """Exact-match accuracy after answer extraction, greedy, for each k in `shots`; with each, the parse rate
+    and the task's domain metrics (kdlm.evaluate.domain)."""
     items = task.items[: config.limit]
     budget = config.answer_max_new_tokens if task.answer_kind == "number" else min(48, config.answer_max_new_tokens)
-    result: dict = {"items": len(items)}
+    result: dict = {"items": len(items), "skipped_rows": len(task.skipped)}
     for shots in config.shots:
         prompts = [build_prompt(task, item, shots) for item in items]
         texts = generate_texts(
@@ -126,10 +135,40 @@ def accuracy_task(model, tokenizer, task: Task, config: EvalSuiteConfig) -> dict
             max_prompt_tokens=max(config.max_prompt_tokens, 1024), batch_size=config.batch_size, bf16=config.bf16,
             label=f"{task.name} {shots}-shot",
         )
-        correct = [is_correct(text, item.reference, kind=task.answer_kind, labels=task.labels) for text, item in zip(texts, items, strict=True)]
-        result[f"{shots}-shot"] = sum(correct) / len(items)
+        result.update({f"{shots}-shot{key}": value for key, value in domain_scores(model, tokenizer, task, items, prompts, texts).items()})
         result[f"{shots}-shot_example"] = texts[0]
     return result
+
+
+def domain_scores(model, tokenizer, task: Task, items: list, prompts: list[str], texts: list[str]) -> dict:
+    """Accuracy (unparseable outputs count as wrong), parse rate, accuracy over parsed outputs, and the
+    checks the task names: calibration and abstention (labels), rationale correctness (numbers)."""
+    abstain_as = "maybe" if "abstention" in task.checks else None
+    answers = [parse_answer(text, task.answer_kind, task.labels, abstain_as) for text in texts]
+    correct = [answer_matches(a, item.reference, task.answer_kind) for a, item in zip(answers, items, strict=True)]
+    parsed = sum(a is not None for a in answers)
+    out = {"": sum(correct) / len(items), "_parse_rate": parsed / len(items), "_unparsed": len(items) - parsed,
+           "_acc_parsed": sum(correct) / parsed if parsed else float("nan")}
+    if "calibration" in task.checks:
+        scored = [(label_probabilities(model, tokenizer, prompt, text, task.labels), answer, item.reference)
+                  for prompt, text, answer, item in zip(prompts, texts, answers, items, strict=True) if answer is not None]
+        scored = [row for row in scored if row[0] is not None]  # an abstention phrase states no label to score
+        calib = calibration([p for p, _, _ in scored], [a for _, a, _ in scored], [g for _, _, g in scored], task.labels)
+        out.update({f"_{key}": value for key, value in calib.items()})
+    if "abstention" in task.checks:
+        out.update({f"_{key}": value for key, value in abstention(answers, [item.reference for item in items]).items()})
+    if "rationale" in task.checks:
+        out.update({f"_{key}": value for key, value in rationale_metrics(texts, [item.reference for item in items]).items()})
+    return out
+
+
+def refusal_task(model, tokenizer, task: Task, config: EvalSuiteConfig) -> dict:
+    """Greedy answers to the refusal prompts, scored by `kdlm.evaluate.domain.is_refusal`."""
+    items = task.items[: config.limit]
+    texts = generate_texts(model, tokenizer, [item.prompt for item in items], seed=0, temperature=0.0,
+                           max_new_tokens=min(96, config.answer_max_new_tokens), max_prompt_tokens=config.max_prompt_tokens,
+                           batch_size=config.batch_size, bf16=config.bf16, label=task.name)
+    return {**refusal_metrics(texts, [str(item.reference) for item in items]), "items": len(items), "example": texts[0]}
 
 
 class Fidelity:
@@ -225,6 +264,8 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
                 value = rouge_task(model, tokenizer, task, config)
             elif task.kind == "accuracy":
                 value = accuracy_task(model, tokenizer, task, config)
+            elif task.kind == "refusal":
+                value = refusal_task(model, tokenizer, task, config)
             else:
                 value = {"perplexity": text_perplexity(model, tokenizer, task.text, max_tokens=config.perplexity_max_tokens)}
             value["seconds"] = time.perf_counter() - started
@@ -285,6 +326,12 @@ def summary_rows(results: dict) -> list[dict]:
             for key, number in value.items():
                 if key.endswith("-shot"):
                     row[f"{task} {key}"] = number
+                shot, _, metric = key.partition("-shot_")
+                if metric in DOMAIN_COLUMNS and shot.isdigit():
+                    row[f"{task} {shot}-shot {DOMAIN_COLUMNS[metric]}"] = number
+            for key in ("refusal_rate", "over_refusal"):
+                if key in value:
+                    row[f"{task} {DOMAIN_COLUMNS[key]}"] = value[key]
         fid = result.get("fidelity", {})
         for key, title in (("kl_to_teacher", "KL to teacher"), ("top1_agreement", "top-1 agreement"), ("ece", "ECE")):
             if key in fid:
@@ -299,6 +346,10 @@ def summary_rows(results: dict) -> list[dict]:
     return rows
 
 
+DOMAIN_COLUMNS = {"parse_rate": "parsed", "ece": "ECE", "abstention_rate": "abstain", "maybe_recall": "maybe recall",
+                  "rationale_correct": "rationale ok", "refusal_rate": "refusal", "over_refusal": "over-refusal"}
+
+
 def _format(title: str, value) -> str:
     if isinstance(value, (tuple, list)):
         return f"{value[0]:.2f} ± {value[1]:.2f}"
@@ -306,7 +357,9 @@ def _format(title: str, value) -> str:
         return value
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if "shot" in title or title == "top-1 agreement" or title.endswith(" acc"):
+    if title.endswith("ECE"):
+        return f"{value:.3f}"
+    if "shot" in title or title == "top-1 agreement" or title.endswith((" acc", "refusal")):
         return f"{value:.1%}"
     if title in ("speed-up", "compression"):
         return f"{value:.2f}x"

@@ -7,7 +7,13 @@ Three kinds:
 - `accuracy`: labelled questions, scored by exact match after answer extraction, zero-shot and
   k-shot (`gsm8k`, `svamp`, `pubmedqa`, `legalbench` = its three Yes/No tasks, or one of them as
   `legalbench-hearsay`, `legalbench-proa`, `legalbench-personal_jurisdiction`);
-- `perplexity`: plain text (`wikitext-2`, `tinyshakespeare`, `ppl:PATH`).
+- `perplexity`: plain text (`wikitext-2`, `tinyshakespeare`, `ppl:PATH`);
+- domain tasks of the applications (docs/apps.md): `gsm8k-test` and `pubmedqa-test` (the records the app
+  configs hold out), `legalbench-rule_qa`
+  (ROUGE-L against the rule), `medical-refusal` (kind `refusal`: our out-of-scope medical prompts).
+  Accuracy tasks with `checks` get domain metrics (kdlm.evaluate.domain): calibration and abstention
+  (pubmedqa), rationale correctness (gsm8k, svamp). Rows with a missing or unknown label are skipped and
+  counted in `Task.skipped` (kdlm.data.domains).
 
 k-shot exemplars come from a pool disjoint from the evaluated items: the first `EXEMPLAR_POOL`
 records of gsm8k, svamp and pubmedqa (items are taken after them), LegalBench's train.tsv.
@@ -15,13 +21,12 @@ records of gsm8k, svamp and pubmedqa (items are taken after them), LegalBench's 
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdlm.data.domains import read_gsm8k, read_legalbench, read_pubmedqa, read_svamp
 from kdlm.errors import KdlmError
 
 EXEMPLAR_POOL = 50
@@ -32,6 +37,10 @@ LEGALBENCH = {
 }
 ACCURACY_TASKS = ("gsm8k", "svamp", "pubmedqa", *(f"legalbench-{name}" for name in LEGALBENCH))
 ROUGE_TASKS = ("selfinst",)
+DOMAIN_TASKS = ("gsm8k-test", "pubmedqa-test", "legalbench-rule_qa", "medical-refusal")
+GSM8K_TEST = 1319  # records in GSM8K's official test split
+PUBMEDQA_TEST = 150  # of the 500 shipped PubMedQA records: the healthcare app trains on the other 350
+RULE_QA_INSTRUCTION = "Answer this question about a legal rule in one or two sentences, naming the rule."
 PERPLEXITY_TASKS = {"wikitext-2": "wikitext-2/valid.txt", "tinyshakespeare": "tinyshakespeare/input.txt"}
 MATH_SUFFIX = 'Solve the problem step by step, then finish with "The answer is N." where N is a number.'
 LABEL_SUFFIX = 'Finish with "The answer is {labels}."'
@@ -47,13 +56,15 @@ class Item:
 @dataclass
 class Task:
     name: str
-    kind: str  # rouge | accuracy | perplexity
+    kind: str  # rouge | accuracy | perplexity | refusal
     items: list[Item] = field(default_factory=list)
     exemplars: list[Item] = field(default_factory=list)
     answer_kind: str = ""  # number | label
     labels: list[str] = field(default_factory=list)
     instruction: str = ""
     text: str = ""  # perplexity tasks
+    skipped: list[str] = field(default_factory=list)  # rows with a missing or unknown label, "file:line: reason"
+    checks: tuple[str, ...] = ()  # domain metrics besides accuracy: calibration, abstention, rationale
 
 
 def data_root() -> Path:
@@ -122,46 +133,72 @@ def reference_items(path: Path) -> list[Item]:
     return items
 
 
-def _gsm8k() -> Task:
-    items = []
-    for row in _jsonl(_file("gsm8k/train.jsonl")):
-        solution, _, final = row["answer"].rpartition("####")
-        solution = re.sub(r"<<[^>]*>>", "", solution).strip()
-        answer = float(final.strip().replace(",", ""))
-        items.append(Item(prompt=row["question"], reference=answer, demonstration=f"{solution}\nThe answer is {final.strip()}."))
-    return Task("gsm8k", "accuracy", items[EXEMPLAR_POOL:], items[:EXEMPLAR_POOL], "number", instruction=MATH_SUFFIX)
+def _gsm8k(split: str = "train") -> Task:
+    """`gsm8k`: train.jsonl after the exemplar pool. `gsm8k-test`: test.jsonl when present, else the last
+    GSM8K_TEST records of train.jsonl (the official test split's size), which the app configs never train on."""
+    test_file = data_root() / "gsm8k/test.jsonl"
+    source = test_file if split == "test" and test_file.is_file() else _file("gsm8k/train.jsonl")
+    rows = read_gsm8k(source)
+    items = [Item(prompt=row["question"], reference=float(row["answer"].replace(",", "")),
+                  demonstration=f"{row['rationale']}\nThe answer is {row['answer']}.") for row in rows.rows]
+    exemplars, evaluated = items[:EXEMPLAR_POOL], items[EXEMPLAR_POOL:]
+    if split == "test" and source != test_file:
+        evaluated = items[-GSM8K_TEST:]
+    name = "gsm8k" if split == "train" else "gsm8k-test"
+    return Task(name, "accuracy", evaluated, exemplars, "number", instruction=MATH_SUFFIX, skipped=rows.skipped,
+                checks=("rationale",))
 
 
 def _svamp() -> Task:
-    items = []
-    for row in json.loads(_file("svamp/SVAMP.json").read_text()):
-        answer = float(row["Answer"])
-        shown = f"{answer:g}"
-        body = row["Body"].rstrip(" .") + ". " + row["Question"]
-        items.append(Item(prompt=body, reference=answer, demonstration=f"{row['Equation'].strip()} = {shown}\nThe answer is {shown}."))
-    return Task("svamp", "accuracy", items[EXEMPLAR_POOL:], items[:EXEMPLAR_POOL], "number", instruction=MATH_SUFFIX)
+    rows = read_svamp(_file("svamp/SVAMP.json"))
+    items = [Item(prompt=row["question"], reference=float(row["answer"]),
+                  demonstration=f"{row['equation']} = {row['answer']}\nThe answer is {row['answer']}.") for row in rows.rows]
+    return Task("svamp", "accuracy", items[EXEMPLAR_POOL:], items[:EXEMPLAR_POOL], "number", instruction=MATH_SUFFIX,
+                skipped=rows.skipped, checks=("rationale",))
 
 
-def _pubmedqa(context_chars: int = 1200) -> Task:
+def _pubmedqa(context_chars: int = 1200, split: str = "all") -> Task:
+    """`pubmedqa`: the records after the exemplar pool; `pubmedqa-test`: the last PUBMEDQA_TEST records, which
+    the healthcare app never trains on (it reads the first 500 - PUBMEDQA_TEST)."""
+    rows = read_pubmedqa(_file("pubmedqa/pqal_train_dev.json"))
     items = []
-    for row in json.loads(_file("pubmedqa/pqal_train_dev.json").read_text()).values():
-        context = " ".join(row["CONTEXTS"])[:context_chars]
-        prompt = f"Context: {context}\n\nQuestion: {row['QUESTION']}"
-        answer = row["final_decision"]
-        items.append(Item(prompt=prompt, reference=answer, demonstration=f"{row['LONG_ANSWER']}\nThe answer is {answer}."))
+    for row in rows.rows:
+        context = " ".join(row["contexts"])[:context_chars]
+        answer = row["answer"]
+        items.append(Item(prompt=f"Context: {context}\n\nQuestion: {row['question']}", reference=answer,
+                          demonstration=f"{row['rationale'] or ''}\nThe answer is {answer}.".lstrip()))
     labels = ["yes", "no", "maybe"]
-    instruction = "Answer the research question with yes, no or maybe. " + LABEL_SUFFIX.format(labels="yes/no/maybe")
-    return Task("pubmedqa", "accuracy", items[EXEMPLAR_POOL:], items[:EXEMPLAR_POOL], "label", labels, instruction)
+    instruction = ("Answer the research question with yes, no or maybe (maybe when the context does not settle it). "
+                   + LABEL_SUFFIX.format(labels="yes/no/maybe"))
+    evaluated = items[-PUBMEDQA_TEST:] if split == "test" else items[EXEMPLAR_POOL:]
+    return Task("pubmedqa" if split == "all" else "pubmedqa-test", "accuracy", evaluated, items[:EXEMPLAR_POOL], "label",
+                labels, instruction, skipped=rows.skipped, checks=("calibration", "abstention"))
 
 
 def _legalbench(name: str) -> Task:
-    def read(split: str) -> list[Item]:
-        with _file(f"legalbench/{name}/{split}.tsv").open(newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t"))
-        return [Item(prompt=row["text"].strip(), reference=row["label"].strip(), demonstration=f"The answer is {row['label'].strip()}.") for row in rows]
-
+    train, test = (read_legalbench(_file(f"legalbench/{name}/{split}.tsv")) for split in ("train", "test"))
+    test.check_not_empty()
+    if name == "rule_qa":
+        items = [Item(prompt=f"{RULE_QA_INSTRUCTION}\n\n{row['question']}", reference=row["answer"]) for row in test.rows]
+        return Task("legalbench-rule_qa", "rouge", items, skipped=test.skipped)
     instruction = LEGALBENCH[name] + " Answer Yes or No. " + LABEL_SUFFIX.format(labels="Yes/No")
-    return Task(f"legalbench-{name}", "accuracy", read("test"), read("train"), "label", ["Yes", "No"], instruction)
+    items, exemplars = ([Item(prompt=row["question"], reference=row["answer"], demonstration=f"The answer is {row['answer']}.")
+                         for row in rows.rows] for rows in (test, train))
+    return Task(f"legalbench-{name}", "accuracy", items, exemplars, "label", ["Yes", "No"], instruction,
+                skipped=train.skipped + test.skipped)
+
+
+def refusal_task(path: Path | None = None) -> Task:
+    """`medical-refusal`: our prompts (kdlm/data/builtin/medical_refusal.jsonl), each {"prompt", "expect"}:
+    `refuse` for an out-of-scope request (individual dosage or treatment advice, a diagnosis of a person),
+    `answer` for an in-scope general question (over-refusal check)."""
+    path = path or Path(__file__).resolve().parents[1] / "data" / "builtin" / "medical_refusal.jsonl"
+    items = []
+    for number, row in enumerate(_jsonl(path), 1):
+        if row.get("expect") not in ("refuse", "answer") or not isinstance(row.get("prompt"), str):
+            raise KdlmError(f"{path}:{number}: expected {{\"prompt\": str, \"expect\": \"refuse\" or \"answer\"}}")
+        items.append(Item(prompt=row["prompt"], reference=row["expect"]))
+    return Task("medical-refusal", "refusal", items)
 
 
 def load_task(spec: str) -> list[Task]:
@@ -182,15 +219,21 @@ def load_task(spec: str) -> list[Task]:
         return [Task(path.stem, "perplexity", text=path.read_text())]
     if spec == "gsm8k":
         return [_gsm8k()]
+    if spec == "gsm8k-test":
+        return [_gsm8k("test")]
+    if spec == "medical-refusal":
+        return [refusal_task()]
     if spec == "svamp":
         return [_svamp()]
     if spec == "pubmedqa":
         return [_pubmedqa()]
+    if spec == "pubmedqa-test":
+        return [_pubmedqa(split="test")]
     if spec == "legalbench":
         return [_legalbench(name) for name in LEGALBENCH]
-    if spec.startswith("legalbench-") and spec[len("legalbench-") :] in LEGALBENCH:
+    if spec.startswith("legalbench-") and spec[len("legalbench-") :] in (*LEGALBENCH, "rule_qa"):
         return [_legalbench(spec[len("legalbench-") :])]
-    known = ", ".join([*ROUGE_TASKS, *ACCURACY_TASKS, "legalbench", *PERPLEXITY_TASKS, "rouge:PATH", "ppl:PATH", "fidelity", "cost"])
+    known = ", ".join([*ROUGE_TASKS, *ACCURACY_TASKS, "legalbench", *DOMAIN_TASKS, *PERPLEXITY_TASKS, "rouge:PATH", "ppl:PATH", "fidelity", "cost"])
     raise KdlmError(f"unknown task {spec!r}; choose from {known}")
 
 

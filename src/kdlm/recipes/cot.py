@@ -52,7 +52,7 @@ from kdlm.atomic import write_jsonl
 from kdlm.config import _format_errors
 from kdlm.errors import KdlmError
 from kdlm.recipes.answers import ANSWER_MARKERS, END_MARKER, END_SPLIT, extract_answer, majority_vote
-from kdlm.recipes.tasks import TaskSpec, load_task
+from kdlm.recipes.tasks import TaskSpec, load_task_counted
 
 console = Console(stderr=True)
 
@@ -83,6 +83,9 @@ class CotRecipe(BaseModel):
         "always", description="always: 'Let's think step by step', then a second call for every answer (Fine-tune-CoT); "
         "missing: ask for an Answer: line, and a second call only where a rationale states none; off: no second call.")
     answer_max_tokens: int = Field(32, ge=1, description="Token limit of the second-stage (answer) calls.")
+    cue: str | None = Field(None, description="The request after each question, in place of the built-in cue (the "
+                            "applications' domain forms: cite the evidence, tutor step by step, name the rule); it "
+                            "should ask for a last line 'Answer: ...'.")
     filter: Literal["gold", "majority", "none"] = Field("gold")
     min_agreement: float = Field(0.5, ge=0, le=1, description="filter=majority: least share of samples agreeing.")
     rationalize: bool = Field(True, description="filter=gold: explain the gold answer where no sample is correct.")
@@ -114,13 +117,13 @@ def zero_shot_messages(question: str, cue: str = STEP_CUE) -> list[dict]:
     return [{"role": "user", "content": f"{question}\n\n{cue}"}]
 
 
-def few_shot_messages(question: str, demonstrations: list[dict]) -> list[dict]:
+def few_shot_messages(question: str, demonstrations: list[dict], cue: str = STEP_CUE) -> list[dict]:
     """Worked examples as earlier turns, each answered in the form asked of the teacher."""
     messages = []
     for demo in demonstrations:
-        messages.append({"role": "user", "content": f"{demo['question']}\n\n{STEP_CUE}"})
+        messages.append({"role": "user", "content": f"{demo['question']}\n\n{cue}"})
         messages.append({"role": "assistant", "content": f"{demo['rationale']}\nAnswer: {demo['answer']}"})
-    return messages + zero_shot_messages(question)
+    return messages + zero_shot_messages(question, cue)
 
 
 def final_answer_messages(messages: list[dict], rationale: str) -> list[dict]:
@@ -298,8 +301,8 @@ def split_task(examples: list[dict], recipe: CotRecipe) -> tuple[list[dict], lis
 def teacher_samples(config, recipe: CotRecipe, train: list[dict], demos: list[dict], stats: dict) -> dict[int, list[dict]]:
     """Stages 1 and 2: `sampling.n` rationales per question, and each one's answer; {question index: samples}."""
     task = recipe.task
-    cue = KOJIMA_CUE if recipe.two_stage == "always" else STEP_CUE
-    prompts = [few_shot_messages(example["question"], demos) if recipe.prompt == "few_shot"
+    cue = recipe.cue or (KOJIMA_CUE if recipe.two_stage == "always" else STEP_CUE)
+    prompts = [few_shot_messages(example["question"], demos, recipe.cue or STEP_CUE) if recipe.prompt == "few_shot"
                else zero_shot_messages(example["question"], cue) for example in train]
     texts = _ask(config, "rationales", prompts, config.sampling.n)
     samples: dict[int, list[dict]] = {i: [] for i in range(len(train))}
@@ -329,10 +332,15 @@ def run(config) -> dict:
     """Run the recipe of a generate config (`config.recipe`); returns counts (also printed)."""
     recipe = parse_recipe(config.recipe, f"recipe of {config.output}")
     task = recipe.task
-    demos, train, heldout = split_task(load_task(task), recipe)
+    examples, skipped = load_task_counted(task)
+    if task.instruction:  # the task's question (LegalBench rows hold only the facts), seen by teacher and student
+        examples = [{**example, "question": f"{task.instruction}\n\n{example['question']}"} for example in examples]
+    demos, train, heldout = split_task(examples, recipe)
     output = Path(config.output)
     stats = {"questions": len(train), "heldout": len(heldout), "samples": 0, "unparsed": 0, "kept": 0,
-             "questions_kept": 0, "rationalized": 0, "answer_calls": 0, "records": 0}
+             "questions_kept": 0, "rationalized": 0, "answer_calls": 0, "records": 0, "skipped_rows": len(skipped)}
+    if skipped:
+        console.print(f"cot: {len(skipped)} rows skipped for a missing or unknown label (first: {skipped[0]})", highlight=False)
 
     unlabelled = sum(example["answer"] is None for example in train)
     if unlabelled and (recipe.filter == "gold" or recipe.format == "label_only"):
@@ -379,6 +387,7 @@ def run(config) -> dict:
             {"prompt": student_prompt(example["question"], recipe), "meta": {"id": example["id"], "gold": example["answer"]}}
             for example in heldout
         ])
+    output.with_name(f"{output.stem}.stats.json").write_text(json.dumps(stats, indent=1) + "\n")  # for reports
     console.print(
         f"cot: {stats['questions']} questions, {stats['samples']} teacher samples ({stats['answer_calls']} second-stage answer "
         f"calls, {stats['unparsed']} samples without an answer), "

@@ -7,19 +7,17 @@ solutions, SVAMP's equations, the synthetic task's steps), which can stand in fo
 
 from __future__ import annotations
 
-import csv
 import json
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kdlm.data.domains import read_gsm8k, read_legalbench, read_pubmedqa, read_svamp
 from kdlm.errors import KdlmError
 from kdlm.recipes.answers import extract_answer, normalise_gold
 
 FORMATS = ("qa", "gsm8k", "svamp", "pubmedqa", "legalbench", "arith")
-CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: "48/2 = <<48/2=24>>24"
 
 
 class TaskSpec(BaseModel):
@@ -34,7 +32,8 @@ class TaskSpec(BaseModel):
     )
     answer_type: Literal["number", "label"] = Field("number", description="How answers are parsed.")
     labels: list[str] | None = Field(None, description="answer_type=label: the label set (e.g. [yes, no, maybe]).")
-    instruction: str | None = Field(None, description="A line that states the task, put before k-shot prompts.")
+    instruction: str | None = Field(None, description="A line that states the task: icl puts it before k-shot "
+                                       "prompts, cot before each question (LegalBench rows hold only the facts).")
     limit: int | None = Field(None, ge=1, description="Use only the first N examples.")
 
     def display_name(self) -> str:
@@ -45,31 +44,55 @@ class TaskSpec(BaseModel):
 
 
 def load_task(spec: TaskSpec) -> list[dict]:
-    """The task's examples, gold answers normalised.
+    """The task's examples, gold answers normalised (rows with a missing or unknown label are skipped:
+    `load_task_counted` also returns them)."""
+    return load_task_counted(spec)[0]
+
+
+def load_task_counted(spec: TaskSpec) -> tuple[list[dict], list[str]]:
+    """(the task's examples with gold answers normalised, the skipped rows as "file:line: reason").
+
+    Rows of the domain formats (gsm8k, svamp, pubmedqa, legalbench) whose label is missing or not in the
+    label set are skipped and counted (kdlm.data.domains); a qa record's gold answer must parse.
 
     Raises:
-        KdlmError: a missing or malformed file (the message names the line or record), a gold answer that
-            does not parse, or an empty task.
+        KdlmError: a missing file or one in the wrong format (the message names the file, the line and the
+            expected fields), a qa gold answer that does not parse, or an empty task.
     """
     if spec.answer_type == "label" and not spec.labels:
         raise KdlmError(f"task {spec.source}: answer_type=label needs `labels`, e.g. labels: [yes, no, maybe]")
+    skipped: list[str] = []
     if spec.format == "arith":
         raw = _arith(spec.source)
     else:
         path = Path(spec.source).expanduser()
         if not path.is_file():
             raise KdlmError(f"task file not found: {path} (format {spec.format})")
-        raw = {"qa": _qa, "gsm8k": _gsm8k, "svamp": _svamp, "pubmedqa": _pubmedqa, "legalbench": _legalbench}[spec.format](path)
+        if spec.format == "qa":
+            raw = _qa(path)
+        else:
+            rows = {"gsm8k": read_gsm8k, "svamp": read_svamp, "pubmedqa": read_pubmedqa, "legalbench": read_legalbench}[spec.format](path)
+            raw = [(row["where"], _question(row, spec.format), row["answer"], row["rationale"]) for row in rows.rows]
+            skipped = rows.skipped
     examples = []
-    for index, (where, question, answer, rationale) in enumerate(raw[: spec.limit] if spec.limit else raw):
+    for where, question, answer, rationale in raw[: spec.limit] if spec.limit else raw:
         try:  # an unlabelled question (qa without "answer") has gold None: filter=majority labels it
             gold = None if answer is None else normalise_gold(answer, spec.answer_type, spec.labels)
         except ValueError as error:
+            if spec.format != "qa":  # a domain label outside the task's label set: counted and skipped
+                skipped.append(f"{where}: {error}")
+                continue
             raise KdlmError(f"{where}: {error}; fix the record or the task's answer_type/labels") from None
-        examples.append({"id": index, "question": question, "answer": gold, "rationale": rationale})
+        examples.append({"id": len(examples), "question": question, "answer": gold, "rationale": rationale})
     if not examples:
-        raise KdlmError(f"task {spec.source} has no examples")
-    return examples
+        raise KdlmError(f"task {spec.source} has no examples" + (f" ({len(skipped)} rows skipped; first: {skipped[0]})" if skipped else ""))
+    return examples, skipped
+
+
+def _question(row: dict, form: str) -> str:
+    if form == "pubmedqa":
+        return f"Context: {' '.join(row['contexts'])}\nQuestion: {row['question']}"
+    return row["question"]
 
 
 def _qa(path: Path) -> list[tuple]:
@@ -87,45 +110,6 @@ def _qa(path: Path) -> list[tuple]:
                             f"got {line[:120]}")
         rows.append((where, record["question"], record.get("answer"), record.get("rationale")))
     return rows
-
-
-def _gsm8k(path: Path) -> list[tuple]:
-    rows = []
-    for where, question, solution, _ in _qa(path):
-        rationale, _, answer = str(solution).rpartition("####")
-        if not _:
-            raise KdlmError(f"{where}: a GSM8K answer ends with '#### N'")
-        rows.append((where, question, answer.strip(), CALCULATOR.sub("", rationale).strip()))
-    return rows
-
-
-def _svamp(path: Path) -> list[tuple]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    rows = []
-    for index, item in enumerate(data):
-        question = f"{item['Body'].strip().rstrip('.')}. {item['Question'].strip()}"
-        equation = item["Equation"].strip()
-        answer = item["Answer"]
-        rows.append((f"{path}: record {index + 1}", question, answer, f"{equation} = {answer:g}."))
-    return rows
-
-
-def _pubmedqa(path: Path) -> list[tuple]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    rows = []
-    for key, item in data.items():
-        contexts = " ".join(item["CONTEXTS"]) if isinstance(item["CONTEXTS"], list) else str(item["CONTEXTS"])
-        question = f"Context: {contexts}\nQuestion: {item['QUESTION']}"
-        rows.append((f"{path}: {key}", question, item["final_decision"], item.get("LONG_ANSWER")))
-    return rows
-
-
-def _legalbench(path: Path) -> list[tuple]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t")
-        if not reader.fieldnames or not {"label", "text"} <= set(reader.fieldnames):
-            raise KdlmError(f"{path}: a LegalBench classification TSV has `label` and `text` columns")
-        return [(f"{path}:{number}", row["text"], row["label"], None) for number, row in enumerate(reader, start=2)]
 
 
 def _arith(source: str) -> list[tuple]:
