@@ -45,6 +45,13 @@ from kdlm.models import (
     save_student,
     select_layers,
 )
+from kdlm.models.student_tokenizer import (
+    init_embeddings_from_teacher,
+    load_student_tokenizer,
+    record_texts,
+    resize_to_tokenizer,
+    train_bpe_tokenizer,
+)
 from kdlm.precision import bf16_enabled, resolve_precision
 from kdlm.teachers.answers import answer_prompts
 from kdlm.teachers.cache import (
@@ -119,6 +126,11 @@ def build_student(
             f"student.init={cfg.init} builds the student from the teacher's weights, which a run from teacher.cache "
             "does not load. Build it once with `kdlm build-student CONFIG`, then train with student.init=model "
             "student.model=<train.output_dir>/student-init"
+        )
+    elif cfg.tokenizer:
+        raise KdlmError(
+            f"student.tokenizer={cfg.tokenizer} gives the student another vocabulary: build it once with "
+            "`kdlm build-student CONFIG`, then load it with student.init=model student.model=<train.output_dir>/student-init"
         )
     else:
         student_tokenizer = tokenizer
@@ -425,10 +437,31 @@ def run_build_student(config: RunConfig) -> Path:
     """`kdlm build-student`: build and save the student without training; prints its size."""
     config = with_precision(config)
     teacher, tokenizer = load_model(config.teacher.model, device=default_device())
+    student_tokenizer = tokenizer
+    own_tokenizer = config.student.tokenizer and config.student.init != "model"
+    if own_tokenizer:  # checked before the slow steps: a missing path or a too small bpe:N fails at once
+        student_tokenizer = make_student_tokenizer(config, tokenizer)
+        # lora and frozen embeddings are training settings; the student is built plain and saved merged anyway
+        config = config.model_copy(update={"student": config.student.model_copy(
+            update={"tokenizer": None, "lora": None, "freeze_embeddings": False})})
     train_examples, _ = prepare_data(config, teacher, tokenizer) if config.student.layers == "influence" else ([], [])
     student, kept_layers, _ = build_student(config, teacher, tokenizer, train_examples, None)
+    if own_tokenizer and config.student.init == "prune":
+        fallback = init_embeddings_from_teacher(student, teacher, tokenizer, student_tokenizer)
+        console.print(f"student tokenizer: {len(student_tokenizer)} tokens ({fallback} rows from the mean teacher row)")
+    elif own_tokenizer:  # random: the new rows stay random too
+        resize_to_tokenizer(student, student_tokenizer)
     folder = Path(config.train.output_dir) / "student-init"
-    save_student(student, tokenizer, folder)
+    save_student(student, student_tokenizer, folder)
     info = describe_model(student, folder)
-    console.print(f"student: {info} kept layers {kept_layers} -> {folder}")
+    console.print(f"student: {info} kept layers {kept_layers} -> {folder} (teacher: {describe_model(teacher)['parameters']} parameters)")
     return folder
+
+
+def make_student_tokenizer(config: RunConfig, teacher_tokenizer):
+    """The tokenizer of `student.tokenizer`: bpe:N trained on student.tokenizer_text (or data.train), or a path."""
+    cfg = config.student
+    if not cfg.tokenizer.startswith("bpe:"):
+        return load_student_tokenizer(cfg.tokenizer, teacher_tokenizer, cfg.tokenizer_chat_template)
+    texts = [text for source in cfg.tokenizer_text or [config.data.train] for text in record_texts(load_records(source))]
+    return train_bpe_tokenizer(teacher_tokenizer, texts, int(cfg.tokenizer[4:]))
