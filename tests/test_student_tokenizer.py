@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kdlm.config import load_config
 from kdlm.data import load_records
 from kdlm.errors import KdlmError
-from kdlm.models import build_pruned_student
+from kdlm.models import build_pruned_student, load_model
 from kdlm.models.student_tokenizer import (
     init_embeddings_from_teacher,
     load_student_tokenizer,
@@ -19,8 +20,9 @@ from kdlm.models.student_tokenizer import (
     special_tokens,
     train_bpe_tokenizer,
 )
+from kdlm.pipeline import build_student, run_build_student
 from test_cli import _error, run_cli
-from tiny import CORPUS, save_tiny_teacher, tiny_llama, tiny_tokenizer, write_chat_jsonl
+from tiny import CORPUS, tiny_llama, tiny_tokenizer, write_chat_jsonl
 
 # Repeated multi-byte characters, so that the BPE learns tokens that hold part of a character.
 TEXTS = [*CORPUS, "日本語 日本 日本語の本 café café naïve 🙂🙂"] * 4
@@ -121,7 +123,9 @@ def test_a_brought_tokenizer_needs_a_chat_template_or_the_explicit_fallback(tmp_
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("own-tokenizer")
-    save_tiny_teacher(root / "teacher")
+    teacher_tokenizer = tiny_tokenizer()  # an untrained teacher is enough: nothing here trains
+    tiny_llama(len(teacher_tokenizer), num_layers=4).save_pretrained(root / "teacher")
+    teacher_tokenizer.save_pretrained(root / "teacher")
     write_chat_jsonl(root / "chat.jsonl", count=24)
     return root
 
@@ -150,15 +154,18 @@ def test_build_student_with_a_trained_bpe_through_the_cli(workspace):
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     assert len(tokenizer(text)["input_ids"]) < len(text.encode())
 
-    # a tokenizer brought as a folder is saved with the student as it is
-    out = run_cli("build-student", *_args(workspace, "brought"), f"student.tokenizer={folder}", cwd=workspace)
+    # a tokenizer brought as a folder is saved with the student as it is (in-process: one CLI start is enough)
+    run_build_student(load_config(None, [*_args(workspace, "brought"), f"student.tokenizer={folder}"]))
     brought = AutoTokenizer.from_pretrained(workspace / "brought" / "student-init")
     assert brought.get_vocab() == tokenizer.get_vocab()
 
 
 def test_build_student_bad_tokenizer_settings_are_one_line_errors(workspace):
     assert "at least bpe:259" in _error(workspace, "build-student", *_args(workspace, "x"), "student.tokenizer=bpe:100")
-    assert "does not exist" in _error(workspace, "build-student", *_args(workspace, "x"), "student.tokenizer=no/such/dir")
-    assert "bpe:N" in _error(workspace, "build-student", *_args(workspace, "x"), "student.tokenizer=bpe:lots")
-    message = _error(workspace, "distill", *_args(workspace, "x"), "student.tokenizer=bpe:300")
-    assert "kdlm build-student" in message
+    with pytest.raises(KdlmError, match="does not exist"):
+        run_build_student(load_config(None, [*_args(workspace, "x"), "student.tokenizer=no/such/dir"]))
+    with pytest.raises(KdlmError, match="bpe:N"):
+        load_config(None, ["student.tokenizer=bpe:lots"])
+    config = load_config(None, [*_args(workspace, "x"), "student.tokenizer=bpe:300"])
+    with pytest.raises(KdlmError, match="kdlm build-student"):
+        build_student(config, *load_model(str(workspace / "teacher")), [], None)
