@@ -139,7 +139,7 @@ def _args(root, output: str) -> list[str]:
 
 def test_build_student_with_a_trained_bpe_through_the_cli(workspace):
     out = run_cli("build-student", *_args(workspace, "bpe"), "student.tokenizer=bpe:300", cwd=workspace)
-    assert "student tokenizer: 300 tokens" in out.stdout
+    assert "student tokenizer: 300 tokens" in out.stdout and "(0 rows the teacher cannot spell" in out.stdout
     folder = workspace / "bpe" / "student-init"
     tokenizer = AutoTokenizer.from_pretrained(folder)
     student = AutoModelForCausalLM.from_pretrained(folder)

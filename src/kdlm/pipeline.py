@@ -440,15 +440,21 @@ def run_build_student(config: RunConfig) -> Path:
     student_tokenizer = tokenizer
     own_tokenizer = config.student.tokenizer and config.student.init != "model"
     if own_tokenizer:  # checked before the slow steps: a missing path or a too small bpe:N fails at once
+        started = time.perf_counter()
         student_tokenizer = make_student_tokenizer(config, tokenizer)
+        console.print(f"student tokenizer: {len(student_tokenizer)} tokens in {time.perf_counter() - started:.1f} s")
         # lora and frozen embeddings are training settings; the student is built plain and saved merged anyway
         config = config.model_copy(update={"student": config.student.model_copy(
             update={"tokenizer": None, "lora": None, "freeze_embeddings": False})})
     train_examples, _ = prepare_data(config, teacher, tokenizer) if config.student.layers == "influence" else ([], [])
     student, kept_layers, _ = build_student(config, teacher, tokenizer, train_examples, None)
     if own_tokenizer and config.student.init == "prune":
+        started = time.perf_counter()
         fallback = init_embeddings_from_teacher(student, teacher, tokenizer, student_tokenizer)
-        console.print(f"student tokenizer: {len(student_tokenizer)} tokens ({fallback} rows from the mean teacher row)")
+        console.print(
+            f"embeddings from the teacher's in {time.perf_counter() - started:.1f} s "
+            f"({fallback} rows the teacher cannot spell take its mean row)"
+        )
     elif own_tokenizer:  # random: the new rows stay random too
         resize_to_tokenizer(student, student_tokenizer)
     folder = Path(config.train.output_dir) / "student-init"

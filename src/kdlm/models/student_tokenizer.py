@@ -166,9 +166,9 @@ def init_embeddings_from_teacher(
     """Resize the student to its tokenizer and set each row to the mean of the teacher's rows.
 
     Row i of the input embeddings (and of an untied lm_head) becomes the float64 mean of the
-    teacher's rows for ``teacher_ids_for_bytes(token_bytes(student_tokenizer, i))``. Padding rows
-    past the tokenizer, and a token the teacher cannot spell, get the mean of all teacher rows.
-    Special token ids in ``config`` and ``generation_config`` follow the new tokenizer.
+    teacher's rows for ``teacher_ids_for_bytes(token_bytes(student_tokenizer, i))``; a token the
+    teacher cannot spell (a byte its vocabulary lacks) gets the mean of all teacher rows. Special
+    token ids in ``config`` and ``generation_config`` follow the new tokenizer.
 
     Returns:
         The number of rows that fell back to the mean of all teacher rows.
