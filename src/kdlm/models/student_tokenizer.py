@@ -148,13 +148,20 @@ def token_bytes(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bytes:
     return token.replace("\u2581", " ").encode()
 
 
-def teacher_ids_for_bytes(teacher_tokenizer: PreTrainedTokenizerBase, data: bytes) -> list[int]:
-    """The teacher's tokenisation of ``data``; bytes that are not valid UTF-8 use its byte tokens."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return _teacher_byte_tokens(teacher_tokenizer, data)
-    return list(teacher_tokenizer(text, add_special_tokens=False)["input_ids"])
+def teacher_ids_for_bytes(teacher_tokenizer: PreTrainedTokenizerBase, pieces: list[bytes]) -> list[list[int]]:
+    """The teacher's tokenisation of each byte string; bytes that are not valid UTF-8 use its byte
+    tokens (an empty list when it has none for some byte)."""
+    texts: dict[int, str] = {}
+    for index, data in enumerate(pieces):
+        try:
+            texts[index] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+    encoded = teacher_tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
+    ids = dict(zip(texts, encoded, strict=True))
+    vocab = teacher_tokenizer.get_vocab()
+    byte_level = _is_byte_level(teacher_tokenizer)
+    return [list(ids[i]) if i in ids else _teacher_byte_tokens(vocab, byte_level, data) for i, data in enumerate(pieces)]
 
 
 def init_embeddings_from_teacher(
@@ -174,7 +181,7 @@ def init_embeddings_from_teacher(
         The number of rows that fell back to the mean of all teacher rows.
     """
     size = len(student_tokenizer)
-    pieces = [teacher_ids_for_bytes(teacher_tokenizer, token_bytes(student_tokenizer, i)) for i in range(size)]
+    pieces = teacher_ids_for_bytes(teacher_tokenizer, [token_bytes(student_tokenizer, i) for i in range(size)])
     teacher_input = teacher.get_input_embeddings().weight.detach()
     teacher_output = teacher.get_output_embeddings()
     tied = student.get_output_embeddings() is None or (
@@ -198,12 +205,16 @@ def resize_to_tokenizer(student: PreTrainedModel, tokenizer: PreTrainedTokenizer
 
 
 def _mean_rows(target: torch.Tensor, source: torch.Tensor, pieces: list[list[int]]) -> None:
+    """target[row] = mean of source[pieces[row]] in float64 (one index_add, not a loop over rows)."""
+    usable = [bool(ids) and max(ids) < source.shape[0] for ids in pieces]
+    rows = torch.tensor([row for row, ids in enumerate(pieces) if usable[row] for _ in ids], dtype=torch.long)
+    flat = torch.tensor([i for row, ids in enumerate(pieces) if usable[row] for i in ids], dtype=torch.long)
     source64 = source.double()
-    fallback = source64.mean(0)
+    sums = torch.zeros(len(pieces), source.shape[1], dtype=torch.float64).index_add_(0, rows, source64[flat])
+    counts = torch.bincount(rows, minlength=len(pieces)).clamp(min=1).double()[:, None]
+    means = torch.where(torch.tensor(usable)[:, None], sums / counts, source64.mean(0))
     with torch.no_grad():
-        for row, ids in enumerate(pieces):
-            usable = ids and all(i < source64.shape[0] for i in ids)
-            target[row] = (source64[ids].mean(0) if usable else fallback).to(target.dtype)
+        target.copy_(means.to(target.dtype))
 
 
 def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -211,12 +222,8 @@ def _is_byte_level(tokenizer: PreTrainedTokenizerBase) -> bool:
     return backend is not None and "ByteLevel" in str(backend.decoder)
 
 
-def _teacher_byte_tokens(teacher_tokenizer: PreTrainedTokenizerBase, data: bytes) -> list[int]:
-    vocab = teacher_tokenizer.get_vocab()
-    if _is_byte_level(teacher_tokenizer):
-        names = [_CHAR_OF_BYTE[byte] for byte in data]
-    else:
-        names = [f"<0x{byte:02X}>" for byte in data]
+def _teacher_byte_tokens(vocab: dict[str, int], byte_level: bool, data: bytes) -> list[int]:
+    names = [_CHAR_OF_BYTE[byte] if byte_level else f"<0x{byte:02X}>" for byte in data]
     return [vocab[name] for name in names] if all(name in vocab for name in names) else []
 
 
