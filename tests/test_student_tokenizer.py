@@ -164,6 +164,8 @@ def test_build_student_bad_tokenizer_settings_are_one_line_errors(workspace):
     assert "at least bpe:259" in _error(workspace, "build-student", *_args(workspace, "x"), "student.tokenizer=bpe:100")
     with pytest.raises(KdlmError, match="does not exist"):
         run_build_student(load_config(None, [*_args(workspace, "x"), "student.tokenizer=no/such/dir"]))
+    with pytest.raises(KdlmError, match="keeps its tokenizer"):
+        run_build_student(load_config(None, [*_args(workspace, "x"), "student.tokenizer=bpe:300", "student.init=model"]))
     with pytest.raises(KdlmError, match="bpe:N"):
         load_config(None, ["student.tokenizer=bpe:lots"])
     config = load_config(None, [*_args(workspace, "x"), "student.tokenizer=bpe:300"])

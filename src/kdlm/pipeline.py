@@ -435,11 +435,16 @@ def run_eval(config: RunConfig) -> list[dict]:
 
 def run_build_student(config: RunConfig) -> Path:
     """`kdlm build-student`: build and save the student without training; prints its size."""
+    if config.student.tokenizer and config.student.init == "model":
+        raise KdlmError(
+            "student.tokenizer gives a student built from the teacher (student.init prune or random) its own "
+            "vocabulary; a student loaded with student.init=model keeps its tokenizer: unset one of the two"
+        )
     config = with_precision(config)
     teacher, tokenizer = load_model(config.teacher.model, device=default_device())
     student_tokenizer = tokenizer
-    own_tokenizer = config.student.tokenizer and config.student.init != "model"
-    if own_tokenizer:  # checked before the slow steps: a missing path or a too small bpe:N fails at once
+    own_tokenizer = bool(config.student.tokenizer)
+    if own_tokenizer:  # before pruning and any teacher answers: a missing path or a too small bpe:N fails at once
         started = time.perf_counter()
         student_tokenizer = make_student_tokenizer(config, tokenizer)
         console.print(f"student tokenizer: {len(student_tokenizer)} tokens in {time.perf_counter() - started:.1f} s")
