@@ -171,3 +171,17 @@ def test_build_student_bad_tokenizer_settings_are_one_line_errors(workspace):
     config = load_config(None, [*_args(workspace, "x"), "student.tokenizer=bpe:300"])
     with pytest.raises(KdlmError, match="kdlm build-student"):
         build_student(config, *load_model(str(workspace / "teacher")), [], None)
+
+
+def test_a_bos_the_teacher_prepends_the_student_prepends_too():
+    from tokenizers import processors
+
+    teacher_tokenizer = tiny_tokenizer()
+    teacher_tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]
+    )
+    assert teacher_tokenizer("a")["input_ids"][0] == teacher_tokenizer.bos_token_id
+    student_tokenizer = train_bpe_tokenizer(teacher_tokenizer, TEXTS, 300)
+    ids = student_tokenizer("the fox")["input_ids"]
+    assert ids[0] == student_tokenizer.bos_token_id and student_tokenizer.decode(ids[1:]) == "the fox"
+    assert train_bpe_tokenizer(tiny_tokenizer(), TEXTS, 300)("the fox")["input_ids"][0] != 1
