@@ -131,7 +131,10 @@ def build_student(
     config: Path = typer.Argument(None, help=CONFIG_HELP),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
-    """Build the student (pruned, random or loaded) and save it without training."""
+    """Build the student (pruned, random or loaded) and save it without training.
+
+    student.tokenizer=bpe:N (or a tokenizer folder) gives it its own vocabulary (docs/student-tokenizer.md).
+    """
     from kdlm.pipeline import run_build_student
 
     run_build_student(_config(config, overrides))

@@ -124,6 +124,27 @@ class StudentConfig(Section):
     freeze_embeddings: bool = Field(
         False, description="Keep token embeddings (and a tied lm_head) fixed: a cheaper step, fewer trainable weights."
     )
+    tokenizer: str | None = Field(
+        None,
+        description="The student's own tokenizer (docs/student-tokenizer.md). None: the teacher's. bpe:N: train a "
+        "byte-level BPE of N tokens on tokenizer_text, with the teacher's special tokens and chat template, and "
+        "initialise each new embedding row from the teacher's. A folder or tokenizer.json: use that tokenizer.",
+    )
+    tokenizer_text: list[str] = Field(
+        default_factory=list,
+        description="Text the bpe:N tokenizer trains on: sources as in data.train (.jsonl/.json/.txt, builtin:NAME, "
+        "hf:NAME); empty: data.train.",
+    )
+    tokenizer_chat_template: Literal["own", "teacher"] = Field(
+        "own", description="For a tokenizer folder: own keeps its chat template (and refuses one without); teacher copies the teacher's."
+    )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_spec(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("bpe:") and not value[4:].isdigit():
+            raise ValueError(f"bpe:N needs a whole number of tokens, got {value!r} (e.g. bpe:16000)")
+        return value
 
 
 class DataConfig(Section):

@@ -46,6 +46,13 @@ from kdlm.models import (
     save_student,
     select_layers,
 )
+from kdlm.models.student_tokenizer import (
+    init_embeddings_from_teacher,
+    load_user_tokenizer,
+    record_texts,
+    resize_to_tokenizer,
+    train_bpe_tokenizer,
+)
 from kdlm.precision import bf16_enabled, resolve_precision
 from kdlm.teachers.answers import answer_prompts
 from kdlm.teachers.cache import (
@@ -130,6 +137,12 @@ def build_student(
             f"student.init={cfg.init} builds the student from the teacher's weights, which a run from teacher.cache "
             "does not load. Build it once with `kdlm build-student CONFIG`, then train with student.init=model "
             "student.model=<train.output_dir>/student-init"
+        )
+    elif cfg.tokenizer:
+        raise KdlmError(
+            f"student.tokenizer={cfg.tokenizer} gives the student another vocabulary: build it once with "
+            "`kdlm build-student CONFIG`, then train it across tokenizers with student.init=model "
+            "student.model=<train.output_dir>/student-init loss.cross_tokenizer=hybrid (or uld)"
         )
     else:
         student_tokenizer = tokenizer
@@ -456,12 +469,44 @@ def run_eval(config: RunConfig) -> list[dict]:
 
 def run_build_student(config: RunConfig) -> Path:
     """`kdlm build-student`: build and save the student without training; prints its size."""
+    if config.student.tokenizer and config.student.init == "model":
+        raise KdlmError(
+            "student.tokenizer gives a student built from the teacher (student.init prune or random) its own "
+            "vocabulary; a student loaded with student.init=model keeps its tokenizer: unset one of the two"
+        )
     config = with_precision(config)
     teacher, tokenizer = load_model(config.teacher.model, device=default_device())
+    student_tokenizer = tokenizer
+    own_tokenizer = bool(config.student.tokenizer)
+    if own_tokenizer:  # before pruning and any teacher answers: a missing path or a too small bpe:N fails at once
+        started = time.perf_counter()
+        student_tokenizer = make_student_tokenizer(config, tokenizer)
+        console.print(f"student tokenizer: {len(student_tokenizer)} tokens in {time.perf_counter() - started:.1f} s")
+        # lora and frozen embeddings are training settings; the student is built plain and saved merged anyway
+        config = config.model_copy(update={"student": config.student.model_copy(
+            update={"tokenizer": None, "lora": None, "freeze_embeddings": False})})
     train_examples, _ = prepare_data(config, teacher, tokenizer) if config.student.layers == "influence" else ([], [])
     student, kept_layers, _ = build_student(config, teacher, tokenizer, train_examples, None)
+    if own_tokenizer and config.student.init == "prune":
+        started = time.perf_counter()
+        fallback = init_embeddings_from_teacher(student, teacher, tokenizer, student_tokenizer)
+        console.print(
+            f"embeddings from the teacher's in {time.perf_counter() - started:.1f} s "
+            f"({fallback} rows the teacher cannot spell take its mean row)"
+        )
+    elif own_tokenizer:  # random: the new rows stay random too
+        resize_to_tokenizer(student, student_tokenizer)
     folder = Path(config.train.output_dir) / "student-init"
-    save_student(student, tokenizer, folder)
+    save_student(student, student_tokenizer, folder)
     info = describe_model(student, folder)
-    console.print(f"student: {info} kept layers {kept_layers} -> {folder}")
+    console.print(f"student: {info} kept layers {kept_layers} -> {folder} (teacher: {describe_model(teacher)['parameters']} parameters)")
     return folder
+
+
+def make_student_tokenizer(config: RunConfig, teacher_tokenizer):
+    """The tokenizer of `student.tokenizer`: bpe:N trained on student.tokenizer_text (or data.train), or a path."""
+    cfg = config.student
+    if not cfg.tokenizer.startswith("bpe:"):
+        return load_user_tokenizer(cfg.tokenizer, teacher_tokenizer, cfg.tokenizer_chat_template)
+    texts = [text for source in cfg.tokenizer_text or [config.data.train] for text in record_texts(load_records(source))]
+    return train_bpe_tokenizer(teacher_tokenizer, texts, int(cfg.tokenizer[4:]))

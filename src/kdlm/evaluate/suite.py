@@ -20,6 +20,7 @@ from kdlm.atomic import write_text
 from kdlm.data import encode_records
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
+from kdlm.evaluate.bytes import answer_bits_per_byte
 from kdlm.evaluate.domain import (
     abstention,
     answer_matches,
@@ -182,6 +183,7 @@ class Fidelity:
             temperature=0.7, top_p=0.9, seed=0, bf16=config.bf16, batch_size=config.batch_size,
         )
         self.tokenizer = tokenizer
+        self.records = answered
         self.examples = encode_records(tokenizer, answered, max_length=config.max_prompt_tokens + config.fidelity_max_new_tokens + 8)
         self.batch_size = config.batch_size
         self.vocab_size = teacher.config.vocab_size
@@ -192,10 +194,16 @@ class Fidelity:
             self.labels.append(labels[labels != -100])
 
     def __call__(self, model, tokenizer) -> dict:
-        vocab = check_vocab_compatible(self.tokenizer, tokenizer, self.vocab_size, model.config.vocab_size)
+        """Bits per byte for any tokenizer; KL, top-1 and ECE only for a student with the teacher's tokenizer."""
+        result = answer_bits_per_byte(model, tokenizer, self.records, batch_size=self.batch_size)
+        result["prompts"] = len(self.records)
+        try:
+            vocab = check_vocab_compatible(self.tokenizer, tokenizer, self.vocab_size, model.config.vocab_size)
+        except KdlmError as exc:  # token positions do not correspond: token-level metrics are undefined
+            result["token_metrics_skipped"] = f"another tokenizer than the teacher's ({exc})"
+            return result
         student = target_logits(model, self.examples, batch_size=self.batch_size, pad_token_id=self.tokenizer.pad_token_id, vocab_size=vocab)
-        result = token_fidelity(student, [t[:, :vocab] for t in self.teacher_logits], self.labels)
-        result["prompts"] = len(self.examples)
+        result.update(token_fidelity(student, [t[:, :vocab] for t in self.teacher_logits], self.labels))
         return result
 
 
@@ -278,10 +286,9 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
                 teacher, teacher_tokenizer = (model, tokenizer) if spec == config.teacher else load_model(config.teacher)
                 fidelity = Fidelity(teacher, teacher_tokenizer, config)
                 del teacher
-            try:
-                value = fidelity(model, tokenizer)
-            except KdlmError as exc:  # another tokenizer: no token-level comparison
-                value = {"error": str(exc)}
+            value = fidelity(model, tokenizer)
+            if "token_metrics_skipped" in value:
+                console.print(f"{name}: bits per byte only; KL, top-1 and ECE skipped: {value['token_metrics_skipped']}")
             store.put(name, "fidelity", _settings_key(model_key, "fidelity", config), value)
         if "cost" in todo:
             store.put(name, "cost", _settings_key(model_key, "cost", config), cost_task(model, tokenizer, folder, config))
@@ -333,9 +340,11 @@ def summary_rows(results: dict) -> list[dict]:
                 if key in value:
                     row[f"{task} {DOMAIN_COLUMNS[key]}"] = value[key]
         fid = result.get("fidelity", {})
-        for key, title in (("kl_to_teacher", "KL to teacher"), ("top1_agreement", "top-1 agreement"), ("ece", "ECE")):
+        for key, title in (("bits_per_byte", "bits/byte"), ("kl_to_teacher", "KL to teacher"), ("top1_agreement", "top-1 agreement"), ("ece", "ECE")):
             if key in fid:
                 row[title] = fid[key]
+            elif "token_metrics_skipped" in fid:
+                row[title] = "n/a (tokenizer)"
         cost = result.get("cost", {})
         for key, title in (("parameters_m", "params (M)"), ("disk_mb", "disk (MB)"), ("forward_tokens_per_s", "forward tok/s"),
                            ("generate_tokens_per_s", "generate tok/s"), ("latency_s", "latency (s)"), ("peak_memory_mb", "peak memory (MB)"),
@@ -363,7 +372,7 @@ def _format(title: str, value) -> str:
         return f"{value:.1%}"
     if title in ("speed-up", "compression"):
         return f"{value:.2f}x"
-    if title in ("KL to teacher", "ECE", "latency (s)"):
+    if title in ("KL to teacher", "ECE", "latency (s)", "bits/byte"):
         return f"{value:.3f}"
     return f"{value:.2f}" if abs(value) < 100 else f"{value:.0f}"
 
