@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GemmaForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from kdlm.errors import KdlmError
 from kdlm.models import describe_model
@@ -207,6 +215,28 @@ def test_hidden_channel_pruning_is_a_mask_up_to_the_norm_statistics(model, batch
     torch.testing.assert_close(real(batch, logits(student, batch)), real(batch, logits(masked, batch)), rtol=1e-5, atol=1e-5)
 
 
+def test_qwen2_with_qkv_biases_prunes_like_llama(batch):
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.uniform_(-0.5, 0.5)
+    importance = width_importance(model, *batch)
+    student = prune_width(model, importance, Widths(48, 64, 2))
+    assert tuple(student.model.layers[0].self_attn.q_proj.bias.shape) == (2 * HEAD_DIM,)
+    assert tuple(student.model.layers[0].self_attn.k_proj.bias.shape) == (2 * HEAD_DIM,)
+    assert describe_model(student)["parameters"] == count_parameters(model, Widths(48, 64, 2), 1)
+    heads_only = prune_width(model, importance, Widths(num_attention_heads=2))
+    masked = Qwen2ForCausalLM(model.config).eval()
+    masked.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for head in sorted(set(range(4)) - set(kept_heads(importance.heads[0], 2, 2))):
+            masked.model.layers[0].self_attn.o_proj.weight[:, head * HEAD_DIM : (head + 1) * HEAD_DIM] = 0
+    torch.testing.assert_close(real(batch, logits(heads_only, batch)), real(batch, logits(masked, batch)), rtol=1e-5, atol=1e-6)
+
+
 def test_target_params_fits_the_budget(model, batch):
     teacher_params = describe_model(model)["parameters"]
     target = target_parameter_count(0.5, teacher_params)
@@ -218,6 +248,18 @@ def test_target_params_fits_the_budget(model, batch):
     bigger = Widths(widths.hidden_size + HEAD_DIM, widths.intermediate_size + HEAD_DIM, 4)
     assert count_parameters(model, bigger, 2) > target  # the next step up on the grid would not fit
     assert target_parameter_count(50_000, teacher_params) == 50_000
+
+
+def test_plan_predicts_the_built_student(model, batch):
+    from kdlm.models.width import planned_config
+    from kdlm.plan import shape_from_config
+
+    teacher_params = describe_model(model)["parameters"]
+    planned = planned_config(model.config, 2, Widths(num_attention_heads=2), 0.5, teacher_params)
+    built = build_width_pruned_student(model, *batch, Widths(num_attention_heads=2), target_parameter_count(0.5, teacher_params))
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "head_dim", "num_key_value_heads"):
+        assert getattr(planned, key) == getattr(built.config, key), key
+    assert shape_from_config(planned).params == describe_model(built)["parameters"]
 
 
 def test_bad_widths_and_targets_name_the_setting(model):

@@ -469,3 +469,25 @@ def build_width_pruned_student(
         widths = widths_for_target(model, target_params, widths)
     importance = width_importance(model, input_ids.to(model.device), attention_mask.to(model.device))
     return prune_width(model, importance, widths)
+
+
+def planned_config(teacher_config, num_layers: int, widths: Widths, target_params: float | None, teacher_params: int):
+    """The config a width-pruned student will have, from the teacher's config alone (`kdlm plan`: no weights).
+
+    The model is built on the meta device, so nothing is allocated.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = type(teacher_config).from_dict({**teacher_config.to_dict(), "num_hidden_layers": num_layers})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    problem = _shape_problem(model)
+    if problem:
+        raise KdlmError(f"student.width: cannot width-prune model type {config.model_type!r}: {problem}.")
+    if target_params is not None:
+        widths = widths_for_target(model, target_parameter_count(target_params, teacher_params), widths)
+    widths = check_widths(config, widths)
+    return type(config).from_dict({
+        **config.to_dict(), "hidden_size": widths.hidden_size, "intermediate_size": widths.intermediate_size,
+        "num_attention_heads": widths.num_attention_heads, "head_dim": head_dim_of(teacher_config),
+    })
