@@ -245,8 +245,9 @@ def test_target_params_fits_the_budget(model, batch):
     student = build_width_pruned_student(model, *batch, Widths(), target)
     size = describe_model(student)["parameters"]
     assert size <= target
-    bigger = Widths(widths.hidden_size + HEAD_DIM, widths.intermediate_size + HEAD_DIM, 4)
-    assert count_parameters(model, bigger, 2) > target  # the next step up on the grid would not fit
+    assert widths.hidden_size % 4 == 0 and widths.intermediate_size % 32 == 0
+    bigger = Widths(widths.hidden_size + 4, widths.intermediate_size + 32, 4)
+    assert count_parameters(model, bigger, 2) > target  # a step up on both grids would not fit
     assert target_parameter_count(50_000, teacher_params) == 50_000
 
 
@@ -266,8 +267,8 @@ def test_bad_widths_and_targets_name_the_setting(model):
     config = model.config
     cases = [
         (Widths(hidden_size=128), "student.width.hidden_size must be between 1 and the teacher's 64"),
-        (Widths(hidden_size=40), "student.width.hidden_size (40) must be a multiple of the head size (16)"),
-        (Widths(intermediate_size=100), "student.width.intermediate_size (100) must be a multiple of the head size"),
+        (Widths(hidden_size=42), "student.width.hidden_size (42) must be a multiple of num_attention_heads (4)"),
+        (Widths(hidden_size=42, num_attention_heads=4), "must be a multiple of num_attention_heads (4), e.g. 40"),
         (Widths(num_attention_heads=1), "student.width.num_attention_heads (1) must be a multiple of the teacher's 2 KV"),
         (Widths(num_attention_heads=3), "student.width.num_attention_heads (3)"),
     ]
@@ -277,7 +278,7 @@ def test_bad_widths_and_targets_name_the_setting(model):
     with pytest.raises(KdlmError, match=r"student.target_params \(200,000\) is larger than the teacher"):
         target_parameter_count(200_000, describe_model(model)["parameters"])
     with pytest.raises(KdlmError, match="student.target_params .* smaller than the smallest student"):
-        widths_for_target(model, 3_000, Widths())  # the embeddings alone, 16 wide, hold 4,144
+        widths_for_target(model, 1_000, Widths())  # the embeddings alone, 4 wide, hold 1,036
     with pytest.raises(KdlmError, match="student.target_params .* keep more layers"):
         widths_for_target(model, 90_000, Widths(hidden_size=48))
 
@@ -330,6 +331,6 @@ def test_build_student_cli_prunes_width_and_depth(tmp_path, monkeypatch, capsys)
     assert describe_model(student)["parameters"] <= describe_model(teacher)["parameters"] / 2
     assert len(student.config.kdlm_teacher_layers) == 3 and "widths {'hidden_size': " in output
 
-    code, output = _cli(tmp_path, monkeypatch, capsys, "student.width.hidden_size=40")
+    code, output = _cli(tmp_path, monkeypatch, capsys, "student.width.hidden_size=42")
     assert code == 2 and "Traceback" not in output
-    assert "student.width.hidden_size (40) must be a multiple of the head size (16)" in output
+    assert "student.width.hidden_size (42) must be a multiple of num_attention_heads (4)" in output

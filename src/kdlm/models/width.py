@@ -25,6 +25,7 @@ from kdlm.errors import KdlmError
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
+MLP_STEP = 32  # student.target_params rounds MLP widths down to multiples of this
 # Every parameter a prunable model may have, per decoder layer (q_norm/k_norm: Qwen3's per-head norms).
 LAYER_PARAMETERS = {f"self_attn.{name}.{kind}" for name in ATTENTION for kind in ("weight", "bias")} | {
     f"mlp.{name}.{kind}" for name in MLP for kind in ("weight", "bias")
@@ -255,7 +256,6 @@ def check_widths(config, widths: Widths) -> Widths:
     Raises:
         KdlmError: Naming the ``student.width`` setting that is wrong.
     """
-    head_dim = head_dim_of(config)
     num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     filled = Widths(
         widths.hidden_size or config.hidden_size,
@@ -266,18 +266,16 @@ def check_widths(config, widths: Widths) -> Widths:
         value, teacher_value = getattr(filled, name), getattr(config, name)
         if not 1 <= value <= teacher_value:
             raise KdlmError(f"student.width.{name} must be between 1 and the teacher's {teacher_value}, got {value}.")
-    for name in ("hidden_size", "intermediate_size"):
-        value = getattr(filled, name)
-        if value % head_dim:
-            raise KdlmError(
-                f"student.width.{name} ({value}) must be a multiple of the head size ({head_dim}), e.g. "
-                f"{max(head_dim, value // head_dim * head_dim)}: widths stay on the grid that kernels and GGUF blocks tile."
-            )
     heads = filled.num_attention_heads
     if heads < num_kv_heads or heads % num_kv_heads:
         raise KdlmError(
             f"student.width.num_attention_heads ({heads}) must be a multiple of the teacher's {num_kv_heads} KV heads "
             f"(at least one query head per KV group), e.g. {max(num_kv_heads, heads // num_kv_heads * num_kv_heads)}."
+        )
+    if filled.hidden_size % heads:  # transformers' Llama-family configs refuse anything else
+        raise KdlmError(
+            f"student.width.hidden_size ({filled.hidden_size}) must be a multiple of num_attention_heads ({heads}), "
+            f"e.g. {max(heads, filled.hidden_size // heads * heads)}."
         )
     return filled
 
@@ -300,7 +298,7 @@ def prune_width(
         rescale_norms: ``"calibrated"`` or ``"none"``, see :func:`norm_scales`.
 
     Returns:
-        The student in eval mode; ``config.kdlm_width`` records the teacher channels, heads and neurons kept.
+        The student in eval mode; ``config.kdlm_width`` records the hidden channels and query heads kept.
     """
     check_prunable(model)
     config = model.config
@@ -321,7 +319,8 @@ def prune_width(
     new_config.update(
         hidden_size=widths.hidden_size, intermediate_size=widths.intermediate_size,
         num_attention_heads=widths.num_attention_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
-        kdlm_width={"hidden": hidden, "heads": heads, "neurons": neurons, "rescale_norms": rescale_norms},
+        # The MLP neurons kept are not recorded: 30 layers x 1,536 indices would swamp config.json.
+        kdlm_width={"hidden": hidden, "heads": heads, "rescale_norms": rescale_norms},
     )
     student = type(model).from_pretrained(
         None, config=type(config).from_dict(new_config), state_dict=state_dict, dtype=model.dtype,
@@ -406,7 +405,7 @@ def widths_for_target(model: PreTrainedModel, target_params: int, fixed: Widths)
     """The largest widths whose pruned ``model`` has at most ``target_params`` parameters (at its depth).
 
     The free widths among hidden_size and intermediate_size (those ``fixed`` leaves None) shrink by one
-    common factor, each rounded down to a multiple of the head size; attention heads stay as ``fixed``
+    common factor, rounded down to a multiple of the head count (hidden) or of 32 (MLP); attention heads stay as ``fixed``
     says (the teacher's by default: Minitron-8B pruned embedding and MLP widths and kept its heads).
 
     Args:
@@ -418,14 +417,17 @@ def widths_for_target(model: PreTrainedModel, target_params: int, fixed: Widths)
         KdlmError: The target is outside what these settings can build.
     """
     config = model.config
-    head_dim = head_dim_of(config)
     num_layers = config.num_hidden_layers
     free = [name for name in ("hidden_size", "intermediate_size") if getattr(fixed, name) is None]
+
+    # Grids: the hidden size must divide into the heads; MLP widths stay multiples of 32 (a GGUF block).
+    step = {"hidden_size": fixed.num_attention_heads or config.num_attention_heads,
+            "intermediate_size": min(MLP_STEP, config.intermediate_size)}
 
     def at(factor: float) -> Widths:
         widths = Widths(fixed.hidden_size, fixed.intermediate_size, fixed.num_attention_heads)
         for name in free:
-            setattr(widths, name, max(head_dim, int(getattr(config, name) * factor) // head_dim * head_dim))
+            setattr(widths, name, max(step[name], int(getattr(config, name) * factor) // step[name] * step[name]))
         return check_widths(config, widths)
 
     smallest, largest = count_parameters(model, at(0.0), num_layers), count_parameters(model, at(1.0), num_layers)
