@@ -334,3 +334,13 @@ def test_build_student_cli_prunes_width_and_depth(tmp_path, monkeypatch, capsys)
     code, output = _cli(tmp_path, monkeypatch, capsys, "student.width.hidden_size=42")
     assert code == 2 and "Traceback" not in output
     assert "student.width.hidden_size (42) must be a multiple of num_attention_heads (4)" in output
+
+
+def test_model_card_names_the_width_pruning(tmp_path):
+    from kdlm.config import load_config
+    from kdlm.evaluate.report import write_model_card
+
+    config = load_config(None, ["student.target_params=0.5", "student.width.num_attention_heads=6"])
+    card = write_model_card(tmp_path, {"config": config.model_dump(), "steps": 1, "tokens": 8}, [0, 1]).read_text()
+    assert "widths pruned by activation importance" in card and "target_params 0.5" in card
+    assert "'num_attention_heads': 6" in card
