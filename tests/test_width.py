@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     GemmaConfig,
     GemmaForCausalLM,
     GPT2Config,
@@ -334,6 +335,15 @@ def test_build_student_cli_prunes_width_and_depth(tmp_path, monkeypatch, capsys)
     code, output = _cli(tmp_path, monkeypatch, capsys, "student.width.hidden_size=42")
     assert code == 2 and "Traceback" not in output
     assert "student.width.hidden_size (42) must be a multiple of num_attention_heads (4)" in output
+
+    code, output = _cli(tmp_path, monkeypatch, capsys, "student.init=random", "student.target_params=0.5")
+    assert code == 2 and "student.width and student.target_params need student.init=prune, not random" in output
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    code, output = _cli(tmp_path, monkeypatch, capsys, f"teacher.model={tmp_path / 'gpt2'}", "student.width.intermediate_size=32")
+    assert code == 2 and "cannot width-prune model type 'gpt2'" in output and "Traceback" not in output
 
 
 def test_model_card_names_the_width_pruning(tmp_path):
