@@ -107,6 +107,16 @@ class LoraConfig(Section):
     target_modules: list[str] | None = Field(None, description="Module names; None lets peft pick for the architecture.")
 
 
+class WidthConfig(Section):
+    """Width pruning (Minitron activation importance, docs/width-pruning.md); unset fields keep the teacher's."""
+
+    hidden_size: int | None = Field(None, ge=1, description="Hidden (embedding) channels to keep; a multiple of the head size.")
+    intermediate_size: int | None = Field(None, ge=1, description="MLP neurons to keep in each layer; a multiple of the head size.")
+    num_attention_heads: int | None = Field(
+        None, ge=1, description="Query heads to keep in each layer; a multiple of num_key_value_heads (every KV group keeps the same number)."
+    )
+
+
 class StudentConfig(Section):
     init: Literal["prune", "random", "model"] = Field(
         "prune", description="prune: keep a subset of the teacher's layers; random: teacher config, random weights; model: load `model`."
@@ -119,7 +129,12 @@ class StudentConfig(Section):
         "input and output on calibration text), or an explicit list of indices.",
     )
     keep_first_last: bool = Field(True, description="Always keep the first and last teacher layers.")
-    calibration_samples: int = Field(32, ge=1, description="Training records used to score layer influence.")
+    width: WidthConfig | None = Field(None, description="prune: also prune widths (heads, MLP neurons, hidden channels) by activation importance.")
+    target_params: float | None = Field(
+        None, gt=0, description="prune: the student's size, a fraction of the teacher's parameters (<= 1) or a count (> 1); "
+        "hidden and MLP widths not set in student.width shrink to fit at num_layers (all teacher layers when unset).",
+    )
+    calibration_samples: int = Field(32, ge=1, description="Training records used to score layer influence and width importance.")
     lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     freeze_embeddings: bool = Field(
         False, description="Keep token embeddings (and a tied lm_head) fixed: a cheaper step, fewer trainable weights."

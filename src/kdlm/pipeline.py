@@ -34,10 +34,13 @@ from kdlm.evaluate.report import evaluate_models, write_model_card, write_report
 from kdlm.hub import push_folder
 from kdlm.losses.logits import check_sampled_settings
 from kdlm.models import (
+    Widths,
     apply_lora,
     block_influence,
     build_pruned_student,
     build_random_student,
+    build_width_pruned_student,
+    check_prunable,
     check_vocab_compatible,
     default_device,
     describe_model,
@@ -45,6 +48,7 @@ from kdlm.models import (
     load_tokenizer,
     save_student,
     select_layers,
+    target_parameter_count,
 )
 from kdlm.models.student_tokenizer import (
     init_embeddings_from_teacher,
@@ -147,21 +151,36 @@ def build_student(
     else:
         student_tokenizer = tokenizer
         num_teacher_layers = teacher.config.num_hidden_layers
-        num_layers = cfg.num_layers or max(1, num_teacher_layers // 2)
+        width_pruning = cfg.width is not None or cfg.target_params is not None
+        if width_pruning and cfg.init != "prune":
+            raise KdlmError(f"student.width and student.target_params need student.init=prune, not {cfg.init}.")
+        if width_pruning:
+            check_prunable(teacher)  # before any calibration pass: a family it cannot prune fails at once
+        num_layers = cfg.num_layers or (num_teacher_layers if width_pruning else max(1, num_teacher_layers // 2))
         if cfg.init == "random":
             torch.manual_seed(config.train.seed)
             student = build_random_student(teacher.config, num_hidden_layers=num_layers)
         else:
+            batch = None
+            if cfg.layers == "influence" or width_pruning:
+                if not train_examples:
+                    raise KdlmError("student.init=prune needs calibration text (data.train) for layer influence and width importance.")
+                batch = collate(train_examples[: cfg.calibration_samples], tokenizer.pad_token_id)
             if kept_layers is None:
                 influence = None
                 if cfg.layers == "influence":
-                    batch = collate(train_examples[: cfg.calibration_samples], tokenizer.pad_token_id)
                     influence = block_influence(teacher, batch["input_ids"].to(teacher.device),
                                                 batch["attention_mask"].to(teacher.device))
                 kept_layers = select_layers(
                     num_teacher_layers, num_layers, cfg.layers, influence=influence, keep_first_last=cfg.keep_first_last
                 )
             student = build_pruned_student(teacher, kept_layers)
+            if width_pruning:
+                target = None
+                if cfg.target_params is not None:
+                    target = target_parameter_count(cfg.target_params, describe_model(teacher)["parameters"])
+                widths = Widths(**(cfg.width.model_dump() if cfg.width else {}))
+                student = build_width_pruned_student(student, batch["input_ids"], batch["attention_mask"], widths, target)
     teacher_vocab_size = teacher.config.vocab_size if teacher is not None else teacher_vocab_size
     if cross:  # loss.cross_tokenizer: the student keeps its own vocabulary (kdlm.xtok)
         vocab_size = student.config.vocab_size
@@ -485,7 +504,9 @@ def run_build_student(config: RunConfig) -> Path:
         # lora and frozen embeddings are training settings; the student is built plain and saved merged anyway
         config = config.model_copy(update={"student": config.student.model_copy(
             update={"tokenizer": None, "lora": None, "freeze_embeddings": False})})
-    train_examples, _ = prepare_data(config, teacher, tokenizer) if config.student.layers == "influence" else ([], [])
+    cfg = config.student
+    calibrate = cfg.init == "prune" and (cfg.layers == "influence" or cfg.width is not None or cfg.target_params is not None)
+    train_examples, _ = prepare_data(config, teacher, tokenizer) if calibrate else ([], [])
     student, kept_layers, _ = build_student(config, teacher, tokenizer, train_examples, None)
     if own_tokenizer and config.student.init == "prune":
         started = time.perf_counter()
@@ -499,7 +520,9 @@ def run_build_student(config: RunConfig) -> Path:
     folder = Path(config.train.output_dir) / "student-init"
     save_student(student, student_tokenizer, folder)
     info = describe_model(student, folder)
-    console.print(f"student: {info} kept layers {kept_layers} -> {folder} (teacher: {describe_model(teacher)['parameters']} parameters)")
+    widths = {key: getattr(student.config, key) for key in ("hidden_size", "intermediate_size", "num_attention_heads")}
+    console.print(f"student: {info} kept layers {kept_layers} widths {widths} -> {folder} "
+                  f"(teacher: {describe_model(teacher)['parameters']} parameters)")
     return folder
 
 

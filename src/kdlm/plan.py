@@ -284,6 +284,12 @@ def config_shapes(config: RunConfig) -> tuple[ModelShape, ModelShape]:
             raise KdlmError("student.init=model needs student.model")
         return shape_from_config(read_config(cfg.model), trainable=trainable, lora_r=lora_r), teacher
     layers = len(cfg.layers) if isinstance(cfg.layers, list) else cfg.num_layers
+    if cfg.init == "prune" and (cfg.width is not None or cfg.target_params is not None):
+        from kdlm.models.width import Widths, planned_config
+
+        widths = Widths(**(cfg.width.model_dump() if cfg.width else {}))
+        student_config = planned_config(teacher_config, layers or teacher.layers, widths, cfg.target_params, teacher.params)
+        return shape_from_config(student_config, trainable=trainable, lora_r=lora_r), teacher
     return shape_from_config(teacher_config, num_layers=layers, trainable=trainable, lora_r=lora_r), teacher
 
 

@@ -108,6 +108,9 @@ def write_model_card(student_dir: Path, report: dict, kept_layers: list[int] | N
         front.append(f"base_model: {base}")
     built = {"prune": f"{len(kept_layers or [])} teacher layers kept ({student['layers'] if isinstance(student['layers'], str) else 'listed'}): {kept_layers}",
              "random": "the teacher's architecture, random weights", "model": f"initialised from {student.get('model')}"}
+    if student.get("width") or student.get("target_params"):
+        built["prune"] += (f"; widths pruned by activation importance (width {student.get('width')}, "
+                           f"target_params {student.get('target_params')})")
     signal = "a top-k cache" if teacher["signal"] == "topk" else "the live teacher"
     lines = [*front, "---", "", f"# Student distilled from {teacher['model']} with kdlm", "",
              f"- **Student:** {built.get(student['init'], student['init'])}" + (" with a LoRA adapter (merged)" if student.get("lora") else ""),

@@ -18,13 +18,24 @@ from kdlm.models.student import (
     select_layers,
 )
 from kdlm.models.vocab import check_vocab_compatible
+from kdlm.models.width import (
+    Widths,
+    build_width_pruned_student,
+    check_prunable,
+    prune_width,
+    target_parameter_count,
+    width_importance,
+)
 
 __all__ = [
     "BUNDLED_MODELS",
+    "Widths",
     "apply_lora",
     "block_influence",
     "build_pruned_student",
     "build_random_student",
+    "build_width_pruned_student",
+    "check_prunable",
     "cache_dir",
     "check_vocab_compatible",
     "describe_model",
@@ -32,6 +43,9 @@ __all__ = [
     "default_device",
     "load_model",
     "load_tokenizer",
+    "prune_width",
     "save_student",
     "select_layers",
+    "target_parameter_count",
+    "width_importance",
 ]

@@ -209,7 +209,7 @@ def build_random_student(teacher_config: PretrainedConfig, **overrides: Any) -> 
         The student in train mode.
     """
     config = teacher_config.to_dict()
-    for key in ("quantization_config", "kdlm_teacher_layers"):
+    for key in ("quantization_config", "kdlm_teacher_layers", "kdlm_width"):
         config.pop(key, None)
     unknown = sorted(key for key in overrides if key not in config)
     if unknown:
