@@ -30,9 +30,12 @@ STANDARD_METHODS: dict[str, dict[str, Any]] = {
             "method.lmbda": 0.5, "method.max_new_tokens": 64},
     "distillm": {"teacher.signal": "online", "loss.divergence": "srkl", "loss.alpha": 0.1, "method.name": "distillm",
                  "method.init_threshold": 0.5, "method.max_new_tokens": 64},
+    # MiniLLM and ImitKD as configs/minillm.yaml and configs/imitkd.yaml run them (the reference settings, issue 15):
+    # MiniLLM samples the mixture at temperature 1 (LMOps); ImitKD anneals the data share as 200^(-t/T).
     "minillm": {"teacher.signal": "online", "loss.divergence": "rkl", "method.name": "minillm",
-                "method.teacher_mix": 0.2, "method.max_new_tokens": 64},
-    "imitkd": {"teacher.signal": "online", "loss.divergence": "fkl", "method.name": "imitkd", "method.max_new_tokens": 64},
+                "method.teacher_mix": 0.2, "method.temperature": 1.0, "method.pt_kd_ratio": 0.5, "method.max_new_tokens": 64},
+    "imitkd": {"teacher.signal": "online", "loss.divergence": "fkl", "method.name": "imitkd",
+               "method.data_schedule": "exponential", "method.max_new_tokens": 64},
 }
 
 
