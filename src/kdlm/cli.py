@@ -57,6 +57,9 @@ def evaluate(
     max_new_tokens: int = typer.Option(None, help="New tokens per ROUGE-L answer (default 128)."),
     teacher: str = typer.Option(None, help="Teacher for fidelity and speed-up (default the bundled one; `none` to skip)."),
     out: str = typer.Option(None, help="Output folder for eval.json, eval.md and the result cache (default runs/eval)."),
+    perturb: str = typer.Option(None, help="Comma-separated perturbations of every task's prompts, LEVEL[.OP]:RATE with LEVEL "
+                                "char, word or sentence and RATE in [0, 1], e.g. char:0.05,word:0.1 (see docs/robustness.md)."),
+    ood: str = typer.Option(None, help="Comma-separated out-of-distribution pairs IN->OUT, e.g. gsm8k->svamp,selfinst-seed->selfinst."),
     set_: list[str] = typer.Option(None, "--set", help="Any other setting, key=value (see kdlm.evaluate.suite.EvalSuiteConfig)."),
 ) -> None:
     """Evaluate models: ROUGE-L (sampled, several seeds), accuracy, perplexity, fidelity to the teacher, cost."""
@@ -78,7 +81,8 @@ def evaluate(
         settings[key.strip()] = yaml.safe_load(value)
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     for key, value in (("tasks", tasks and [t.strip() for t in tasks.split(",")]), ("limit", limit), ("seeds", seeds and ints(seeds)),
-                       ("shots", shots and ints(shots)), ("max_new_tokens", max_new_tokens), ("output_dir", out)):
+                       ("shots", shots and ints(shots)), ("max_new_tokens", max_new_tokens), ("output_dir", out),
+                       ("perturb", perturb and [t.strip() for t in perturb.split(",")]), ("ood", ood and [t.strip() for t in ood.split(",")])):
         if value is not None:
             settings[key] = value
     if teacher is not None:

@@ -3,7 +3,7 @@
 Three kinds:
 - `rouge`: prompts with human references, scored by ROUGE-L on sampled answers
   (`selfinst`: the 252 user-oriented Self-Instruct instructions; `rouge:PATH` any JSONL of
-  prompt/reference);
+  prompt/reference; `selfinst-seed`: the 175 Self-Instruct seed tasks);
 - `accuracy`: labelled questions, scored by exact match after answer extraction, zero-shot and
   k-shot (`gsm8k`, `svamp`, `pubmedqa`, `legalbench` = its three Yes/No tasks, or one of them as
   `legalbench-hearsay`, `legalbench-proa`, `legalbench-personal_jurisdiction`);
@@ -31,7 +31,7 @@ LEGALBENCH = {
     "personal_jurisdiction": "Does the court in which the plaintiff sued have personal jurisdiction over the defendant?",
 }
 ACCURACY_TASKS = ("gsm8k", "svamp", "pubmedqa", *(f"legalbench-{name}" for name in LEGALBENCH))
-ROUGE_TASKS = ("selfinst",)
+ROUGE_TASKS = ("selfinst", "selfinst-seed")
 PERPLEXITY_TASKS = {"wikitext-2": "wikitext-2/valid.txt", "tinyshakespeare": "tinyshakespeare/input.txt"}
 MATH_SUFFIX = 'Solve the problem step by step, then finish with "The answer is N." where N is a number.'
 LABEL_SUFFIX = 'Finish with "The answer is {labels}."'
@@ -168,6 +168,8 @@ def load_task(spec: str) -> list[Task]:
     """Tasks named by `spec` (see the module docstring); `legalbench` expands to three tasks."""
     if spec == "selfinst":
         return [Task("selfinst", "rouge", self_instruct_items(_file("self-instruct-user-eval/user_oriented_instructions.jsonl")))]
+    if spec == "selfinst-seed":  # the 175 seed tasks: the in-distribution side of the selfinst-seed->selfinst pair
+        return [Task("selfinst-seed", "rouge", self_instruct_items(_file("self-instruct-seed/seed_tasks.jsonl")))]
     if spec.startswith("rouge:"):
         path = Path(spec[len("rouge:") :])
         if not path.is_file():
