@@ -95,6 +95,26 @@ def evaluate(
 
 
 @app.command()
+def analyze(
+    teacher: str = typer.Argument(..., help="The teacher: a model folder, bundled:NAME or a hub id."),
+    student: str = typer.Argument(..., help="The student: a model folder or a `kdlm distill` run folder (its student/)."),
+    data: str = typer.Option(None, help="JSONL of prompts (prompt, instruction or messages; optional category). "
+                             "Default: the Self-Instruct user-oriented instructions."),
+    out: str = typer.Option("runs/analyze", help="Output folder for report.html, analyze.md and analyze.json."),
+    limit: int = typer.Option(8, min=1, help="Prompts analysed (the first ones)."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Tokens of each greedy answer."),
+) -> None:
+    """What the student lost: per-layer CKA against the teacher, where the divergence sits, the prompts that differ most."""
+    from kdlm.evaluate.analyze import AnalyzeConfig
+    from kdlm.evaluate.analyze import analyze as run
+    from kdlm.evaluate.suite import resolve_model
+
+    config = AnalyzeConfig(data=data, output_dir=out, limit=limit, max_new_tokens=max_new_tokens)
+    run(teacher, resolve_model(student)[1], config)
+    console.print(f"done: {Path(out) / 'report.html'}")
+
+
+@app.command()
 def bench(
     config: Path = typer.Argument(..., help="Bench YAML (configs/bench_cpu.yaml, configs/bench_gpu.yaml)."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. seeds=\\[0] methods=\\[sft,fkl] distill.train.max_steps=10."),
