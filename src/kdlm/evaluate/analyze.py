@@ -40,7 +40,8 @@ class AnalyzeConfig(BaseModel):
                              "None: the Self-Instruct user-oriented instructions (category: motivation_app).")
     limit: int = Field(8, ge=1, description="Prompts analysed (the first ones).")
     max_new_tokens: int = Field(64, ge=1, description="Tokens of each greedy answer.")
-    max_cka_tokens: int = Field(2048, ge=4, description="Tokens (prompt + answer, in order) that CKA compares.")
+    max_cka_tokens: int = Field(1024, ge=4, description="Tokens (prompt + answer, in order) that CKA compares "
+                                "(memory: one N x N float64 Gram per teacher layer, 8 MB each at 1,024).")
     top: int = Field(5, ge=1, description="Prompts shown side by side (largest mean KL first).")
     output_dir: str = Field("runs/analyze")
 
