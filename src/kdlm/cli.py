@@ -57,6 +57,9 @@ def evaluate(
     max_new_tokens: int = typer.Option(None, help="New tokens per ROUGE-L answer (default 128)."),
     teacher: str = typer.Option(None, help="Teacher for fidelity and speed-up (default the bundled one; `none` to skip)."),
     out: str = typer.Option(None, help="Output folder for eval.json, eval.md and the result cache (default runs/eval)."),
+    perturb: str = typer.Option(None, help="Comma-separated perturbations of every task's prompts, LEVEL[.OP]:RATE with LEVEL "
+                                "char, word or sentence and RATE in [0, 1], e.g. char:0.05,word:0.1 (see docs/robustness.md)."),
+    ood: str = typer.Option(None, help="Comma-separated out-of-distribution pairs IN->OUT, e.g. gsm8k->svamp,selfinst-seed->selfinst."),
     set_: list[str] = typer.Option(None, "--set", help="Any other setting, key=value (see kdlm.evaluate.suite.EvalSuiteConfig)."),
 ) -> None:
     """Evaluate models: ROUGE-L (sampled, several seeds), accuracy, perplexity, fidelity to the teacher, cost."""
@@ -78,7 +81,8 @@ def evaluate(
         settings[key.strip()] = yaml.safe_load(value)
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]  # noqa: E731
     for key, value in (("tasks", tasks and [t.strip() for t in tasks.split(",")]), ("limit", limit), ("seeds", seeds and ints(seeds)),
-                       ("shots", shots and ints(shots)), ("max_new_tokens", max_new_tokens), ("output_dir", out)):
+                       ("shots", shots and ints(shots)), ("max_new_tokens", max_new_tokens), ("output_dir", out),
+                       ("perturb", perturb and [t.strip() for t in perturb.split(",")]), ("ood", ood and [t.strip() for t in ood.split(",")])):
         if value is not None:
             settings[key] = value
     if teacher is not None:
@@ -88,6 +92,26 @@ def evaluate(
     except Exception as exc:  # pydantic's message names the field
         raise KdlmError(f"bad eval setting: {exc}") from None
     evaluate_suite(targets, config)
+
+
+@app.command()
+def analyze(
+    teacher: str = typer.Argument(..., help="The teacher: a model folder, bundled:NAME or a hub id."),
+    student: str = typer.Argument(..., help="The student: a model folder or a `kdlm distill` run folder (its student/)."),
+    data: str = typer.Option(None, help="JSONL of prompts (prompt, instruction or messages; optional category). "
+                             "Default: the Self-Instruct user-oriented instructions."),
+    out: str = typer.Option("runs/analyze", help="Output folder for report.html, analyze.md and analyze.json."),
+    limit: int = typer.Option(8, min=1, help="Prompts analysed (the first ones)."),
+    max_new_tokens: int = typer.Option(64, min=1, help="Tokens of each greedy answer."),
+) -> None:
+    """What the student lost: per-layer CKA against the teacher, where the divergence sits, the prompts that differ most."""
+    from kdlm.evaluate.analyze import AnalyzeConfig
+    from kdlm.evaluate.analyze import analyze as run
+    from kdlm.evaluate.suite import resolve_model
+
+    config = AnalyzeConfig(data=data, output_dir=out, limit=limit, max_new_tokens=max_new_tokens)
+    run(teacher, resolve_model(student)[1], config)
+    console.print(f"done: {Path(out) / 'report.html'}")
 
 
 @app.command()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console
 
 from kdlm.atomic import write_text
@@ -33,6 +33,15 @@ from kdlm.evaluate.domain import (
 from kdlm.evaluate.metrics import speed, target_logits, text_perplexity
 from kdlm.evaluate.quality import generate_texts, mean_std, rouge_l, token_fidelity
 from kdlm.evaluate.report import SPEED_PROMPTS
+from kdlm.evaluate.robustness import (
+    PERPLEXITY_CHARS_PER_TOKEN,
+    check_ood_pairs,
+    expand_tasks,
+    ood_rows,
+    robustness_markdown,
+    robustness_rows,
+    run_perturbed,
+)
 from kdlm.evaluate.tasks import Task, build_prompt, load_task
 from kdlm.models import check_vocab_compatible, describe_model, load_model
 from kdlm.precision import Bf16Setting
@@ -67,6 +76,17 @@ class EvalSuiteConfig(BaseModel):
     )
     generation_tokens: int = Field(32, ge=1, description="New tokens per prompt when timing generation.")
     output_dir: str = Field("runs/eval")
+    perturb: list[str] = Field(default_factory=list, description="Perturbations applied to every task, LEVEL[.OP]:RATE "
+                               "(char, word, sentence; rate in [0, 1]), e.g. [char:0.05, word:0.1]; one task alone: NAME@SPEC in tasks.")
+    ood: list[str] = Field(default_factory=list, description="Out-of-distribution pairs IN->OUT, e.g. [gsm8k->svamp, "
+                           "selfinst-seed->selfinst, legalbench-hearsay->legalbench-proa]; both tasks run.")
+
+    @field_validator("perturb")
+    @classmethod
+    def _check_perturb(cls, value: list[str]) -> list[str]:
+        from kdlm.evaluate.perturb import parse_spec
+
+        return [str(parse_spec(text, "perturb")) for text in value]
 
 
 def resolve_model(spec: str) -> tuple[str, str]:
@@ -111,16 +131,19 @@ def rouge_task(model, tokenizer, task: Task, config: EvalSuiteConfig) -> dict:
     """ROUGE-L x100 per seed (mean over items), then mean and std over seeds."""
     items = task.items[: config.limit]
     prompts = [item.prompt for item in items]
-    per_seed = []
+    per_seed, per_item, all_texts = [], [], []
     for seed in config.seeds:
         texts = generate_texts(
             model, tokenizer, prompts, seed=seed, temperature=config.temperature, top_p=config.top_p,
             max_new_tokens=config.max_new_tokens, max_prompt_tokens=config.max_prompt_tokens,
             batch_size=config.batch_size, bf16=config.bf16, label=f"{task.name} seed {seed}",
         )
-        per_seed.append(sum(rouge_l(text, item.reference) for text, item in zip(texts, items, strict=True)) / len(items))
+        per_item.append([rouge_l(text, item.reference) for text, item in zip(texts, items, strict=True)])
+        per_seed.append(sum(per_item[-1]) / len(items))
+        all_texts.append(texts)
     mean, std = mean_std(per_seed)
-    return {"rouge_l": mean, "rouge_l_std": std, "per_seed": per_seed, "seeds": config.seeds, "items": len(items), "example": texts[0]}
+    return {"rouge_l": mean, "rouge_l_std": std, "per_seed": per_seed, "seeds": config.seeds, "items": len(items), "example": texts[0],
+            "per_item": per_item, "texts": all_texts}
 
 
 def accuracy_task(model, tokenizer, task: Task, config: EvalSuiteConfig) -> dict:
@@ -148,8 +171,8 @@ def domain_scores(model, tokenizer, task: Task, items: list, prompts: list[str],
     answers = [parse_answer(text, task.answer_kind, task.labels, abstain_as) for text in texts]
     correct = [answer_matches(a, item.reference, task.answer_kind) for a, item in zip(answers, items, strict=True)]
     parsed = sum(a is not None for a in answers)
-    out = {"": sum(correct) / len(items), "_parse_rate": parsed / len(items), "_unparsed": len(items) - parsed,
-           "_acc_parsed": sum(correct) / parsed if parsed else float("nan")}
+    out = {"": sum(correct) / len(items), "_items": [int(c) for c in correct], "_parse_rate": parsed / len(items),
+           "_unparsed": len(items) - parsed, "_acc_parsed": sum(correct) / parsed if parsed else float("nan")}
     if "calibration" in task.checks:
         scored = [(label_probabilities(model, tokenizer, prompt, text, task.labels), answer, item.reference)
                   for prompt, text, answer, item in zip(prompts, texts, answers, items, strict=True) if answer is not None]
@@ -207,6 +230,22 @@ class Fidelity:
         return result
 
 
+def score_task(model, tokenizer, task: Task, config: EvalSuiteConfig) -> dict:
+    """The task's own scorer: ROUGE-L, accuracy, refusal or perplexity."""
+    if task.kind == "rouge":
+        return rouge_task(model, tokenizer, task, config)
+    if task.kind == "accuracy":
+        return accuracy_task(model, tokenizer, task, config)
+    if task.kind == "refusal":
+        return refusal_task(model, tokenizer, task, config)
+    return {"perplexity": text_perplexity(model, tokenizer, task.text, max_tokens=config.perplexity_max_tokens)}
+
+
+def _seed_scorer(model, tokenizer, config: EvalSuiteConfig):
+    """score(task, seed): the task's scorer with `seeds` = [seed] (ROUGE-L samples with the perturbation's seed)."""
+    return lambda task, seed: score_task(model, tokenizer, task, config.model_copy(update={"seeds": [seed]}))
+
+
 def lm_eval_task(model, tokenizer, spec: str, config: EvalSuiteConfig) -> dict:
     """`lm-eval:TASK`: an lm-evaluation-harness task; our local ones (kdlm_*) run offline."""
     from kdlm.evaluate.lm_eval_bridge import LOCAL_TASKS, run_lm_eval, write_local_tasks
@@ -232,7 +271,7 @@ def cost_task(model, tokenizer, folder: Path | None, config: EvalSuiteConfig) ->
 
 
 def _settings_key(model_key: str, task: str, config: EvalSuiteConfig) -> str:
-    fields = config.model_dump(exclude={"tasks", "output_dir", "teacher_row", "batch_size"})
+    fields = config.model_dump(exclude={"tasks", "output_dir", "teacher_row", "batch_size", "perturb", "ood"})
     return fingerprint({"model": model_key, "task": task, **fields})
 
 
@@ -244,7 +283,9 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
     store = ResultStore(output_dir)
     extra = ("fidelity", "cost")
     lm_eval_tasks = [spec for spec in config.tasks if spec.startswith("lm-eval:")]
-    tasks = [task for spec in config.tasks if spec not in extra and spec not in lm_eval_tasks for task in load_task(spec)]
+    pairs = check_ood_pairs(config.ood)
+    specs_wanted = [spec for spec in config.tasks if spec not in extra and spec not in lm_eval_tasks]
+    tasks, perturbed = expand_tasks(specs_wanted + [name for pair in pairs for name in pair if name not in specs_wanted], config.perturb)
     specs = [resolve_model(spec) for spec in models]
     if config.teacher and config.teacher_row:
         specs.insert(0, ("teacher", config.teacher))
@@ -254,7 +295,7 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
     fidelity = None
     for name, spec in specs:
         model_key = _model_key(spec)
-        todo = [t for t in [*(task.name for task in tasks), *lm_eval_tasks, *(s for s in extra if s in config.tasks)]
+        todo = [t for t in [*(task.name for task in tasks), *(p.name for p in perturbed), *lm_eval_tasks, *(s for s in extra if s in config.tasks)]
                 if store.get(name, t, _settings_key(model_key, t, config)) is None]
         if "fidelity" in todo and not config.teacher:
             todo.remove("fidelity")
@@ -268,16 +309,16 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
             if task.name not in todo:
                 continue
             started = time.perf_counter()
-            if task.kind == "rouge":
-                value = rouge_task(model, tokenizer, task, config)
-            elif task.kind == "accuracy":
-                value = accuracy_task(model, tokenizer, task, config)
-            elif task.kind == "refusal":
-                value = refusal_task(model, tokenizer, task, config)
-            else:
-                value = {"perplexity": text_perplexity(model, tokenizer, task.text, max_tokens=config.perplexity_max_tokens)}
+            value = score_task(model, tokenizer, task, config)
             value["seconds"] = time.perf_counter() - started
             store.put(name, task.name, _settings_key(model_key, task.name, config), value)
+        for entry in perturbed:
+            if entry.name in todo:
+                started = time.perf_counter()
+                value = run_perturbed(entry, config.seeds, _seed_scorer(model, tokenizer, config),
+                                      config.perplexity_max_tokens * PERPLEXITY_CHARS_PER_TOKEN)
+                value["seconds"] = time.perf_counter() - started
+                store.put(name, entry.name, _settings_key(model_key, entry.name, config), value)
         for spec_name in lm_eval_tasks:
             if spec_name in todo:
                 store.put(name, spec_name, _settings_key(model_key, spec_name, config), lm_eval_task(model, tokenizer, spec_name, config))
@@ -295,11 +336,14 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
         del model
     results = {name: store.data["models"].get(name, {}) for name in names}
     add_ratios(results, "teacher" if config.teacher and config.teacher_row else None)
-    rows = summary_rows(results)
-    report = {"models": results, "rows": rows, "settings": config.model_dump()}
+    rows = summary_rows({name: {t: v for t, v in result.items() if "@" not in t} for name, result in results.items()})
+    robust = robustness_rows(results, "teacher" if config.teacher and config.teacher_row else None)
+    ood = ood_rows(results, pairs)
+    report = {"models": results, "rows": rows, "robustness": robust, "ood": ood, "settings": config.model_dump()}
     (output_dir / "eval.json").write_text(json.dumps(report, indent=1, default=float))
-    (output_dir / "eval.md").write_text(markdown(rows, config) + "\n")
-    print(markdown(rows, config))
+    text = markdown(rows, config) + ("\n\n" + robustness_markdown(robust, ood) if robust or ood else "")
+    (output_dir / "eval.md").write_text(text + "\n")
+    print(text)
     return report
 
 

@@ -3,7 +3,7 @@
 Three kinds:
 - `rouge`: prompts with human references, scored by ROUGE-L on sampled answers
   (`selfinst`: the 252 user-oriented Self-Instruct instructions; `rouge:PATH` any JSONL of
-  prompt/reference);
+  prompt/reference; `selfinst-seed`: the 175 Self-Instruct seed tasks);
 - `accuracy`: labelled questions, scored by exact match after answer extraction, zero-shot and
   k-shot (`gsm8k`, `svamp`, `pubmedqa`, `legalbench` = its three Yes/No tasks, or one of them as
   `legalbench-hearsay`, `legalbench-proa`, `legalbench-personal_jurisdiction`);
@@ -36,7 +36,7 @@ LEGALBENCH = {
     "personal_jurisdiction": "Does the court in which the plaintiff sued have personal jurisdiction over the defendant?",
 }
 ACCURACY_TASKS = ("gsm8k", "svamp", "pubmedqa", *(f"legalbench-{name}" for name in LEGALBENCH))
-ROUGE_TASKS = ("selfinst",)
+ROUGE_TASKS = ("selfinst", "selfinst-seed")
 DOMAIN_TASKS = ("gsm8k-test", "pubmedqa-test", "legalbench-rule_qa", "medical-refusal")
 GSM8K_TEST = 1319  # records in GSM8K's official test split
 PUBMEDQA_TEST = 150  # of the 500 shipped PubMedQA records: the healthcare app trains on the other 350
@@ -205,6 +205,8 @@ def load_task(spec: str) -> list[Task]:
     """Tasks named by `spec` (see the module docstring); `legalbench` expands to three tasks."""
     if spec == "selfinst":
         return [Task("selfinst", "rouge", self_instruct_items(_file("self-instruct-user-eval/user_oriented_instructions.jsonl")))]
+    if spec == "selfinst-seed":  # the 175 seed tasks: the in-distribution side of the selfinst-seed->selfinst pair
+        return [Task("selfinst-seed", "rouge", self_instruct_items(_file("self-instruct-seed/seed_tasks.jsonl")))]
     if spec.startswith("rouge:"):
         path = Path(spec[len("rouge:") :])
         if not path.is_file():
