@@ -176,6 +176,24 @@ def serve(
     run_server(backend, host=host, port=port, api_key=api_key, faults=faults, request_log=request_log,
                max_body_bytes=int(max_body_mb * 2**20), max_queue=max_queue, allowed_hosts=hosts)
 
+@app.command()
+def export(
+    student: str = typer.Argument(..., help="Student HF folder (a `kdlm distill` run folder means its student/)."),
+    format_: str = typer.Option("gguf", "--format", help="Output format: gguf (llama.cpp, Ollama)."),
+    quant: str = typer.Option("q8_0", help="f16, q8_0 or q4_0; K-quants (q4_k_m) need llama.cpp's llama-quantize on the f16 file."),
+    out: str = typer.Option(None, help="Output .gguf file (default: STUDENT-QUANT.gguf next to the student folder)."),
+    check: bool = typer.Option(True, help="Load the file back with transformers and compare logits with the student before keeping it."),
+) -> None:
+    """Export a Llama-family student as one GGUF file, checked against the HF student (docs/export.md)."""
+    from kdlm.export.run import FORMATS, export_gguf
+
+    if format_.lower() not in FORMATS:
+        raise KdlmError(f"--format {format_!r} is not known; pick one of {', '.join(FORMATS)}")
+    result = export_gguf(student, out=out, quant=quant, check=check, log=lambda line: console.print(line, highlight=False))
+    types = ", ".join(f"{count} {kind}" for kind, count in sorted(result["tensor_types"].items()))
+    console.print(f"done: {result['path']} ({result['bytes'] / 2**20:.1f} MiB; tensors: {types})", highlight=False)
+
+
 @app.command("config-show")
 def config_show(
     config: Path = typer.Argument(None, help=CONFIG_HELP),
