@@ -11,9 +11,10 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 
 from kdlm.data import encode_records
@@ -22,6 +23,7 @@ from kdlm.errors import KdlmError
 from kdlm.evaluate.answers import is_correct
 from kdlm.evaluate.metrics import speed, target_logits, text_perplexity
 from kdlm.evaluate.quality import generate_texts, mean_std, rouge_l, token_fidelity
+from kdlm.evaluate.quantize import float_parameter_bytes, quantize_int8, quantized_bytes
 from kdlm.evaluate.report import SPEED_PROMPTS
 from kdlm.evaluate.tasks import Task, build_prompt, load_task
 from kdlm.models import check_vocab_compatible, describe_model, load_model
@@ -56,7 +58,18 @@ class EvalSuiteConfig(BaseModel):
         "auto", description="Generate under bf16 autocast (auto: only where the hardware runs it fast); scores stay fp32."
     )
     generation_tokens: int = Field(32, ge=1, description="New tokens per prompt when timing generation.")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: evaluate each model (not the teacher row) with int8 dynamic quantisation of its Linear layers, "
+        "on the CPU, named MODEL-int8 (see kdlm.evaluate.quantize).")
     output_dir: str = Field("runs/eval")
+
+    @model_validator(mode="after")
+    def _int8_runs_fp32(self):
+        if self.quantize == "int8" and self.bf16 is True:
+            raise ValueError("quantize: int8 and bf16: true do not mix (int8 dynamic quantisation takes fp32 activations); use bf16: false")
+        if self.quantize == "int8":
+            self.bf16 = False  # `auto` could pick bf16 autocast, which the int8 kernels do not take
+        return self
 
 
 def resolve_model(spec: str) -> tuple[str, str]:
@@ -178,6 +191,10 @@ def cost_task(model, tokenizer, folder: Path | None, config: EvalSuiteConfig) ->
     if "disk_bytes" in info:
         result["disk_mb"] = info["disk_bytes"] / 2**20
     result.update(speed(model, tokenizer, SPEED_PROMPTS, batch_size=min(8, config.batch_size), new_tokens=config.generation_tokens))
+    if getattr(model, "kdlm_quantized", None):  # the folder holds fp32 weights; count the int8 ones in memory
+        packed = quantized_bytes(model)
+        result["disk_mb"] = packed / 2**20
+        result["peak_memory_mb"] += (packed - float_parameter_bytes(model)) / 2**20
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": SPEED_PROMPTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
     started = time.perf_counter()
     with torch.no_grad():
@@ -201,6 +218,8 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
     lm_eval_tasks = [spec for spec in config.tasks if spec.startswith("lm-eval:")]
     tasks = [task for spec in config.tasks if spec not in extra and spec not in lm_eval_tasks for task in load_task(spec)]
     specs = [resolve_model(spec) for spec in models]
+    if config.quantize != "none":
+        specs = [(f"{name}-{config.quantize}", spec) for name, spec in specs]
     if config.teacher and config.teacher_row:
         specs.insert(0, ("teacher", config.teacher))
     names = [name for name, _ in specs]
@@ -218,6 +237,8 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
             continue
         console.print(f"[bold]{name}[/] ({spec}): {', '.join(todo)}")
         model, tokenizer = load_model(spec)
+        if config.quantize == "int8" and name != "teacher":
+            model = quantize_int8(model)
         folder = Path(spec) if Path(spec).is_dir() else None
         for task in tasks:
             if task.name not in todo:
@@ -236,7 +257,8 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
                 store.put(name, spec_name, _settings_key(model_key, spec_name, config), lm_eval_task(model, tokenizer, spec_name, config))
         if "fidelity" in todo:
             if fidelity is None:
-                teacher, teacher_tokenizer = (model, tokenizer) if spec == config.teacher else load_model(config.teacher)
+                same = spec == config.teacher and not getattr(model, "kdlm_quantized", None)  # an int8 copy is no reference
+                teacher, teacher_tokenizer = (model, tokenizer) if same else load_model(config.teacher)
                 fidelity = Fidelity(teacher, teacher_tokenizer, config)
                 del teacher
             try:

@@ -1,6 +1,4 @@
-"""Export a student for deployment: a GGUF file for llama.cpp and Ollama (`kdlm export`)."""
+"""Export a student for deployment: a GGUF file for llama.cpp and Ollama (`kdlm export`).
 
-from kdlm.export.gguf_file import QUANTS, write_gguf
-from kdlm.export.check import check_gguf
-
-__all__ = ["QUANTS", "check_gguf", "write_gguf"]
+gguf_file.py writes the file, check.py compares it with the HF model, run.py does both atomically.
+"""

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 
 from kdlm.errors import KdlmError
-from kdlm.export.check import TOLERANCES, check_gguf, failures
 from kdlm.export.gguf_file import check_llama_family, check_quant, write_gguf
 
 FORMATS = ("gguf",)
@@ -40,6 +39,7 @@ def export_gguf(spec: str, out: str | None = None, quant: str = "q8_0", check: b
     """
     from transformers import AutoConfig
 
+    from kdlm.export.check import TOLERANCES, check_gguf, failures
     from kdlm.models.loading import load_model
 
     quant = quant.lower()
