@@ -143,3 +143,12 @@ def test_eval_scores_the_int8_student_against_its_fp32_self(student):
     assert result["cost"]["disk_mb"] * 2**20 < fp32_bytes
     with pytest.raises(ValueError, match="bf16: true do not mix"):
         EvalSuiteConfig(quantize="int8", bf16=True)
+
+
+def test_the_check_refuses_a_file_without_the_q_k_permutation(student, monkeypatch):
+    # Without llama.cpp's row order, the reader's inverse permutation scrambles q and k: the check must catch it.
+    monkeypatch.setattr("kdlm.export.gguf_file.permute_rows", lambda weight, num_heads: weight)
+    out = student / "unpermuted.gguf"
+    with pytest.raises(KdlmError, match="does not match the HF student"):
+        export_gguf(str(student / "run"), out=str(out), quant="f16", log=lambda line: None)
+    assert not out.exists() and not list(student.glob(".unpermuted*"))
