@@ -83,7 +83,8 @@ def test_export_reloads_with_close_logits_and_the_same_tokens(student, quant):
         b = exported(input_ids=torch.tensor([ids])).logits.double()
     relative = ((a - b).abs().mean() / a.std(-1).mean()).item()
     assert relative < TOLERANCES[quant]["relative_mean_abs"]
-    assert (a.argmax(-1) == b.argmax(-1)).double().mean().item() >= TOLERANCES[quant]["top1"]
+    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum").item() / len(ids)
+    assert kl < TOLERANCES[quant]["kl"] and (a.argmax(-1) == b.argmax(-1)).double().mean().item() >= 0.9
     if quant == "f16":  # 11 significant bits: far tighter than the q8_0 bound
         assert relative < 1e-3
     assert exported.config.tie_word_embeddings and exported.config.num_key_value_heads == 2

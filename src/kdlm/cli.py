@@ -186,10 +186,12 @@ def export(
 ) -> None:
     """Export a Llama-family student as one GGUF file, checked against the HF student (docs/export.md)."""
     from kdlm.export.run import FORMATS, export_gguf
+    from kdlm.train.interrupts import sigterm_raises
 
     if format_.lower() not in FORMATS:
         raise KdlmError(f"--format {format_!r} is not known; pick one of {', '.join(FORMATS)}")
-    result = export_gguf(student, out=out, quant=quant, check=check, log=lambda line: console.print(line, highlight=False))
+    with sigterm_raises():  # SIGTERM unwinds like Ctrl-C, so the partial file is removed
+        result = export_gguf(student, out=out, quant=quant, check=check, log=lambda line: console.print(line, highlight=False))
     types = ", ".join(f"{count} {kind}" for kind, count in sorted(result["tensor_types"].items()))
     console.print(f"done: {result['path']} ({result['bytes'] / 2**20:.1f} MiB; tensors: {types})", highlight=False)
 

@@ -14,15 +14,16 @@ PROBES = [
     "Explain in one sentence why plants need light.",
 ]
 
-# What an export reaches on the probes: next-token top-1 agreement with the HF model, and the mean absolute
-# logit difference relative to the HF logits' standard deviation. Measured (docs/export.md) on the bundled
-# 30-layer teacher, SmolLM2-135M: f16 1.000 / 0.0016, q8_0 0.966 / 0.059, q4_0 0.636 / 0.94, with margin.
-# Small models lose more to rounding than large ones; a wrong layout (unpermuted q/k rows, swapped
-# tensors) gives near-random logits and fails every row.
+# The bounds an export must meet on the probes: the KL divergence of its next-token distributions from the
+# HF model's (nats per position), and the mean absolute logit difference relative to the HF logits' standard
+# deviation. Top-1 agreement is printed but not a bound: a pruned, not yet distilled student has many
+# near-ties, where a rounding flips the arg-max while the distributions stay close (q8_0 of the quickstart's
+# 15-layer pruned student: top-1 0.85, relative difference 0.068). Measured values in docs/export.md.
+# A wrong layout (unpermuted q/k rows, swapped tensors) gives near-random logits and fails both bounds.
 TOLERANCES: dict[str, dict[str, float]] = {
-    "f16": {"top1": 0.99, "relative_mean_abs": 0.01},
-    "q8_0": {"top1": 0.90, "relative_mean_abs": 0.12},
-    "q4_0": {"top1": 0.50, "relative_mean_abs": 1.5},
+    "f16": {"kl": 1e-3, "relative_mean_abs": 0.01},
+    "q8_0": {"kl": 0.05, "relative_mean_abs": 0.12},
+    "q4_0": {"kl": 1.0, "relative_mean_abs": 1.5},
 }
 
 
@@ -40,9 +41,10 @@ def compare(hf_model, hf_tokenizer, gguf_model, gguf_tokenizer) -> dict:
 
     Returns: tokens_equal (every probe tokenised to the same ids), max_abs and mean_abs (logit
     differences over all positions and the vocabulary), relative_mean_abs (mean_abs over the HF
-    logits' standard deviation), top1 (fraction of positions with the same arg-max), positions.
+    logits' standard deviation), kl (KL(HF || GGUF) of the next-token distributions, nats per position),
+    top1 (fraction of positions with the same arg-max), positions.
     """
-    tokens_equal, max_abs, abs_sum, scale_sum, same, positions, values = True, 0.0, 0.0, 0.0, 0, 0, 0
+    tokens_equal, max_abs, abs_sum, scale_sum, kl_sum, same, positions, values = True, 0.0, 0.0, 0.0, 0.0, 0, 0, 0
     for text in probe_texts(hf_tokenizer):
         ids = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
         tokens_equal &= gguf_tokenizer(text, add_special_tokens=False)["input_ids"] == ids
@@ -53,12 +55,14 @@ def compare(hf_model, hf_tokenizer, gguf_model, gguf_tokenizer) -> dict:
         max_abs = max(max_abs, difference.max().item())
         abs_sum += difference.sum().item()
         scale_sum += reference.std(dim=-1).sum().item() * reference.shape[-1]
+        kl_sum += torch.nn.functional.kl_div(exported.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                             reduction="sum").item()  # KL(HF || GGUF), summed over positions
         same += (reference.argmax(-1) == exported.argmax(-1)).sum().item()
         positions += len(ids)
         values += difference.numel()
     mean_abs = abs_sum / values
     return {"tokens_equal": tokens_equal, "max_abs": max_abs, "mean_abs": mean_abs,
-            "relative_mean_abs": abs_sum / scale_sum, "top1": same / positions, "positions": positions}
+            "relative_mean_abs": abs_sum / scale_sum, "kl": kl_sum / positions, "top1": same / positions, "positions": positions}
 
 
 def check_gguf(hf_model, hf_tokenizer, path: Path) -> dict:
@@ -75,8 +79,8 @@ def failures(result: dict, quant: str) -> list[str]:
     problems = []
     if not result["tokens_equal"]:
         problems.append("the GGUF tokenizer gives other token ids than the HF one on the probes")
-    if result["top1"] < limits["top1"]:
-        problems.append(f"top-1 agreement {result['top1']:.3f} < {limits['top1']}")
+    if result["kl"] > limits["kl"]:
+        problems.append(f"KL {result['kl']:.4f} nats/token > {limits['kl']}")
     if result["relative_mean_abs"] > limits["relative_mean_abs"]:
         problems.append(f"relative mean logit difference {result['relative_mean_abs']:.4f} > {limits['relative_mean_abs']}")
     return problems

@@ -58,7 +58,7 @@ def export_gguf(spec: str, out: str | None = None, quant: str = "q8_0", check: b
         result = None
         if check:
             result = check_gguf(model, tokenizer, temp)
-            log(f"check ({result['positions']} probe positions): top-1 agreement {result['top1']:.3f}, logit difference "
+            log(f"check ({result['positions']} probe positions): KL {result['kl']:.5f} nats/token, top-1 agreement {result['top1']:.3f}, logit difference "
                 f"max {result['max_abs']:.4f} mean {result['mean_abs']:.5f} (relative {result['relative_mean_abs']:.4f}), "
                 f"token ids {'equal' if result['tokens_equal'] else 'DIFFERENT'}; tolerance for {quant}: {TOLERANCES[quant]}")
             problems = failures(result, quant)
