@@ -135,13 +135,17 @@ def test_eval_scores_the_int8_student_against_its_fp32_self(student):
     config = EvalSuiteConfig(tasks=["fidelity", "cost"], teacher=str(folder), teacher_row=False, quantize="int8",
                              fidelity_prompts=2, fidelity_max_new_tokens=6, generation_tokens=2, batch_size=2,
                              output_dir=str(student / "eval"))
-    assert config.bf16 is False  # auto resolves to fp32 activations under int8
     report = evaluate_suite([str(student / "run")], config)
     result = report["models"]["run-int8"]
     # KL > 0: the reference is the fp32 model, not the int8 copy; the random tiny model has near-ties, so top-1 only > 0.5
     assert 0 < result["fidelity"]["kl_to_teacher"] < 0.05 and result["fidelity"]["top1_agreement"] > 0.5
     fp32_bytes = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
     assert result["cost"]["disk_mb"] * 2**20 < fp32_bytes
+    # The fp32 rows (the teacher's) keep their cache keys in an int8 run; the int8 rows get their own.
+    from kdlm.evaluate.suite import _settings_key
+
+    fp32 = config.model_copy(update={"quantize": "none"})
+    assert _settings_key("m", "cost", config) == _settings_key("m", "cost", fp32) != _settings_key("m", "cost", config, "int8")
     with pytest.raises(ValueError, match="bf16: true do not mix"):
         EvalSuiteConfig(quantize="int8", bf16=True)
 

@@ -67,8 +67,6 @@ class EvalSuiteConfig(BaseModel):
     def _int8_runs_fp32(self):
         if self.quantize == "int8" and self.bf16 is True:
             raise ValueError("quantize: int8 and bf16: true do not mix (int8 dynamic quantisation takes fp32 activations); use bf16: false")
-        if self.quantize == "int8":
-            self.bf16 = False  # `auto` could pick bf16 autocast, which the int8 kernels do not take
         return self
 
 
@@ -203,8 +201,10 @@ def cost_task(model, tokenizer, folder: Path | None, config: EvalSuiteConfig) ->
     return result
 
 
-def _settings_key(model_key: str, task: str, config: EvalSuiteConfig) -> str:
-    fields = config.model_dump(exclude={"tasks", "output_dir", "teacher_row", "batch_size"})
+def _settings_key(model_key: str, task: str, config: EvalSuiteConfig, quantize: str = "none") -> str:
+    fields = config.model_dump(exclude={"tasks", "output_dir", "teacher_row", "batch_size", "quantize"})
+    if quantize != "none":  # only quantised results depend on it: fp32 ones stay cached across int8 runs
+        fields["quantize"] = quantize
     return fingerprint({"model": model_key, "task": task, **fields})
 
 
@@ -228,8 +228,11 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
     fidelity = None
     for name, spec in specs:
         model_key = _model_key(spec)
+        quantize = config.quantize if name != "teacher" else "none"  # the teacher row stays the fp32 reference
+        # int8 kernels take fp32 activations only: no bf16 autocast for a quantised model
+        run_config = config.model_copy(update={"bf16": False}) if quantize != "none" else config
         todo = [t for t in [*(task.name for task in tasks), *lm_eval_tasks, *(s for s in extra if s in config.tasks)]
-                if store.get(name, t, _settings_key(model_key, t, config)) is None]
+                if store.get(name, t, _settings_key(model_key, t, config, quantize)) is None]
         if "fidelity" in todo and not config.teacher:
             todo.remove("fidelity")
         if not todo:
@@ -237,7 +240,7 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
             continue
         console.print(f"[bold]{name}[/] ({spec}): {', '.join(todo)}")
         model, tokenizer = load_model(spec)
-        if config.quantize == "int8" and name != "teacher":
+        if quantize == "int8":
             model = quantize_int8(model)
         folder = Path(spec) if Path(spec).is_dir() else None
         for task in tasks:
@@ -245,16 +248,16 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
                 continue
             started = time.perf_counter()
             if task.kind == "rouge":
-                value = rouge_task(model, tokenizer, task, config)
+                value = rouge_task(model, tokenizer, task, run_config)
             elif task.kind == "accuracy":
-                value = accuracy_task(model, tokenizer, task, config)
+                value = accuracy_task(model, tokenizer, task, run_config)
             else:
                 value = {"perplexity": text_perplexity(model, tokenizer, task.text, max_tokens=config.perplexity_max_tokens)}
             value["seconds"] = time.perf_counter() - started
-            store.put(name, task.name, _settings_key(model_key, task.name, config), value)
+            store.put(name, task.name, _settings_key(model_key, task.name, config, quantize), value)
         for spec_name in lm_eval_tasks:
             if spec_name in todo:
-                store.put(name, spec_name, _settings_key(model_key, spec_name, config), lm_eval_task(model, tokenizer, spec_name, config))
+                store.put(name, spec_name, _settings_key(model_key, spec_name, config, quantize), lm_eval_task(model, tokenizer, spec_name, run_config))
         if "fidelity" in todo:
             if fidelity is None:
                 same = spec == config.teacher and not getattr(model, "kdlm_quantized", None)  # an int8 copy is no reference
@@ -265,9 +268,9 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
                 value = fidelity(model, tokenizer)
             except KdlmError as exc:  # another tokenizer: no token-level comparison
                 value = {"error": str(exc)}
-            store.put(name, "fidelity", _settings_key(model_key, "fidelity", config), value)
+            store.put(name, "fidelity", _settings_key(model_key, "fidelity", config, quantize), value)
         if "cost" in todo:
-            store.put(name, "cost", _settings_key(model_key, "cost", config), cost_task(model, tokenizer, folder, config))
+            store.put(name, "cost", _settings_key(model_key, "cost", config, quantize), cost_task(model, tokenizer, folder, run_config))
         del model
     results = {name: store.data["models"].get(name, {}) for name in names}
     add_ratios(results, "teacher" if config.teacher and config.teacher_row else None)

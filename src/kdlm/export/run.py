@@ -63,7 +63,8 @@ def export_gguf(spec: str, out: str | None = None, quant: str = "q8_0", check: b
                 f"token ids {'equal' if result['tokens_equal'] else 'DIFFERENT'}; tolerance for {quant}: {TOLERANCES[quant]}")
             problems = failures(result, quant)
             if problems:
-                raise KdlmError(f"the exported {quant} file does not match the HF student ({'; '.join(problems)}); nothing was kept")
+                raise KdlmError(f"the exported {quant} file does not match the HF student ({'; '.join(problems)}); nothing was kept "
+                                f"(a higher-precision --quant keeps more; --no-check keeps the file unchecked)")
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
