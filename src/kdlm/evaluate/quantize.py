@@ -26,6 +26,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise KdlmError(f"quantize: int8 runs on the CPU only (torch's dynamic int8 kernels); the model is on {device}")
+    model.kdlm_parameters = sum(p.numel() for p in model.parameters())  # the int8 weights are no longer Parameters
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices, once per layer
         quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)

@@ -192,6 +192,7 @@ def cost_task(model, tokenizer, folder: Path | None, config: EvalSuiteConfig) ->
     if getattr(model, "kdlm_quantized", None):  # the folder holds fp32 weights; count the int8 ones in memory
         packed = quantized_bytes(model)
         result["disk_mb"] = packed / 2**20
+        result["parameters_m"] = model.kdlm_parameters / 1e6
         result["peak_memory_mb"] += (packed - float_parameter_bytes(model)) / 2**20
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": SPEED_PROMPTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
     started = time.perf_counter()
