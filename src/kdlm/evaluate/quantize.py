@@ -2,7 +2,9 @@
 
 Every `nn.Linear` (attention, MLP and the output head) gets int8 weights, one scale per tensor, and
 quantises its input to int8 on the fly at each call (torch.ao's `quantize_dynamic`, fbgemm/x86 kernels);
-embeddings, norms and the attention softmax stay fp32. torch marks torch.ao.quantization deprecated in
+embeddings, norms and the attention softmax stay fp32. On SmolLM2 this loses most of the quality (KL 1.7
+nats/token to its fp32 self): one int8 scale per input tensor cannot hold its outlier channels; see
+docs/export.md, where the GGUF q8_0 file (blocks of 32) keeps it. torch marks torch.ao.quantization deprecated in
 favour of torchao, which is not among this project's dependencies; `quantize_int8` is the one place to
 change when moving.
 """
