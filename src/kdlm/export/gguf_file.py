@@ -40,8 +40,8 @@ class Quant:
     file_type: str
 
 
-# The embedding matrix (also the output head when tied) is kept at 8 bits under q4_0, as llama.cpp's
-# quantiser keeps token_embd/output at higher precision in its 4-bit mixes: it dominates the logits' error.
+# The embedding matrix (also the output head when tied) is kept at 8 bits under q4_0: it sets every logit,
+# and llama.cpp's quantiser likewise keeps the output matrix at higher precision (Q6_K) in its 4-bit types.
 QUANTS: dict[str, Quant] = {
     "f16": Quant("F16", "F16", "MOSTLY_F16"),
     "q8_0": Quant("Q8_0", "Q8_0", "MOSTLY_Q8_0"),
