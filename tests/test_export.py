@@ -157,3 +157,19 @@ def test_the_check_refuses_a_file_without_the_q_k_permutation(student, monkeypat
     with pytest.raises(KdlmError, match="does not match the HF student"):
         export_gguf(str(student / "run"), out=str(out), quant="f16", log=lambda line: None)
     assert not out.exists() and not list(student.glob(".unpermuted*"))
+
+
+def test_eval_scores_an_exported_gguf_file(tmp_path):
+    # `kdlm eval` loads a .gguf file (dequantised by transformers): the quality of the deployed q8_0 weights.
+    # No padding rows here: their `[PADn]` tokens would make the vocabularies differ for the fidelity task.
+    from kdlm.evaluate.suite import EvalSuiteConfig, evaluate_suite
+
+    tokenizer = merged_tokenizer()
+    tiny_llama(len(tokenizer), seed=6).save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    out = tmp_path / "student-q8_0.gguf"
+    export_gguf(str(tmp_path / "student"), out=str(out), quant="q8_0", check=False)
+    config = EvalSuiteConfig(tasks=["fidelity"], teacher=str(tmp_path / "student"), teacher_row=False,
+                             fidelity_prompts=2, fidelity_max_new_tokens=6, batch_size=2, output_dir=str(tmp_path / "eval"))
+    fidelity = evaluate_suite([str(out)], config)["models"][str(out)]["fidelity"]
+    assert 0 < fidelity.get("kl_to_teacher", -1) < TOLERANCES["q8_0"]["kl"], fidelity
