@@ -227,6 +227,26 @@ def serve(
     run_server(backend, host=host, port=port, api_key=api_key, faults=faults, request_log=request_log,
                max_body_bytes=int(max_body_mb * 2**20), max_queue=max_queue, allowed_hosts=hosts)
 
+@app.command()
+def export(
+    student: str = typer.Argument(..., help="Student HF folder (a `kdlm distill` run folder means its student/)."),
+    format_: str = typer.Option("gguf", "--format", help="Output format: gguf (llama.cpp, Ollama)."),
+    quant: str = typer.Option("q8_0", help="f16, q8_0 or q4_0; K-quants (q4_k_m) need llama.cpp's llama-quantize on the f16 file."),
+    out: str = typer.Option(None, help="Output .gguf file (default: STUDENT-QUANT.gguf next to the student folder)."),
+    check: bool = typer.Option(True, help="Load the file back with transformers and compare logits with the student before keeping it."),
+) -> None:
+    """Export a Llama-family student as one GGUF file, checked against the HF student (docs/export.md)."""
+    from kdlm.export.run import FORMATS, export_gguf
+    from kdlm.train.interrupts import sigterm_raises
+
+    if format_.lower() not in FORMATS:
+        raise KdlmError(f"--format {format_!r} is not known; pick one of {', '.join(FORMATS)}")
+    with sigterm_raises():  # SIGTERM unwinds like Ctrl-C, so the partial file is removed
+        result = export_gguf(student, out=out, quant=quant, check=check, log=lambda line: console.print(line, highlight=False))
+    types = ", ".join(f"{count} {kind}" for kind, count in sorted(result["tensor_types"].items()))
+    console.print(f"done: {result['path']} ({result['bytes'] / 2**20:.1f} MiB; tensors: {types})", highlight=False)
+
+
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configs: `kdlm config show CONFIG`.")
 app.add_typer(config_app, name="config")
 

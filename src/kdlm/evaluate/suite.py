@@ -11,9 +11,10 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
 
 from kdlm.atomic import write_text
@@ -32,6 +33,7 @@ from kdlm.evaluate.domain import (
 )
 from kdlm.evaluate.metrics import speed, target_logits, text_perplexity
 from kdlm.evaluate.quality import generate_texts, mean_std, rouge_l, token_fidelity
+from kdlm.evaluate.quantize import float_parameter_bytes, quantize_int8, quantized_bytes
 from kdlm.evaluate.report import SPEED_PROMPTS
 from kdlm.evaluate.robustness import (
     PERPLEXITY_CHARS_PER_TOKEN,
@@ -75,6 +77,9 @@ class EvalSuiteConfig(BaseModel):
         "auto", description="Generate under bf16 autocast (auto: only where the hardware runs it fast); scores stay fp32."
     )
     generation_tokens: int = Field(32, ge=1, description="New tokens per prompt when timing generation.")
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: evaluate each model (not the teacher row) with int8 dynamic quantisation of its Linear layers, "
+        "on the CPU, named MODEL-int8 (see kdlm.evaluate.quantize).")
     output_dir: str = Field("runs/eval")
     perturb: list[str] = Field(default_factory=list, description="Perturbations applied to every task, LEVEL[.OP]:RATE "
                                "(char, word, sentence; rate in [0, 1]), e.g. [char:0.05, word:0.1]; one task alone: NAME@SPEC in tasks.")
@@ -87,6 +92,12 @@ class EvalSuiteConfig(BaseModel):
         from kdlm.evaluate.perturb import parse_spec
 
         return [str(parse_spec(text, "perturb")) for text in value]
+
+    @model_validator(mode="after")
+    def _int8_runs_fp32(self):
+        if self.quantize == "int8" and self.bf16 is True:
+            raise ValueError("quantize: int8 and bf16: true do not mix (int8 dynamic quantisation takes fp32 activations); use bf16: false")
+        return self
 
 
 def resolve_model(spec: str) -> tuple[str, str]:
@@ -262,6 +273,11 @@ def cost_task(model, tokenizer, folder: Path | None, config: EvalSuiteConfig) ->
     if "disk_bytes" in info:
         result["disk_mb"] = info["disk_bytes"] / 2**20
     result.update(speed(model, tokenizer, SPEED_PROMPTS, batch_size=min(8, config.batch_size), new_tokens=config.generation_tokens))
+    if getattr(model, "kdlm_quantized", None):  # the folder holds fp32 weights; count the int8 ones in memory
+        packed = quantized_bytes(model)
+        result["disk_mb"] = packed / 2**20
+        result["parameters_m"] = model.kdlm_parameters / 1e6
+        result["peak_memory_mb"] += (packed - float_parameter_bytes(model)) / 2**20
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": SPEED_PROMPTS[0]}], add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)
     started = time.perf_counter()
     with torch.no_grad():
@@ -270,8 +286,10 @@ def cost_task(model, tokenizer, folder: Path | None, config: EvalSuiteConfig) ->
     return result
 
 
-def _settings_key(model_key: str, task: str, config: EvalSuiteConfig) -> str:
-    fields = config.model_dump(exclude={"tasks", "output_dir", "teacher_row", "batch_size", "perturb", "ood"})
+def _settings_key(model_key: str, task: str, config: EvalSuiteConfig, quantize: str = "none") -> str:
+    fields = config.model_dump(exclude={"tasks", "output_dir", "teacher_row", "batch_size", "perturb", "ood", "quantize"})
+    if quantize != "none":  # only quantised results depend on it: fp32 ones stay cached across int8 runs
+        fields["quantize"] = quantize
     return fingerprint({"model": model_key, "task": task, **fields})
 
 
@@ -287,6 +305,8 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
     specs_wanted = [spec for spec in config.tasks if spec not in extra and spec not in lm_eval_tasks]
     tasks, perturbed = expand_tasks(specs_wanted + [name for pair in pairs for name in pair if name not in specs_wanted], config.perturb)
     specs = [resolve_model(spec) for spec in models]
+    if config.quantize != "none":
+        specs = [(f"{name}-{config.quantize}", spec) for name, spec in specs]
     if config.teacher and config.teacher_row:
         specs.insert(0, ("teacher", config.teacher))
     names = [name for name, _ in specs]
@@ -295,8 +315,11 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
     fidelity = None
     for name, spec in specs:
         model_key = _model_key(spec)
+        quantize = config.quantize if name != "teacher" else "none"  # the teacher row stays the fp32 reference
+        # int8 kernels take fp32 activations only: no bf16 autocast for a quantised model
+        run_config = config.model_copy(update={"bf16": False}) if quantize != "none" else config
         todo = [t for t in [*(task.name for task in tasks), *(p.name for p in perturbed), *lm_eval_tasks, *(s for s in extra if s in config.tasks)]
-                if store.get(name, t, _settings_key(model_key, t, config)) is None]
+                if store.get(name, t, _settings_key(model_key, t, config, quantize)) is None]
         if "fidelity" in todo and not config.teacher:
             todo.remove("fidelity")
         if not todo:
@@ -304,35 +327,38 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
             continue
         console.print(f"[bold]{name}[/] ({spec}): {', '.join(todo)}")
         model, tokenizer = load_model(spec)
+        if quantize == "int8":
+            model = quantize_int8(model)
         folder = Path(spec) if Path(spec).is_dir() else None
         for task in tasks:
             if task.name not in todo:
                 continue
             started = time.perf_counter()
-            value = score_task(model, tokenizer, task, config)
+            value = score_task(model, tokenizer, task, run_config)
             value["seconds"] = time.perf_counter() - started
-            store.put(name, task.name, _settings_key(model_key, task.name, config), value)
+            store.put(name, task.name, _settings_key(model_key, task.name, config, quantize), value)
         for entry in perturbed:
             if entry.name in todo:
                 started = time.perf_counter()
-                value = run_perturbed(entry, config.seeds, _seed_scorer(model, tokenizer, config),
+                value = run_perturbed(entry, config.seeds, _seed_scorer(model, tokenizer, run_config),
                                       config.perplexity_max_tokens * PERPLEXITY_CHARS_PER_TOKEN)
                 value["seconds"] = time.perf_counter() - started
-                store.put(name, entry.name, _settings_key(model_key, entry.name, config), value)
+                store.put(name, entry.name, _settings_key(model_key, entry.name, config, quantize), value)
         for spec_name in lm_eval_tasks:
             if spec_name in todo:
-                store.put(name, spec_name, _settings_key(model_key, spec_name, config), lm_eval_task(model, tokenizer, spec_name, config))
+                store.put(name, spec_name, _settings_key(model_key, spec_name, config, quantize), lm_eval_task(model, tokenizer, spec_name, run_config))
         if "fidelity" in todo:
             if fidelity is None:
-                teacher, teacher_tokenizer = (model, tokenizer) if spec == config.teacher else load_model(config.teacher)
+                same = spec == config.teacher and not getattr(model, "kdlm_quantized", None)  # an int8 copy is no reference
+                teacher, teacher_tokenizer = (model, tokenizer) if same else load_model(config.teacher)
                 fidelity = Fidelity(teacher, teacher_tokenizer, config)
                 del teacher
             value = fidelity(model, tokenizer)
             if "token_metrics_skipped" in value:
                 console.print(f"{name}: bits per byte only; KL, top-1 and ECE skipped: {value['token_metrics_skipped']}")
-            store.put(name, "fidelity", _settings_key(model_key, "fidelity", config), value)
+            store.put(name, "fidelity", _settings_key(model_key, "fidelity", config, quantize), value)
         if "cost" in todo:
-            store.put(name, "cost", _settings_key(model_key, "cost", config), cost_task(model, tokenizer, folder, config))
+            store.put(name, "cost", _settings_key(model_key, "cost", config, quantize), cost_task(model, tokenizer, folder, run_config))
         del model
     results = {name: store.data["models"].get(name, {}) for name in names}
     add_ratios(results, "teacher" if config.teacher and config.teacher_row else None)
