@@ -35,7 +35,7 @@ def markdown_table(result: dict) -> str:
     """Methods ranked by the metric: mean ± std over seeds, the noise mark, cost."""
     metric = result["metric"]
     percent = "agreement" in metric or "shot" in metric or metric.endswith(" acc")
-    extra = [c for c in ("top-1 agreement", "KL to teacher", "ECE") if c != metric]
+    extra = [c for c in ("bits/byte", "top-1 agreement", "KL to teacher", "ECE") if c != metric]
     lines = [
         f"| rank | method | {metric} | vs best | within noise of | {' | '.join(extra)} | train wall-clock (s) | FLOPs | seeds |",
         "|" + "---|" * (8 + len(extra)),
@@ -100,8 +100,8 @@ def make_plots(result: dict) -> dict[str, bytes]:
         for axis, key, scale in ((axes[0], "top1_agreement", 100), (axes[1], "kl_to_teacher", 1)):
             means = []
             for step in steps:
-                values = [p[key] for curve in curves for p in curve if p["step"] == step]
-                means.append(scale * sum(values) / len(values))
+                values = [p[key] for curve in curves for p in curve if p["step"] == step and p.get(key) is not None]
+                means.append(scale * sum(values) / len(values) if values else math.nan)  # KL: none across tokenizers
             if steps:
                 axis.plot(steps, means, marker="o", color=colors[method], label=method)
     axes[0].set(xlabel="step", ylabel="top-1 agreement with the teacher (%)")
