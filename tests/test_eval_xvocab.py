@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from test_cli import base_args, run_cli, workspace  # noqa: F401  (the module-scoped tiny teacher and data)
 
 from kdlm.evaluate.xvocab import aligned_top1
-from tiny import save_tiny_teacher, tiny_llama, tiny_sp_tokenizer, tiny_tokenizer
+from test_cli import base_args, run_cli, workspace  # noqa: F401  (the module-scoped tiny teacher and data)
+from tiny import tiny_llama, tiny_sp_tokenizer, tiny_tokenizer
 
 ANSWER = "the water is hot."
 RECORD = {"messages": [{"role": "user", "content": "say"}, {"role": "assistant", "content": ANSWER}]}
@@ -86,20 +86,19 @@ def _sp_student(folder, seed: int = 4):
     return folder
 
 
-def test_eval_cli_reports_aligned_top1_for_a_student_with_another_tokenizer(tmp_path):
-    save_tiny_teacher(tmp_path / "teacher")
+def test_eval_cli_reports_aligned_top1_for_a_student_with_another_tokenizer(workspace, tmp_path):  # noqa: F811
     same = tmp_path / "same"
     tiny_llama(len(tiny_tokenizer()), num_layers=1, seed=3).save_pretrained(same)
     tiny_tokenizer().save_pretrained(same)
     other = _sp_student(tmp_path / "other")
-    run_cli("eval", str(same), str(other), "--tasks", "fidelity", "--teacher", str(tmp_path / "teacher"),
+    run_cli("eval", str(same), str(other), "--tasks", "fidelity", "--teacher", str(workspace / "teacher"),
             "--out", str(tmp_path / "out"), "--set", "fidelity_prompts=2", "--set", "fidelity_max_new_tokens=6",
             "--set", "batch_size=2", "--set", "bf16=false", cwd=tmp_path)
     report = json.loads((tmp_path / "out" / "eval.json").read_text())
     same_row, other_row = (report["models"][name]["fidelity"] for name in ("same", "other"))
     assert "top1_agreement" in same_row and "top1_agreement_aligned" not in same_row
-    assert 0 <= other_row["top1_agreement_aligned"] <= 1 and 0 < other_row["aligned_share"] < 1
-    assert "kl_to_teacher" not in other_row
+    assert 0 <= other_row["top1_agreement_aligned"] <= 1 and 0 < other_row["aligned_share"] <= 1
+    assert other_row["aligned_positions"] > 0 and "kl_to_teacher" not in other_row
     lines = (tmp_path / "out" / "eval.md").read_text().splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:5]}

@@ -33,10 +33,10 @@ from kdlm.bench.stats import noise_groups, summarise
 from kdlm.config import RunConfig, flatten, load_config
 from kdlm.errors import KdlmError
 from kdlm.evaluate.suite import Fidelity, evaluate_suite
-from kdlm.xtok.run import load_student_tokenizer
 from kdlm.models import describe_model, load_model
 from kdlm.teachers.answers import fingerprint
 from kdlm.teachers.cache import read_manifest
+from kdlm.xtok.run import load_student_tokenizer
 
 console = Console(stderr=True)
 CACHE_KEYS = ("teacher.model", "teacher.top_k", "teacher.cache_kind", "teacher.samples", "data", "train.bf16")

@@ -248,6 +248,8 @@ def cost_task(model, tokenizer, folder: Path | None, config: EvalSuiteConfig) ->
 
 def _settings_key(model_key: str, task: str, config: EvalSuiteConfig) -> str:
     fields = config.model_dump(exclude={"tasks", "output_dir", "teacher_row", "batch_size"})
+    if task == "fidelity":  # 2: top-1 agreement on aligned tokens for another tokenizer; older results lack it
+        fields["fidelity_version"] = 2
     return fingerprint({"model": model_key, "task": task, **fields})
 
 
