@@ -59,6 +59,10 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| - | teacher | {shown} |" + " |" * (5 + len(extra)))
     lines += ["", "≈ best: the difference from the best method is at most twice its standard error from the seed spread "
               "(sqrt(s1²/n1 + s2²/n2)); with one seed nothing is tested."]
+    aligned = sorted(row["model"] for row in result.get("evaluation", []) if "aligned" in str(row.get("top-1 on", "")))
+    if aligned:  # students with their own tokenizer (kdlm.evaluate.xvocab)
+        lines.append(f"Top-1 agreement of {', '.join(aligned)} (another tokenizer than the teacher's) counts only the "
+                     "teacher's answer tokens that align 1:1 with one of theirs; they have no KL or ECE.")
     return "\n".join(lines)
 
 
