@@ -71,6 +71,28 @@ def test_aligned_top1_matches_a_hand_alignment():
     assert result["top1_agreement_aligned"] == pytest.approx(agreeing / 8)
 
 
+def test_with_one_tokenizer_every_position_aligns_and_agreement_is_plain_top1():
+    """Both sides with the teacher's tokenizer: every answer token is a 1:1 group, and the aligned figure is the
+    usual top-1 agreement over all targets (argmax ids equal), computed here record by record."""
+    tokenizer = tiny_tokenizer()
+    teacher, student = tiny_llama(len(tokenizer), num_layers=1, seed=1), tiny_llama(len(tokenizer), num_layers=1, seed=2)
+    answers = ["the water is hot.", "naïve café 🙂", "two plus two is four"]
+    records = [{"messages": [{"role": "user", "content": "say"}, {"role": "assistant", "content": a}]} for a in answers]
+    teacher_logits, agree, total = [], 0, 0
+    for answer in answers:
+        prompt = tokenizer("<|im_start|>user\nsay<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([tokenizer(f"<|im_start|>user\nsay<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>",
+                                      add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            t, s = (model(ids).logits[0, len(prompt) - 1 : -1] for model in (teacher, student))
+        teacher_logits.append(t)
+        agree += int((t.argmax(-1) == s.argmax(-1)).sum())
+        total += t.shape[0]
+    result = aligned_top1(student, tokenizer, tokenizer, records, teacher_logits, max_length=512, batch_size=2)
+    assert result["aligned_share"] == 1.0 and result["aligned_positions"] == total
+    assert result["top1_agreement_aligned"] == pytest.approx(agree / total)
+
+
 def test_aligned_top1_refuses_teacher_logits_of_another_length():
     teacher_tokenizer, student_tokenizer = tiny_tokenizer(), tiny_sp_tokenizer()
     student = tiny_llama(len(student_tokenizer), num_layers=1, seed=6)
