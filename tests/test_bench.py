@@ -110,6 +110,43 @@ def test_table_ranks_methods_with_noise_marks(bench):
         "quality_vs_flops.png", "quality_vs_step.png", "quality_vs_wallclock.png", "training_loss.png"]
 
 
+def test_bits_per_byte_is_summarised_per_method_and_reported(bench):
+    root, _ = bench
+    result = json.loads((root / "bench" / "bench.json").read_text())
+    for entry in result["methods"].values():
+        values = [run["eval"]["bits/byte"] for run in entry["runs"]]
+        assert entry["bits/byte"]["mean"] == pytest.approx(sum(values) / len(values)) and entry["bits/byte"]["n"] == 2
+    table = (root / "bench" / "bench.md").read_text()
+    header_line = next(line for line in table.splitlines() if line.startswith("| rank |"))
+    header = [cell.strip() for cell in header_line.strip("|").split("|")]
+    fkl = next(line for line in table.splitlines() if "| fkl |" in line)
+    bits = result["methods"]["fkl"]["bits/byte"]
+    assert [cell.strip() for cell in fkl.strip("|").split("|")][header.index("bits/byte")] == f"{bits['mean']:.3f} ± {bits['std']:.3f}"
+
+
+def test_aggregate_leaves_out_cells_that_are_not_numbers():
+    """A student with another tokenizer has "n/a (tokenizer)" for KL and ECE: left out of the summaries, and
+    of the ranking when the ranking metric is one of them."""
+    from kdlm.bench.config import BenchConfig
+    from kdlm.bench.report import markdown_table
+    from kdlm.bench.runner import aggregate
+
+    config = BenchConfig(methods=["same", "cross"], seeds=[0, 1], metric="KL to teacher", higher_is_better=False)
+    runs, rows = [], []
+    for method, kl in (("same", 0.5), ("cross", "n/a (tokenizer)")):
+        for seed in (0, 1):
+            runs.append({"method": method, "seed": seed, "run_dir": f"/r/{method}-{seed}", "wall_s": 1.0, "flops": 1.0, "tokens": 1})
+            rows.append({"model": f"{method}-{seed}", "KL to teacher": kl, "bits/byte": 1.0 + seed, "top-1 agreement": 0.25,
+                         "top-1 on": "1:1-aligned (40% of tokens)" if method == "cross" else "all tokens"})
+    result = aggregate(config, runs, rows)
+    methods = result["methods"]
+    assert methods["same"]["metric"]["mean"] == 0.5 and methods["cross"]["metric"]["n"] == 0
+    assert "KL to teacher" not in methods["cross"] and methods["cross"]["bits/byte"]["mean"] == 1.5
+    assert methods["same"]["rank"] == 1
+    table = markdown_table({**result, "evaluation": rows})
+    assert "Top-1 agreement of cross-0, cross-1 (another tokenizer" in table
+
+
 def test_rerun_skips_finished_runs_and_reruns_a_missing_one(bench):
     root, _ = bench
     runs = _run_dirs(root)

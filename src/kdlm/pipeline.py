@@ -472,16 +472,23 @@ def run_eval(config: RunConfig) -> list[dict]:
         raise KdlmError("nothing to evaluate: set eval.models=[path/to/student,...]")
     config = with_precision(config)
     teacher, tokenizer = load_model(config.teacher.model, device=default_device())
-    _, heldout = prepare_data(config, teacher, tokenizer)
+    _, heldout_records = prepare_records(config, teacher, tokenizer)
+    heldout = encode_records(tokenizer, heldout_records, max_length=config.data.max_length) if heldout_records else []
     if not heldout:
         raise KdlmError("data.heldout is 0: no held-out examples to evaluate on")
     models = {"teacher": (teacher, None)}
     vocab_size = teacher.config.vocab_size
+    others = {}  # models with another tokenizer: bits per byte and top-1 on 1:1-aligned tokens (kdlm.evaluate.xvocab)
     for spec in config.eval.models:
         model, model_tokenizer = load_model(spec, device=default_device())
-        vocab_size = min(vocab_size, check_vocab_compatible(tokenizer, model_tokenizer, teacher.config.vocab_size, model.config.vocab_size))
+        try:
+            vocab_size = min(vocab_size, check_vocab_compatible(tokenizer, model_tokenizer, teacher.config.vocab_size, model.config.vocab_size))
+        except KdlmError as exc:
+            console.print(f"{spec}: another tokenizer than the teacher's ({exc}); scored by bits per byte and top-1 "
+                          "agreement on 1:1-aligned tokens")
+            others[spec] = model_tokenizer
         models[spec] = (model, Path(spec) if Path(spec).is_dir() else None)
-    rows = evaluate_models(models, teacher, tokenizer, heldout, config.eval, vocab_size)
+    rows = evaluate_models(models, teacher, tokenizer, heldout, config.eval, vocab_size, records=heldout_records, tokenizers=others)
     write_report({"rows": rows, "config": config.model_dump()}, Path(config.train.output_dir) / "eval")
     return rows
 

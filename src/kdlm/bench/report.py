@@ -35,7 +35,7 @@ def markdown_table(result: dict) -> str:
     """Methods ranked by the metric: mean ± std over seeds, the noise mark, cost."""
     metric = result["metric"]
     percent = "agreement" in metric or "shot" in metric or metric.endswith(" acc")
-    extra = [c for c in ("top-1 agreement", "KL to teacher", "ECE") if c != metric]
+    extra = [c for c in ("bits/byte", "top-1 agreement", "KL to teacher", "ECE") if c != metric]
     lines = [
         f"| rank | method | {metric} | vs best | within noise of | {' | '.join(extra)} | train wall-clock (s) | FLOPs | seeds |",
         "|" + "---|" * (8 + len(extra)),
@@ -59,6 +59,10 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| - | teacher | {shown} |" + " |" * (5 + len(extra)))
     lines += ["", "≈ best: the difference from the best method is at most twice its standard error from the seed spread "
               "(sqrt(s1²/n1 + s2²/n2)); with one seed nothing is tested."]
+    aligned = sorted(row["model"] for row in result.get("evaluation", []) if "aligned" in str(row.get("top-1 on", "")))
+    if aligned:  # students with their own tokenizer (kdlm.evaluate.xvocab)
+        lines.append(f"Top-1 agreement of {', '.join(aligned)} (another tokenizer than the teacher's) counts only the "
+                     "teacher's answer tokens that align 1:1 with one of theirs; they have no KL or ECE.")
     return "\n".join(lines)
 
 
@@ -100,8 +104,8 @@ def make_plots(result: dict) -> dict[str, bytes]:
         for axis, key, scale in ((axes[0], "top1_agreement", 100), (axes[1], "kl_to_teacher", 1)):
             means = []
             for step in steps:
-                values = [p[key] for curve in curves for p in curve if p["step"] == step]
-                means.append(scale * sum(values) / len(values))
+                values = [p[key] for curve in curves for p in curve if p["step"] == step and p.get(key) is not None]
+                means.append(scale * sum(values) / len(values) if values else math.nan)  # KL: none across tokenizers
             if steps:
                 axis.plot(steps, means, marker="o", color=colors[method], label=method)
     axes[0].set(xlabel="step", ylabel="top-1 agreement with the teacher (%)")

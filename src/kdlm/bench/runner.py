@@ -36,6 +36,7 @@ from kdlm.evaluate.suite import Fidelity, evaluate_suite
 from kdlm.models import describe_model, load_model
 from kdlm.teachers.answers import fingerprint
 from kdlm.teachers.cache import read_manifest
+from kdlm.xtok.run import load_student_tokenizer
 
 console = Console(stderr=True)
 CACHE_KEYS = ("teacher.model", "teacher.top_k", "teacher.cache_kind", "teacher.samples", "data", "train.bf16")
@@ -176,6 +177,10 @@ class Bench:
             console.print(f"{run_dir.name}: resuming from its last checkpoint")
         curve: list[dict] = []
         probe = {"parameters": None, "eval_s": 0.0}
+        # a student with its own tokenizer (loss.cross_tokenizer) is probed in its tokens (kdlm.evaluate.xvocab)
+        probe_tokenizer = None
+        if self.fidelity is not None:
+            probe_tokenizer = load_student_tokenizer(config) if config.loss.cross_tokenizer != "off" else self.fidelity.tokenizer
 
         def on_step(step: int, student) -> None:
             if probe["parameters"] is None:
@@ -184,12 +189,14 @@ class Bench:
             if every and self.fidelity is not None and (step % every == 0 or step == config.train.max_steps):
                 started = time.perf_counter()
                 try:
-                    point = self.fidelity(student, self.fidelity.tokenizer)
+                    point = self.fidelity(student, probe_tokenizer)
                 finally:
                     student.train()
                 spent = time.perf_counter() - started
                 probe["eval_s"] += spent
-                curve.append({"step": step, **{k: point[k] for k in ("kl_to_teacher", "top1_agreement", "ece", "answer_perplexity")}})
+                keys = ("kl_to_teacher", "top1_agreement", "ece", "answer_perplexity", "bits_per_byte")
+                point.setdefault("top1_agreement", point.get("top1_agreement_aligned"))  # another tokenizer: aligned tokens
+                curve.append({"step": step, **{k: point.get(k) for k in keys}})
 
         console.rule(f"{method} seed {seed}")
         started = time.perf_counter()
@@ -243,6 +250,9 @@ def decode_tokens(train_log: Path) -> dict[str, int]:
     return counts
 
 
+EVAL_COLUMNS = ("bits/byte", "top-1 agreement", "KL to teacher", "ECE")  # summarised per method from kdlm eval's rows
+
+
 def run_bench(config: BenchConfig, root: Path = Path(".")) -> dict:
     """Run (or skip) every run of the grid, evaluate the students, write bench.json/.md, plots, report.html."""
     bench = Bench(config, root)
@@ -280,15 +290,16 @@ def aggregate(config: BenchConfig, runs: list[dict], rows: list[dict]) -> dict:
     for run in runs:
         row = by_model.get(Path(run["run_dir"]).name, {})
         value = row.get(config.metric)
-        run["metric"] = value[0] if isinstance(value, (list, tuple)) else value
+        value = value[0] if isinstance(value, (list, tuple)) else value
+        run["metric"] = value if isinstance(value, (int, float)) else None  # "n/a (tokenizer)": not a number
         run["eval"] = row
         methods.setdefault(run["method"], {"runs": []})["runs"].append(run)
     for entry in methods.values():
         entry["metric"] = summarise([r["metric"] for r in entry["runs"] if r["metric"] is not None])
         for key in ("wall_s", "flops", "tokens"):
             entry[key] = summarise([r[key] for r in entry["runs"]])
-        for column in ("top-1 agreement", "KL to teacher", "ECE"):
-            values = [r["eval"].get(column) for r in entry["runs"] if r["eval"].get(column) is not None]
+        for column in EVAL_COLUMNS:  # numbers only: "n/a (tokenizer)" for KL and ECE of another tokenizer
+            values = [r["eval"][column] for r in entry["runs"] if isinstance(r["eval"].get(column), (int, float))]
             if values:
                 entry[column] = summarise(values)
     marks = noise_groups({m: e["metric"] for m, e in methods.items()}, config.higher_is_better)

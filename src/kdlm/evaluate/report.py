@@ -10,7 +10,11 @@ from rich.console import Console
 from rich.table import Table
 
 from kdlm.config import EvalConfig
+from kdlm.data import encode_records
+from kdlm.errors import KdlmError
+from kdlm.evaluate.bytes import answer_bits_per_byte
 from kdlm.evaluate.metrics import fidelity, speed, target_logits, text_perplexity
+from kdlm.evaluate.xvocab import aligned_top1, per_example
 from kdlm.models import describe_model
 
 SPEED_PROMPTS = [
@@ -28,6 +32,9 @@ COLUMNS = [
     ("model", "model", "{}"),
     ("kl_to_teacher", "KL(teacher||model) nats/token", "{:.3f}"),
     ("top1_agreement", "top-1 agreement", "{:.1%}"),
+    ("bits_per_byte", "bits/byte on held-out answers", "{:.3f}"),
+    ("top1_agreement_aligned", "top-1 agreement, 1:1-aligned tokens", "{:.1%}"),
+    ("aligned_share", "1:1-aligned share", "{:.0%}"),
     ("answer_perplexity", "ppl on held-out answers", "{:.2f}"),
     ("text_perplexity", "ppl on text", "{:.2f}"),
     ("parameters", "parameters (M)", "{:.1f}"),
@@ -38,24 +45,55 @@ COLUMNS = [
 ]
 
 
-def evaluate_models(models: dict, teacher, tokenizer, heldout: list[dict], config: EvalConfig, vocab_size: int) -> list[dict]:
-    """Evaluate each `name -> (model, folder or None)` against the teacher on held-out examples."""
+def evaluate_models(models: dict, teacher, tokenizer, heldout: list[dict], config: EvalConfig, vocab_size: int, *,
+                    records: list[dict] | None = None, tokenizers: dict | None = None) -> list[dict]:
+    """Evaluate each `name -> (model, folder or None)` against the teacher on held-out examples.
+
+    Args:
+        records: the held-out records; their chats' answers give every model a bits-per-byte column.
+        tokenizers: `name -> tokenizer` of the models whose tokenizer is not the teacher's: they get bits per
+            byte and top-1 agreement on the 1:1-aligned positions (kdlm.evaluate.xvocab) instead of KL,
+            top-1 agreement and perplexities, which need the teacher's tokens.
+    """
     pad = tokenizer.pad_token_id
+    tokenizers = tokenizers or {}
+    chats = [r for r in records or [] if "messages" in r and r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"]]
+    if tokenizers and not chats:
+        raise KdlmError("a model with another tokenizer than the teacher's is scored on held-out chat answers; "
+                        "the held-out records have none (data.train needs chat records)")
     reference = target_logits(teacher, heldout, batch_size=config.batch_size, pad_token_id=pad, vocab_size=vocab_size)
+    cross_reference = teacher_answer_logits(teacher, tokenizer, chats, config.batch_size) if tokenizers else None
     text = Path(config.text).read_text() if config.text else None
     rows = []
     for name, (model, folder) in models.items():
         row = {"model": name}
-        row.update(fidelity(model, heldout, reference, batch_size=config.batch_size, pad_token_id=pad, vocab_size=vocab_size))
-        if text is not None:
-            row["text_perplexity"] = text_perplexity(model, tokenizer, text, max_tokens=config.text_max_tokens)
+        own = tokenizers.get(name)
+        if chats:
+            row["bits_per_byte"] = answer_bits_per_byte(model, own or tokenizer, chats, batch_size=config.batch_size)["bits_per_byte"]
+        if own is not None:
+            row.update(aligned_top1(model, own, tokenizer, chats, cross_reference, max_length=_ANSWER_LENGTH,
+                                    batch_size=config.batch_size))
+        else:
+            row.update(fidelity(model, heldout, reference, batch_size=config.batch_size, pad_token_id=pad, vocab_size=vocab_size))
+            if text is not None:
+                row["text_perplexity"] = text_perplexity(model, tokenizer, text, max_tokens=config.text_max_tokens)
         info = describe_model(model, folder)
         row["parameters"] = info["parameters"] / 1e6
         if "disk_bytes" in info:
             row["disk_mb"] = info["disk_bytes"] / 2**20
-        row.update(speed(model, tokenizer, SPEED_PROMPTS, batch_size=min(8, config.batch_size), new_tokens=config.generation_tokens))
+        row.update(speed(model, own or tokenizer, SPEED_PROMPTS, batch_size=min(8, config.batch_size), new_tokens=config.generation_tokens))
         rows.append(row)
     return rows
+
+
+_ANSWER_LENGTH = 1 << 16  # whole answers: an alignment needs both sides' tokens of the same text
+
+
+def teacher_answer_logits(teacher, tokenizer, chats: list[dict], batch_size: int) -> list:
+    """The teacher's logits at the target positions of each chat, one (targets, V) tensor per chat."""
+    examples = encode_records(tokenizer, chats, max_length=_ANSWER_LENGTH)
+    logits = target_logits(teacher, examples, batch_size=batch_size, pad_token_id=tokenizer.pad_token_id, vocab_size=_ANSWER_LENGTH)
+    return per_example(logits, examples, batch_size)
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

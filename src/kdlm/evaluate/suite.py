@@ -45,6 +45,7 @@ from kdlm.evaluate.robustness import (
     run_perturbed,
 )
 from kdlm.evaluate.tasks import Task, build_prompt, load_task
+from kdlm.evaluate.xvocab import aligned_top1, per_example
 from kdlm.models import check_vocab_compatible, describe_model, load_model
 from kdlm.precision import Bf16Setting
 from kdlm.teachers.answers import answer_prompts, fingerprint
@@ -218,7 +219,8 @@ class Fidelity:
         )
         self.tokenizer = tokenizer
         self.records = answered
-        self.examples = encode_records(tokenizer, answered, max_length=config.max_prompt_tokens + config.fidelity_max_new_tokens + 8)
+        self.max_length = config.max_prompt_tokens + config.fidelity_max_new_tokens + 8
+        self.examples = encode_records(tokenizer, answered, max_length=self.max_length)
         self.batch_size = config.batch_size
         self.vocab_size = teacher.config.vocab_size
         self.teacher_logits = target_logits(teacher, self.examples, batch_size=self.batch_size, pad_token_id=tokenizer.pad_token_id, vocab_size=self.vocab_size)
@@ -228,17 +230,30 @@ class Fidelity:
             self.labels.append(labels[labels != -100])
 
     def __call__(self, model, tokenizer) -> dict:
-        """Bits per byte for any tokenizer; KL, top-1 and ECE only for a student with the teacher's tokenizer."""
+        """Bits per byte for any tokenizer; KL, top-1 and ECE for a student with the teacher's tokenizer, and
+        top-1 agreement on the 1:1-aligned positions (kdlm.evaluate.xvocab) for one with another tokenizer."""
         result = answer_bits_per_byte(model, tokenizer, self.records, batch_size=self.batch_size)
         result["prompts"] = len(self.records)
         try:
             vocab = check_vocab_compatible(self.tokenizer, tokenizer, self.vocab_size, model.config.vocab_size)
-        except KdlmError as exc:  # token positions do not correspond: token-level metrics are undefined
+        except KdlmError as exc:  # token positions do not correspond: KL and ECE are undefined
             result["token_metrics_skipped"] = f"another tokenizer than the teacher's ({exc})"
+            result.update(self.aligned(model, tokenizer))
             return result
         student = target_logits(model, self.examples, batch_size=self.batch_size, pad_token_id=self.tokenizer.pad_token_id, vocab_size=vocab)
         result.update(token_fidelity(student, [t[:, :vocab] for t in self.teacher_logits], self.labels))
         return result
+
+    def aligned(self, model, tokenizer) -> dict:
+        """Top-1 agreement on aligned positions, or why it could not be computed (``aligned_skipped``)."""
+        if len(self.examples) != len(self.records):
+            return {"aligned_skipped": "some held-out answer has no target token within the length limit"}
+        try:
+            return aligned_top1(model, tokenizer, self.tokenizer, self.records,
+                                per_example(self.teacher_logits, self.examples, self.batch_size),
+                                max_length=self.max_length, batch_size=self.batch_size)
+        except KdlmError as exc:  # e.g. a slow tokenizer (no offsets), or a template that hides the answer
+            return {"aligned_skipped": str(exc)}
 
 
 def score_task(model, tokenizer, task: Task, config: EvalSuiteConfig) -> dict:
@@ -290,6 +305,8 @@ def _settings_key(model_key: str, task: str, config: EvalSuiteConfig, quantize: 
     fields = config.model_dump(exclude={"tasks", "output_dir", "teacher_row", "batch_size", "perturb", "ood", "quantize"})
     if quantize != "none":  # only quantised results depend on it: fp32 ones stay cached across int8 runs
         fields["quantize"] = quantize
+    if task == "fidelity":  # 2: top-1 agreement on aligned tokens for another tokenizer; older results lack it
+        fields["fidelity_version"] = 2
     return fingerprint({"model": model_key, "task": task, **fields})
 
 
@@ -355,7 +372,9 @@ def evaluate_suite(models: list[str], config: EvalSuiteConfig) -> dict:
                 del teacher
             value = fidelity(model, tokenizer)
             if "token_metrics_skipped" in value:
-                console.print(f"{name}: bits per byte only; KL, top-1 and ECE skipped: {value['token_metrics_skipped']}")
+                aligned = ("top-1 agreement on 1:1-aligned positions" if "aligned_skipped" not in value
+                           else f"no top-1 agreement ({value['aligned_skipped']})")
+                console.print(f"{name}: bits per byte and {aligned}; KL and ECE skipped: {value['token_metrics_skipped']}")
             store.put(name, "fidelity", _settings_key(model_key, "fidelity", config, quantize), value)
         if "cost" in todo:
             store.put(name, "cost", _settings_key(model_key, "cost", config, quantize), cost_task(model, tokenizer, folder, run_config))
@@ -389,6 +408,7 @@ def add_ratios(results: dict, teacher: str | None) -> None:
 def summary_rows(results: dict) -> list[dict]:
     """One flat row per model: column title -> value."""
     rows = []
+    mixed = any("top1_agreement_aligned" in result.get("fidelity", {}) for result in results.values())
     for name, result in results.items():
         row: dict = {"model": name}
         for task, value in result.items():
@@ -409,12 +429,7 @@ def summary_rows(results: dict) -> list[dict]:
             for key in ("refusal_rate", "over_refusal"):
                 if key in value:
                     row[f"{task} {DOMAIN_COLUMNS[key]}"] = value[key]
-        fid = result.get("fidelity", {})
-        for key, title in (("bits_per_byte", "bits/byte"), ("kl_to_teacher", "KL to teacher"), ("top1_agreement", "top-1 agreement"), ("ece", "ECE")):
-            if key in fid:
-                row[title] = fid[key]
-            elif "token_metrics_skipped" in fid:
-                row[title] = "n/a (tokenizer)"
+        row.update(fidelity_columns(result.get("fidelity", {}), mixed))
         cost = result.get("cost", {})
         for key, title in (("parameters_m", "params (M)"), ("disk_mb", "disk (MB)"), ("forward_tokens_per_s", "forward tok/s"),
                            ("generate_tokens_per_s", "generate tok/s"), ("latency_s", "latency (s)"), ("peak_memory_mb", "peak memory (MB)"),
@@ -423,6 +438,28 @@ def summary_rows(results: dict) -> list[dict]:
                 row[title] = cost[key]
         rows.append(row)
     return rows
+
+
+def fidelity_columns(fid: dict, mixed: bool) -> dict:
+    """Fidelity columns of one row; `mixed`: some model has another tokenizer, so a "top-1 on" column says
+    which positions each top-1 agreement counts."""
+    row = {}
+    for key, title in (("bits_per_byte", "bits/byte"), ("kl_to_teacher", "KL to teacher"), ("top1_agreement", "top-1 agreement"), ("ece", "ECE")):
+        if key in fid:
+            row[title] = fid[key]
+        elif key == "top1_agreement" and "top1_agreement_aligned" in fid:
+            row[title] = fid["top1_agreement_aligned"]
+        elif "token_metrics_skipped" in fid:
+            row[title] = "n/a (tokenizer)"
+        if key == "top1_agreement" and mixed and "top-1 agreement" in row:
+            row["top-1 on"] = (f"1:1-aligned ({fid['aligned_share']:.0%} of tokens)" if "top1_agreement_aligned" in fid
+                               else "all tokens" if key in fid else "-")
+    return row
+
+
+TOP1_NOTE = ("top-1 agreement of a model with another tokenizer than the teacher's counts only the teacher's answer tokens "
+             "that align 1:1 with one of its tokens by bytes (their share in \"top-1 on\"), comparing the bytes the two "
+             "argmax tokens spell; KL and ECE need a shared vocabulary.")
 
 
 DOMAIN_COLUMNS = {"parse_rate": "parsed", "ece": "ECE", "abstention_rate": "abstain", "maybe_recall": "maybe recall",
@@ -458,4 +495,6 @@ def markdown(rows: list[dict], config: EvalSuiteConfig | None = None) -> str:
     if config is not None:
         lines += ["", f"ROUGE-L: sampling at T={config.temperature}, top-p {config.top_p}, seeds {config.seeds} (mean ± std over seeds), "
                   f"{config.max_new_tokens} new tokens; accuracy: greedy, exact match after answer extraction; limit {config.limit}."]
+    if any("top-1 on" in row for row in rows):
+        lines += ["", TOP1_NOTE]
     return "\n".join(lines)
