@@ -26,8 +26,8 @@ from tiny import tiny_llama, trained_tiny_teacher, write_chat_jsonl
 def setup(tmp_path_factory):
     teacher, tokenizer = trained_tiny_teacher(num_layers=2, steps=10)
     data = write_chat_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", count=16)
-    examples = encode_records(tokenizer, load_records(str(data)), max_length=64)
-    corpus = encode_records(tokenizer, [{"text": "water boils at one hundred degrees."}] * 3, max_length=32)
+    examples = encode_records(tokenizer, load_records(str(data)), max_length=96)
+    corpus = encode_records(tokenizer, [{"text": "water boils at one hundred degrees."}] * 3, max_length=48)
     return teacher, tokenizer, examples, corpus
 
 
