@@ -67,7 +67,7 @@ class LossStep:
     """``loss_step(batch) -> LossTerms``: the teacher target of a micro-batch, then the student's objective."""
 
     def __init__(self, objective: nn.Module, *, teacher: nn.Module | None, topk_targets: list | None, kd_weight: float,
-                 vocab_size: int, bf16, hints: HintObjective | None, cross_tokenizer: CrossTokenizer | None, method,
+                 vocab_size: int, bf16: bool | str, hints: HintObjective | None, cross_tokenizer: CrossTokenizer | None, method,
                  accelerator: Accelerator):
         self.objective, self.teacher, self.topk_targets = objective, teacher, topk_targets
         self.kd_weight, self.vocab_size, self.bf16, self.hints = kd_weight, vocab_size, bf16, hints
