@@ -8,18 +8,18 @@ from __future__ import annotations
 import os
 import time
 
-import kdlm.train.loop as loop
 from kdlm.cli import main
+from kdlm.train.session import TrainLog
 
 PAUSE_AT = int(os.environ["KDLM_TEST_PAUSE_AT_STEP"])
-log_step = loop._log
+write_step = TrainLog.write
 
 
-def _log_then_pause(record: dict, log_file, writer) -> None:
-    log_step(record, log_file, writer)
+def _write_then_pause(self: TrainLog, record: dict) -> None:
+    write_step(self, record)
     while record["step"] == PAUSE_AT:  # the test's signal arrives here (train_log.csv already has this step)
         time.sleep(0.05)
 
 
-loop._log = _log_then_pause
+TrainLog.write = _write_then_pause
 main()

@@ -19,6 +19,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,7 @@ from kdlm.teachers.cache import (
     write_cache,
 )
 from kdlm.train.checkpoint import config_record, prepare_output_dir
-from kdlm.train.loop import train, write_history
+from kdlm.train.loop import TrainResult, train, write_history
 from kdlm.train.methods import build_method, check_method_loss
 from kdlm.train.trackers import resolve_report_to
 from kdlm.xtok.onpolicy import CrossTokenizerSamples
@@ -136,51 +137,10 @@ def build_student(
         if not cfg.model:
             raise KdlmError("student.init=model needs student.model (a folder, .gguf file or hub id)")
         student, student_tokenizer = load_model(cfg.model, device=teacher.device if teacher is not None else None)
-    elif teacher is None:
-        raise KdlmError(
-            f"student.init={cfg.init} builds the student from the teacher's weights, which a run from teacher.cache "
-            "does not load. Build it once with `kdlm build-student CONFIG`, then train with student.init=model "
-            "student.model=<train.output_dir>/student-init"
-        )
-    elif cfg.tokenizer:
-        raise KdlmError(
-            f"student.tokenizer={cfg.tokenizer} gives the student another vocabulary: build it once with "
-            "`kdlm build-student CONFIG`, then train it across tokenizers with student.init=model "
-            "student.model=<train.output_dir>/student-init loss.cross_tokenizer=hybrid (or uld)"
-        )
     else:
+        _check_built_from_teacher(config, teacher)
         student_tokenizer = tokenizer
-        num_teacher_layers = teacher.config.num_hidden_layers
-        width_pruning = cfg.width is not None or cfg.target_params is not None
-        if width_pruning and cfg.init != "prune":
-            raise KdlmError(f"student.width and student.target_params need student.init=prune, not {cfg.init}.")
-        if width_pruning:
-            check_prunable(teacher)  # before any calibration pass: a family it cannot prune fails at once
-        num_layers = cfg.num_layers or (num_teacher_layers if width_pruning else max(1, num_teacher_layers // 2))
-        if cfg.init == "random":
-            torch.manual_seed(config.train.seed)
-            student = build_random_student(teacher.config, num_hidden_layers=num_layers)
-        else:
-            batch = None
-            if cfg.layers == "influence" or width_pruning:
-                if not train_examples:
-                    raise KdlmError("student.init=prune needs calibration text (data.train) for layer influence and width importance.")
-                batch = collate(train_examples[: cfg.calibration_samples], tokenizer.pad_token_id)
-            if kept_layers is None:
-                influence = None
-                if cfg.layers == "influence":
-                    influence = block_influence(teacher, batch["input_ids"].to(teacher.device),
-                                                batch["attention_mask"].to(teacher.device))
-                kept_layers = select_layers(
-                    num_teacher_layers, num_layers, cfg.layers, influence=influence, keep_first_last=cfg.keep_first_last
-                )
-            student = build_pruned_student(teacher, kept_layers)
-            if width_pruning:
-                target = None
-                if cfg.target_params is not None:
-                    target = target_parameter_count(cfg.target_params, describe_model(teacher)["parameters"])
-                widths = Widths(**(cfg.width.model_dump() if cfg.width else {}))
-                student = build_width_pruned_student(student, batch["input_ids"], batch["attention_mask"], widths, target)
+        student, kept_layers = student_from_teacher(config, teacher, tokenizer, train_examples, kept_layers)
     teacher_vocab_size = teacher.config.vocab_size if teacher is not None else teacher_vocab_size
     if cross:  # loss.cross_tokenizer: the student keeps its own vocabulary (kdlm.xtok)
         vocab_size = student.config.vocab_size
@@ -192,6 +152,61 @@ def build_student(
     if cfg.lora is not None:
         student = apply_lora(student, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, target_modules=cfg.lora.target_modules)
     return student, kept_layers, vocab_size
+
+
+def _check_built_from_teacher(config: RunConfig, teacher) -> None:
+    """Refuse a student.init=prune/random build that this run cannot do (no teacher weights, another tokenizer)."""
+    cfg = config.student
+    if teacher is None:
+        raise KdlmError(
+            f"student.init={cfg.init} builds the student from the teacher's weights, which a run from teacher.cache "
+            "does not load. Build it once with `kdlm build-student CONFIG`, then train with student.init=model "
+            "student.model=<train.output_dir>/student-init"
+        )
+    if cfg.tokenizer:
+        raise KdlmError(
+            f"student.tokenizer={cfg.tokenizer} gives the student another vocabulary: build it once with "
+            "`kdlm build-student CONFIG`, then train it across tokenizers with student.init=model "
+            "student.model=<train.output_dir>/student-init loss.cross_tokenizer=hybrid (or uld)"
+        )
+    width_pruning = cfg.width is not None or cfg.target_params is not None
+    if width_pruning and cfg.init != "prune":
+        raise KdlmError(f"student.width and student.target_params need student.init=prune, not {cfg.init}.")
+
+
+def student_from_teacher(config: RunConfig, teacher, tokenizer, train_examples: list[dict],
+                         kept_layers: list[int] | None):
+    """(student, kept layers) of student.init random or prune: depth pruning by the kept layers, then width."""
+    cfg = config.student
+    num_teacher_layers = teacher.config.num_hidden_layers
+    width_pruning = cfg.width is not None or cfg.target_params is not None
+    if width_pruning:
+        check_prunable(teacher)  # before any calibration pass: a family it cannot prune fails at once
+    num_layers = cfg.num_layers or (num_teacher_layers if width_pruning else max(1, num_teacher_layers // 2))
+    if cfg.init == "random":
+        torch.manual_seed(config.train.seed)
+        return build_random_student(teacher.config, num_hidden_layers=num_layers), kept_layers
+    batch = None
+    if cfg.layers == "influence" or width_pruning:
+        if not train_examples:
+            raise KdlmError("student.init=prune needs calibration text (data.train) for layer influence and width importance.")
+        batch = collate(train_examples[: cfg.calibration_samples], tokenizer.pad_token_id)
+    if kept_layers is None:
+        influence = None
+        if cfg.layers == "influence":
+            influence = block_influence(teacher, batch["input_ids"].to(teacher.device),
+                                        batch["attention_mask"].to(teacher.device))
+        kept_layers = select_layers(
+            num_teacher_layers, num_layers, cfg.layers, influence=influence, keep_first_last=cfg.keep_first_last
+        )
+    student = build_pruned_student(teacher, kept_layers)
+    if width_pruning:
+        target = None
+        if cfg.target_params is not None:
+            target = target_parameter_count(cfg.target_params, describe_model(teacher)["parameters"])
+        widths = Widths(**(cfg.width.model_dump() if cfg.width else {}))
+        student = build_width_pruned_student(student, batch["input_ids"], batch["attention_mask"], widths, target)
+    return student, kept_layers
 
 
 def teacher_cache_folder(config: RunConfig) -> Path:
@@ -276,6 +291,44 @@ def with_precision(config: RunConfig, device: torch.device | str | None = None) 
     return config.model_copy(update={"train": config.train.model_copy(update={"bf16": precision.bf16})})
 
 
+@dataclass
+class DistillRun:
+    """What the phases of `distill` hand on to each other (one run, filled in phase by phase)."""
+
+    config: RunConfig
+    accelerator: Accelerator
+    output_dir: Path
+    run_config: dict  # config.model_dump(mode="json") before precision is resolved: recorded in checkpoints
+    timings: dict[str, float] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32  # the teacher's
+    teacher: torch.nn.Module | None = None
+    tokenizer: object = None  # the teacher's
+    student_tokenizer: object = None
+    train_examples: list[dict] = field(default_factory=list)
+    heldout_examples: list[dict] = field(default_factory=list)
+    teacher_examples: list[dict] = field(default_factory=list)  # train_examples in the teacher's tokens
+    manifest: dict | None = None  # the teacher cache's
+    student: torch.nn.Module | None = None
+    kept_layers: list[int] | None = None
+    vocab_size: int = 0
+    evaluate: bool = False
+    rows_before: list[dict] = field(default_factory=list)
+    method: object = None
+    topk_targets: list | None = None
+
+    @property
+    def use_kd(self) -> bool:
+        return self.config.loss.kd_weight > 0
+
+    @property
+    def from_cache(self) -> bool:  # train without ever loading the teacher's weights
+        return self.config.teacher.cache is not None
+
+    @property
+    def cross(self) -> bool:  # the student has its own tokenizer (kdlm.xtok)
+        return self.config.loss.cross_tokenizer != "off"
+
+
 def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] | None = None) -> dict:
     """Run the whole job; returns the report (also written to output_dir/report.json and report.md).
 
@@ -283,13 +336,27 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
         on_step: called after each optimizer step with (step, student), e.g. to evaluate along the way
             (kdlm bench); it must leave the student in train mode.
     """
+    run = start_run(config)
+    load_teacher_and_data(run)
+    build_student_phase(run)
+    evaluate_before(run)
+    run.method = build_training_method(run)
+    teacher_signal(run)
+    result = train_phase(run, on_step)
+    report = save_and_evaluate(run, result)
+    if run.config.train.push_to_hub and run.accelerator.is_main_process:  # last: a failed push loses nothing
+        console.print(f"pushed the student to {push_folder(run.output_dir / 'student', run.config.train.push_to_hub)}")
+    return report
+
+
+def start_run(config: RunConfig) -> DistillRun:
+    """Check the settings, seed, and claim the output folder (config.yaml written); nothing is loaded yet."""
     _check_signal(config)
     _check_cache_exists(config)
     resolve_report_to(config.train.report_to)  # an uninstalled tracker stops here, before any model loads
     seed_everything(config.train.seed)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     output_dir = Path(config.train.output_dir)
-    run_file = output_dir / "run.json"
     run_config = config.model_dump(mode="json")  # the API key masked
     # Before config.yaml is overwritten: a reused folder or a changed config on resume is refused here;
     # train.overwrite deletes the old checkpoints only once training starts.
@@ -299,132 +366,170 @@ def distill(config: RunConfig, on_step: Callable[[int, torch.nn.Module], None] |
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(config, output_dir / "config.yaml")
     config = with_precision(config, accelerator.device)  # config.yaml keeps "auto"; the run uses the resolved value
-    timings: dict[str, float] = {}
-    use_kd = config.loss.kd_weight > 0
-    from_cache = config.teacher.cache is not None  # train without ever loading the teacher's weights
-    cross = config.loss.cross_tokenizer != "off"  # the student has its own tokenizer (kdlm.xtok)
-
-    started = time.perf_counter()
     dtype = torch.bfloat16 if config.teacher.dtype == "bfloat16" else torch.float32
+    return DistillRun(config, accelerator, output_dir, run_config, dtype=dtype)
+
+
+def load_teacher_and_data(run: DistillRun) -> None:
+    """The teacher (or only its tokenizer, from a cache), the student's tokenizer and the tokenised data; with
+    `teacher.cache`, the cache is checked against the data before anything is built."""
+    config, accelerator = run.config, run.accelerator
+    started = time.perf_counter()
     with accelerator.main_process_first():  # the first process converts/caches; the others reuse
-        if from_cache:
-            teacher, tokenizer = None, load_tokenizer(config.teacher.model)
+        if run.from_cache:
+            run.teacher, run.tokenizer = None, load_tokenizer(config.teacher.model)
         else:
             check_teacher_fits(config, accelerator.device)
-            teacher, tokenizer = load_model(config.teacher.model, dtype=dtype, device=accelerator.device)
-        timings["load_tokenizer_s" if from_cache else "load_teacher_s"] = time.perf_counter() - started
+            run.teacher, run.tokenizer = load_model(config.teacher.model, dtype=run.dtype, device=accelerator.device)
+        run.timings["load_tokenizer_s" if run.from_cache else "load_teacher_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        student_tokenizer = load_student_tokenizer(config) if cross else tokenizer
-        if cross:
-            train_examples, heldout_examples = prepare_cross_data(
-                config, *prepare_records(config, teacher, tokenizer), tokenizer, student_tokenizer)
+        run.student_tokenizer = load_student_tokenizer(config) if run.cross else run.tokenizer
+        if run.cross:
+            run.train_examples, run.heldout_examples = prepare_cross_data(
+                config, *prepare_records(config, run.teacher, run.tokenizer), run.tokenizer, run.student_tokenizer)
         else:
-            train_examples, heldout_examples = prepare_data(config, teacher, tokenizer)
-    timings["data_s"] = time.perf_counter() - started
-    console.print(f"data: {len(train_examples)} training and {len(heldout_examples)} held-out examples")
+            run.train_examples, run.heldout_examples = prepare_data(config, run.teacher, run.tokenizer)
+    run.timings["data_s"] = time.perf_counter() - started
+    console.print(f"data: {len(run.train_examples)} training and {len(run.heldout_examples)} held-out examples")
 
-    manifest = None
-    teacher_examples = teacher_view(train_examples) if cross else train_examples  # the cache is in the teacher's tokens
-    if from_cache:  # check the cache before building anything: a mismatch is the likeliest user error
+    # the cache is in the teacher's tokens
+    run.teacher_examples = teacher_view(run.train_examples) if run.cross else run.train_examples
+    if run.from_cache:  # check the cache before building anything: a mismatch is the likeliest user error
         folder = teacher_cache_folder(config)
         found = read_manifest(folder) or {}
-        identity = teacher_cache_identity(config, tokenizer, found.get("vocab_size", 0), teacher_examples)
-        manifest = check_cache(folder, identity, tuple(key for key in IDENTITY_KEYS if key != "examples_per_shard"))
-        console.print(f"teacher cache: {folder} ({manifest['kind']}, {manifest['num_tokens']} tokens); teacher not loaded")
+        identity = teacher_cache_identity(config, run.tokenizer, found.get("vocab_size", 0), run.teacher_examples)
+        run.manifest = check_cache(folder, identity, tuple(key for key in IDENTITY_KEYS if key != "examples_per_shard"))
+        console.print(f"teacher cache: {folder} ({run.manifest['kind']}, {run.manifest['num_tokens']} tokens); "
+                      "teacher not loaded")
 
+
+def build_student_phase(run: DistillRun) -> None:
+    """The student before training; a resumed run keeps the teacher layers its first start chose (run.json)."""
+    config, run_file = run.config, run.output_dir / "run.json"
     previous = json.loads(run_file.read_text()) if config.train.resume and run_file.exists() else {}
     started = time.perf_counter()
-    student, kept_layers, vocab_size = build_student(
-        config, teacher, tokenizer, train_examples, previous.get("kept_layers"),
-        teacher_vocab_size=manifest["vocab_size"] if manifest else None, cross=cross,
+    run.student, run.kept_layers, run.vocab_size = build_student(
+        config, run.teacher, run.tokenizer, run.train_examples, previous.get("kept_layers"),
+        teacher_vocab_size=run.manifest["vocab_size"] if run.manifest else None, cross=run.cross,
     )
-    timings["build_student_s"] = time.perf_counter() - started
-    if kept_layers is not None:
-        console.print(f"student keeps teacher layers {kept_layers} ({config.student.layers})")
-    if accelerator.is_main_process:
-        run_file.write_text(json.dumps({"kept_layers": kept_layers}))
+    run.timings["build_student_s"] = time.perf_counter() - started
+    if run.kept_layers is not None:
+        console.print(f"student keeps teacher layers {run.kept_layers} ({config.student.layers})")
+    if run.accelerator.is_main_process:
+        run_file.write_text(json.dumps({"kept_layers": run.kept_layers}))
 
-    evaluate = config.eval.enabled and accelerator.is_main_process and heldout_examples
-    rows_before = []
-    if cross and evaluate:
+
+def evaluate_before(run: DistillRun) -> None:
+    """Whether the closing table is made, and its rows before training (teacher, untrained student)."""
+    config = run.config
+    run.evaluate = bool(config.eval.enabled and run.accelerator.is_main_process and run.heldout_examples)
+    if run.cross and run.evaluate:
         console.print("cross-tokenizer run: the teacher-vs-student table needs a shared vocabulary and is skipped")
-        evaluate = False
-    if evaluate and not config.train.resume and teacher is not None:
-        rows_before = evaluate_models(
-            {"teacher": (teacher, None), "student before": (student, None)}, teacher, tokenizer, heldout_examples, config.eval, vocab_size
+        run.evaluate = False
+    if run.evaluate and not config.train.resume and run.teacher is not None:
+        run.rows_before = evaluate_models(
+            {"teacher": (run.teacher, None), "student before": (run.student, None)}, run.teacher, run.tokenizer,
+            run.heldout_examples, config.eval, run.vocab_size,
         )
 
+
+def build_training_method(run: DistillRun):
+    """The on-policy method object (None for offpolicy); DistiLLM's validation examples leave the training set."""
+    config = run.config
     method_val = []
     if config.method.name == "distillm":  # DistiLLM's validation loss: training examples set aside, never trained on
-        if len(train_examples) <= config.method.val_examples:
+        if len(run.train_examples) <= config.method.val_examples:
             raise KdlmError(f"method.val_examples={config.method.val_examples} leaves no training examples; lower it")
-        method_val, train_examples = train_examples[-config.method.val_examples :], train_examples[: -config.method.val_examples]
+        method_val = run.train_examples[-config.method.val_examples :]
+        run.train_examples = run.train_examples[: -config.method.val_examples]
     pt_examples = None
     if config.method.name != "offpolicy" and config.method.pt_data:  # L_PT's separate corpus (distillm, minillm)
-        pt_examples = encode_records(tokenizer, load_records(config.method.pt_data), max_length=config.data.max_length)
-    examples_per_step = config.train.batch_size * config.train.grad_accum * accelerator.num_processes
+        pt_examples = encode_records(run.tokenizer, load_records(config.method.pt_data), max_length=config.data.max_length)
+    examples_per_step = config.train.batch_size * config.train.grad_accum * run.accelerator.num_processes
     method = build_method(
-        config.method, student=student, teacher=teacher, tokenizer=student_tokenizer, loss_config=config.loss,
-        max_steps=config.train.max_steps, seed=config.train.seed, bf16=config.train.bf16, vocab_size=vocab_size,
+        config.method, student=run.student, teacher=run.teacher, tokenizer=run.student_tokenizer, loss_config=config.loss,
+        max_steps=config.train.max_steps, seed=config.train.seed, bf16=config.train.bf16, vocab_size=run.vocab_size,
         batch_size=config.train.batch_size, val_examples=method_val, pt_examples=pt_examples,
-        steps_per_epoch=len(train_examples) // examples_per_step,
+        steps_per_epoch=len(run.train_examples) // examples_per_step,
     )
-    if cross and method is not None:  # GKD: student samples are re-tokenised for the teacher (kdlm.xtok.onpolicy)
-        method = CrossTokenizerSamples(method, student_tokenizer, tokenizer, config.data.max_length)
+    if run.cross and method is not None:  # GKD: student samples are re-tokenised for the teacher (kdlm.xtok.onpolicy)
+        method = CrossTokenizerSamples(method, run.student_tokenizer, run.tokenizer, config.data.max_length)
+    return method
 
-    topk_targets = None
+
+def teacher_signal(run: DistillRun) -> None:
+    """With `teacher.signal: topk`, the cached teacher targets (the run's own cache is written here if needed)."""
+    config, accelerator = run.config, run.accelerator
     started = time.perf_counter()
-    if use_kd and config.teacher.signal == "topk":
+    if run.use_kd and config.teacher.signal == "topk":
         folder = teacher_cache_folder(config)
         with accelerator.main_process_first():
-            if manifest is None:  # the run's own cache: (re)written here with the loaded teacher
-                identity = teacher_cache_identity(config, tokenizer, teacher.config.vocab_size, teacher_examples)
+            if run.manifest is None:  # the run's own cache: (re)written here with the loaded teacher
+                identity = teacher_cache_identity(config, run.tokenizer, run.teacher.config.vocab_size, run.teacher_examples)
                 found = read_manifest(folder)
                 if found is not None and any(found.get(key) != identity[key] for key in IDENTITY_KEYS):
                     shutil.rmtree(folder)  # made for other data or settings; it is this run's private cache
-                manifest = write_cache(
-                    teacher, teacher_examples, folder, identity=identity, pad_token_id=tokenizer.pad_token_id,
+                run.manifest = write_cache(
+                    run.teacher, run.teacher_examples, folder, identity=identity, pad_token_id=run.tokenizer.pad_token_id,
                     batch_size=config.train.batch_size, show_progress=accelerator.is_main_process,
                 )
-            topk_targets = read_targets(folder, manifest)
-    timings["teacher_signal_s"] = time.perf_counter() - started
+            run.topk_targets = read_targets(folder, run.manifest)
+    run.timings["teacher_signal_s"] = time.perf_counter() - started
 
+
+def train_phase(run: DistillRun, on_step: Callable[[int, torch.nn.Module], None] | None) -> TrainResult:
+    """Train the student (kdlm.train.loop.train) with the live teacher only where a term needs it."""
+    config, student, manifest = run.config, run.student, run.manifest
+    cached = run.topk_targets is not None
+    cross_tokenizer = None
+    if run.cross:
+        cross_tokenizer = CrossTokenizer(config.loss.cross_tokenizer, run.student_tokenizer, run.tokenizer, run.vocab_size,
+                                         manifest["vocab_size"] if manifest else run.teacher.config.vocab_size)
     result = train(
-        student, train_examples, train_config=config.train, loss_config=config.loss,
-        pad_token_id=student_tokenizer.pad_token_id, vocab_size=vocab_size,
-        teacher=teacher if (use_kd and topk_targets is None) or config.hints.enabled or method else None,
-        topk_targets=topk_targets, accelerator=accelerator,
-        run_state={"kept_layers": kept_layers, "targets_kind": manifest["kind"] if topk_targets is not None else None},
-        hint_config=config.hints, method=method,
-        on_step=(lambda step: on_step(step, student)) if on_step else None, run_config=run_config,
-        cross_tokenizer=CrossTokenizer(config.loss.cross_tokenizer, student_tokenizer, tokenizer, vocab_size,
-                                       manifest["vocab_size"] if manifest else teacher.config.vocab_size) if cross else None,
+        student, run.train_examples, train_config=config.train, loss_config=config.loss,
+        pad_token_id=run.student_tokenizer.pad_token_id, vocab_size=run.vocab_size,
+        teacher=run.teacher if (run.use_kd and not cached) or config.hints.enabled or run.method else None,
+        topk_targets=run.topk_targets, accelerator=run.accelerator,
+        run_state={"kept_layers": run.kept_layers, "targets_kind": manifest["kind"] if cached else None},
+        hint_config=config.hints, method=run.method,
+        on_step=(lambda step: on_step(step, student)) if on_step else None, run_config=run.run_config,
+        cross_tokenizer=cross_tokenizer,
     )
-    timings["train_s"] = result.seconds
-    report: dict = {"config": config.model_dump(), "timings": timings, "steps": result.steps, "tokens": result.tokens}
+    run.timings["train_s"] = result.seconds
+    return result
+
+
+def save_and_evaluate(run: DistillRun, result: TrainResult) -> dict:
+    """Save the student, history.json, the before/after table, report and model card (main process)."""
+    config, accelerator = run.config, run.accelerator
+    report: dict = {"config": config.model_dump(), "timings": run.timings, "steps": result.steps, "tokens": result.tokens}
     if accelerator.is_main_process:
-        student_dir = output_dir / "student"
-        save_student(student, student_tokenizer, student_dir)
-        write_history(result.history, output_dir / "history.json")
-        if evaluate:
-            models = {}
-            if teacher is None:  # trained from the cache: the teacher is loaded now, for the table only
-                del student, topk_targets
-                gc.collect()
-                teacher, _ = load_model(config.teacher.model, dtype=dtype, device=accelerator.device)
-                models["teacher"] = (teacher, None)
-                if not config.train.resume:
-                    models["student before"] = (load_model(config.student.model, device=accelerator.device)[0], None)
-            trained, _ = load_model(str(student_dir), device=accelerator.device)
-            models["student after"] = (trained, student_dir)
-            rows_after = evaluate_models(models, teacher, tokenizer, heldout_examples, config.eval, vocab_size)
-            report["rows"] = rows_before + rows_after
-        write_report(report, output_dir)
-        write_model_card(student_dir, report, kept_layers)
+        student_dir = run.output_dir / "student"
+        save_student(run.student, run.student_tokenizer, student_dir)
+        write_history(result.history, run.output_dir / "history.json")
+        if run.evaluate:
+            report["rows"] = run.rows_before + evaluate_after(run, student_dir)
+        write_report(report, run.output_dir)
+        write_model_card(student_dir, report, run.kept_layers)
     accelerator.wait_for_everyone()
-    if config.train.push_to_hub and accelerator.is_main_process:  # last: a failed push loses nothing
-        console.print(f"pushed the student to {push_folder(output_dir / 'student', config.train.push_to_hub)}")
     return report
+
+
+def evaluate_after(run: DistillRun, student_dir: Path) -> list[dict]:
+    """The table's rows after training; a run from the cache loads the teacher now, for the table only."""
+    config, device = run.config, run.accelerator.device
+    models = {}
+    teacher = run.teacher
+    if teacher is None:
+        run.student, run.topk_targets = None, None
+        gc.collect()
+        teacher, _ = load_model(config.teacher.model, dtype=run.dtype, device=device)
+        models["teacher"] = (teacher, None)
+        if not config.train.resume:
+            models["student before"] = (load_model(config.student.model, device=device)[0], None)
+    trained, _ = load_model(str(student_dir), device=device)
+    models["student after"] = (trained, student_dir)
+    return evaluate_models(models, teacher, run.tokenizer, run.heldout_examples, config.eval, run.vocab_size)
 
 
 def run_cache_teacher(config: RunConfig) -> dict:
@@ -515,15 +620,8 @@ def run_build_student(config: RunConfig) -> Path:
     calibrate = cfg.init == "prune" and (cfg.layers == "influence" or cfg.width is not None or cfg.target_params is not None)
     train_examples, _ = prepare_data(config, teacher, tokenizer) if calibrate else ([], [])
     student, kept_layers, _ = build_student(config, teacher, tokenizer, train_examples, None)
-    if own_tokenizer and config.student.init == "prune":
-        started = time.perf_counter()
-        fallback = init_embeddings_from_teacher(student, teacher, tokenizer, student_tokenizer)
-        console.print(
-            f"embeddings from the teacher's in {time.perf_counter() - started:.1f} s "
-            f"({fallback} rows the teacher cannot spell take its mean row)"
-        )
-    elif own_tokenizer:  # random: the new rows stay random too
-        resize_to_tokenizer(student, student_tokenizer)
+    if own_tokenizer:
+        _student_vocabulary(student, config.student.init, teacher, tokenizer, student_tokenizer)
     folder = Path(config.train.output_dir) / "student-init"
     save_student(student, student_tokenizer, folder)
     info = describe_model(student, folder)
@@ -531,6 +629,19 @@ def run_build_student(config: RunConfig) -> Path:
     console.print(f"student: {info} kept layers {kept_layers} widths {widths} -> {folder} "
                   f"(teacher: {describe_model(teacher)['parameters']} parameters)")
     return folder
+
+
+def _student_vocabulary(student, init: str, teacher, tokenizer, student_tokenizer) -> None:
+    """Give the built student the rows of its own tokenizer: from the teacher's embeddings when pruned."""
+    if init == "prune":
+        started = time.perf_counter()
+        fallback = init_embeddings_from_teacher(student, teacher, tokenizer, student_tokenizer)
+        console.print(
+            f"embeddings from the teacher's in {time.perf_counter() - started:.1f} s "
+            f"({fallback} rows the teacher cannot spell take its mean row)"
+        )
+    else:  # random: the new rows stay random too
+        resize_to_tokenizer(student, student_tokenizer)
 
 
 def make_student_tokenizer(config: RunConfig, teacher_tokenizer):

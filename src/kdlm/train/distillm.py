@@ -142,7 +142,6 @@ class DistiLLM(OnPolicyMethod):
         self.eval_every = config.eval_every or max(1, steps_per_epoch)
         self.sources = {"fresh": 0, "replay": 0, "data": 0}
         self.val_loss = math.nan  # the latest measurement not yet logged
-        self.pt_sums = [0.0, 0.0, 0.0]  # whole objective, L_PT weighted by target tokens, tokens
         if self.corpus is not None:
             self.loss = self._loss_with_pretraining
 
@@ -174,13 +173,12 @@ class DistiLLM(OnPolicyMethod):
         if objective.hints is not None:  # a method's loss does not receive the teacher's hidden states
             raise KdlmError("method.pt_data with hint terms (hints.hidden_weight, hints.attention_weight) is not supported; "
                             "unset one of them")
-        total, kd, ce, hint, count = objective(batch, teacher_target, self.kd_weight)
+        terms = objective(batch, teacher_target, self.kd_weight)
         pt, _ = self.pretraining_term(objective, batch["input_ids"].device, len(batch["input_ids"]))
-        tokens = float(count)
-        total = total + self.config.pt_weight * pt * tokens
-        for index, value in enumerate((total.item(), pt.item() * tokens, tokens)):
-            self.pt_sums[index] += value
-        return total, kd, ce, hint, count
+        tokens = float(terms.count)
+        terms.total = terms.total + self.config.pt_weight * pt * tokens
+        terms.method["pt"], terms.weights["pt"] = pt.item() * tokens, self.config.pt_weight
+        return terms
 
     def after_step(self, step):
         if step % self.eval_every == 0:
@@ -188,10 +186,6 @@ class DistiLLM(OnPolicyMethod):
         record = {**self.counters(), "threshold": self.threshold.value, "val_loss": self.val_loss,
                   "buffer": len(self.buffer), **{f"batches_{k}": v for k, v in self.sources.items()}}
         self.val_loss = math.nan
-        if self.corpus is not None:  # the loop's `loss` leaves L_PT out: the whole objective, per target token
-            total, pt_sum, tokens = self.pt_sums
-            record.update(loss=total / max(tokens, 1), pt=pt_sum / max(tokens, 1))
-            self.pt_sums = [0.0, 0.0, 0.0]
         return record
 
     def state_dict(self):

@@ -39,6 +39,7 @@ from kdlm.errors import KdlmError
 from kdlm.losses.divergences import rkl, upcast
 from kdlm.models.forward import decoder_outputs, project, target_mask
 from kdlm.precision import bf16_enabled
+from kdlm.train.objective import LossTerms
 from kdlm.train.onpolicy import OnPolicyMethod, PolicyWrapper, cache_name, output_cache, prompt_ids
 
 
@@ -209,7 +210,6 @@ class MiniLLM(OnPolicyMethod):
         self.rollouts: list[dict] = []  # the current collection: token lists plus per-target floats
         self.epochs_done = 0  # PPO epochs trained on it so far
         self._pending: deque[list[dict]] = deque()  # this step's micro-batches of rollouts, in loss order
-        self._sums = dict.fromkeys(("pg", "reg", "pt", "reward", "tokens"), 0.0)
 
     def prepare_step(self, step, batches):
         if any(not prompt_ids(example) for batch in batches for example in batch):
@@ -257,7 +257,7 @@ class MiniLLM(OnPolicyMethod):
         return rollouts
 
     def _loss(self, objective, batch: dict[str, Tensor], teacher_target):
-        """(objective sum, objective sum (detached, for the loop's finiteness check), 0, 0, tokens) for a micro-batch."""
+        """The micro-batch's ``LossTerms``: pg + reg (+ pt_weight · pt) per target token; no kd, ce or hint term."""
         rollouts = self._pending.popleft()
         student = objective.student
         mask = target_mask(batch["labels"])
@@ -280,22 +280,17 @@ class MiniLLM(OnPolicyMethod):
         pg, reg = terms["pg"].sum(), terms["reg"].sum()
         count = tokens.numel()
         total = pg + reg
+        named = {"pg": pg.item(), "reg": reg.item()}
+        weights = {"pg": 1.0, "reg": 1.0}
         pretraining = self.pretraining_term(objective, tokens.device, len(rollouts))
         if pretraining is not None:  # a corpus mean, weighted by this micro-batch's tokens like the loop's sums
             total = total + config.pt_weight * pretraining[0] * count
-            self._sums["pt"] += pretraining[0].item() * count
-        for key, value in (("pg", pg), ("reg", reg), ("reward", fixed["raw_reward"].sum())):
-            self._sums[key] += value.item()
-        self._sums["tokens"] += count
-        return total, total.detach(), total.new_zeros(()), total.new_zeros(()), torch.tensor(count, device=tokens.device)
+            named["pt"], weights["pt"] = pretraining[0].item() * count, config.pt_weight
+        named["reward"] = fixed["raw_reward"].sum().item()  # logged, not a loss term
+        return LossTerms(total, None, None, None, torch.tensor(count, device=tokens.device), named, weights)
 
     def after_step(self, step):
-        sums = self._sums
-        tokens = max(sums["tokens"], 1)
-        means = {key: sums[key] / tokens for key in ("pg", "reg", "pt", "reward")}
-        self._sums = dict.fromkeys(sums, 0.0)
-        loss = means["pg"] + means["reg"] + self.config.pt_weight * means["pt"]
-        record = {**self.counters(), "loss": loss, "kd": math.nan, "ce": math.nan, **means, "ppo_epoch": self.epochs_done}
+        record = {**self.counters(), "ppo_epoch": self.epochs_done}
         if self.corpus is None:
             record["pt"] = math.nan
         return record

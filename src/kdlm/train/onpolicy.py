@@ -183,7 +183,7 @@ def pretraining_sums(objective, batch: dict, *, teacher, kd_ratio: float, vocab_
     """
     from kdlm.losses import kd_loss_sums
     from kdlm.losses.fused import fused_kd_loss
-    from kdlm.train.loop import run_teacher
+    from kdlm.train.objective import run_teacher
 
     student = objective.student
     mask = target_mask(batch["labels"])
