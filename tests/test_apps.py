@@ -56,7 +56,7 @@ def test_bad_app_configs_name_the_key(tmp_path):
         load_app_config(APPS / "education.yaml", ["generate.recipe.filter=best"])
     with pytest.raises(KdlmError, match="generate.recipe.name must be cot"):
         load_app_config(APPS / "education.yaml", ["generate.recipe.name=lion"])
-    with pytest.raises(KdlmError, match="app config not found"):
+    with pytest.raises(KdlmError, match="app config file not found"):
         load_app_config(tmp_path / "nope.yaml")
 
 

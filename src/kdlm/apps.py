@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from kdlm.config import RunConfig, _format_errors, _parse_value, apply_override
+from kdlm.config import RunConfig, load_yaml_model
 from kdlm.errors import KdlmError
 from kdlm.evaluate.suite import EvalSuiteConfig
 from kdlm.generate.config import GenerateConfig
@@ -57,25 +57,10 @@ def load_app_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     """
     from kdlm.recipes.cot import parse_recipe
 
-    path = Path(path)
-    if not path.is_file():
-        raise KdlmError(f"app config not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise KdlmError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(tree, dict):
-        raise KdlmError(f"{path}: the top level must be a mapping of domain, route, output_dir, generate, distill, eval")
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise KdlmError(f"override {item!r} must look like key=value, e.g. distill.train.max_steps=5")
-        apply_override(tree, key.strip(), _parse_value(text))
+    config = load_yaml_model(AppConfig, path, overrides, what="app config",
+                             sections="domain, route, output_dir, generate, distill, eval",
+                             example="distill.train.max_steps=5")
     source = str(path) + (" with overrides " + " ".join(overrides) if overrides else "")
-    try:
-        config = AppConfig.model_validate(tree)
-    except ValidationError as error:
-        raise KdlmError(_format_errors(error, source)) from None
     if (config.generate.recipe or {}).get("name") != "cot":
         raise KdlmError(f"{source}: generate.recipe.name must be cot (the domain rationales come from the CoT recipe)")
     parse_recipe(config.generate.recipe, f"generate.recipe of {source}")
