@@ -46,8 +46,8 @@ class LossTerms:
     weighted ``kd_weight``, ``1 - kd_weight`` and 1 in ``total``; None where a method's objective replaces them
     (they are then logged as NaN). ``method`` holds a method's own terms (plain floats, e.g. MiniLLM's ``pg``
     and ``reg``) and ``weights`` their weights in ``total``; a term without a weight is logged only. The logged
-    ``loss`` is the weighted sum of the logged means. It unpacks as (total, kd, ce, hint, count), the tuple
-    ``StudentObjective`` returned before.
+    ``loss`` is the weighted sum of the logged means. It unpacks and indexes as (total, kd, ce, hint, count),
+    the tuple ``StudentObjective`` returned before.
     """
 
     total: Tensor
@@ -59,7 +59,13 @@ class LossTerms:
     weights: dict[str, float] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator:
-        return iter((self.total, self.kd, self.ce, self.hint, self.count))
+        return iter(self._as_tuple())
+
+    def __getitem__(self, index):
+        return self._as_tuple()[index]
+
+    def _as_tuple(self) -> tuple:
+        return (self.total, self.kd, self.ce, self.hint, self.count)
 
 
 def as_teacher_target(target):
