@@ -53,6 +53,20 @@ def _line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
+def jsonl_objects(path: Path, expected: str = ""):
+    """(where, record, line) of each non-blank line of a JSONL file; a line that is not JSON stops with its
+    place (`expected`, when given, is added to the message: the columns the caller needs)."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise KdlmError(f"{where}: not valid JSON ({error.msg})" + (f"; expected {expected}" if expected else "")) from None
+        yield where, record, line
+
+
 def json_records(path: Path, kind: str) -> list[tuple[int, object, object]]:
     """(line, key or index, value) of each element of the top-level JSON list or object in `path`."""
     text = path.read_text(encoding="utf-8")
@@ -94,14 +108,7 @@ def number_text(value: float) -> str:
 def read_gsm8k(path: Path) -> DomainRows:
     """GSM8K JSONL: the question, the gold number after `####`, the worked solution without calculator notes."""
     out = DomainRows(path)
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise KdlmError(f"{where}: not valid JSON ({error.msg}); expected {EXPECTED['gsm8k']}") from None
+    for where, record, _ in jsonl_objects(path, EXPECTED["gsm8k"]):
         if not isinstance(record, dict) or not isinstance(record.get("question"), str):
             raise KdlmError(f"{where}: no \"question\"; expected {EXPECTED['gsm8k']}")
         solution = record.get("answer")

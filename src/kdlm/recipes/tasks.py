@@ -7,13 +7,12 @@ solutions, SVAMP's equations, the synthetic task's steps), which can stand in fo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kdlm.data.domains import read_gsm8k, read_legalbench, read_pubmedqa, read_svamp
+from kdlm.data.domains import jsonl_objects, read_gsm8k, read_legalbench, read_pubmedqa, read_svamp
 from kdlm.errors import KdlmError
 from kdlm.recipes.answers import extract_answer, normalise_gold
 
@@ -97,14 +96,7 @@ def _question(row: dict, form: str) -> str:
 
 def _qa(path: Path) -> list[tuple]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise KdlmError(f"{where}: not valid JSON ({error.msg})") from None
+    for where, record, line in jsonl_objects(path):
         if not isinstance(record, dict) or not isinstance(record.get("question"), str):
             raise KdlmError(f'{where}: a task record needs "question" (a string) and, when labelled, "answer"; '
                             f"got {line[:120]}")
