@@ -61,7 +61,7 @@ def test_eval_scores_a_student_with_another_tokenizer_by_bits_per_byte_only(tmp_
     tiny_llama(len(other_tokenizer), num_layers=1, seed=4).save_pretrained(tmp_path / "other")
     other_tokenizer.save_pretrained(tmp_path / "other")
     config = EvalSuiteConfig(
-        tasks=["fidelity"], teacher=str(tmp_path / "teacher"), fidelity_prompts=2, fidelity_max_new_tokens=6,
+        tasks=["fidelity"], teacher=str(tmp_path / "teacher"), fidelity_prompts=2, fidelity_max_new_tokens=24,
         batch_size=2, bf16=False, output_dir=str(tmp_path / "out"),
     )
     report = evaluate_suite([str(tmp_path / "same"), str(tmp_path / "other")], config)
@@ -70,7 +70,9 @@ def test_eval_scores_a_student_with_another_tokenizer_by_bits_per_byte_only(tmp_
         assert result["bits_per_byte"] > 0 and result["answer_bytes"] == teacher["answer_bytes"]
     assert "kl_to_teacher" in same_row and "token_metrics_skipped" not in same_row
     assert "kl_to_teacher" not in other and "another tokenizer" in other["token_metrics_skipped"]
-    # the teacher scores its own answers best; an untrained model is near log2(vocabulary) bits per token
+    # the teacher scores its own answers best; an untrained model is near log2(vocabulary) bits per token.
+    # 24 new tokens, not fewer: a cut answer is scored with the end-of-turn token the teacher never wrote,
+    # and over a 6-token answer that one token decided the order on some CPUs (sampling differs by CPU)
     assert teacher["bits_per_byte"] < same_row["bits_per_byte"]
     markdown = (tmp_path / "out" / "eval.md").read_text()
     other_line = next(line for line in markdown.splitlines() if line.startswith("| other |"))
