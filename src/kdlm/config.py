@@ -319,6 +319,23 @@ class TrainConfig(Section):
         None, description="Hub repository id (user/name) the trained student and its model card are pushed to at the "
         "end; a failed push (offline, no token) is reported after everything is saved locally.",
     )
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="How several processes share the student (docs/distill.md, kdlm.train.strategy): ddp "
+        "replicates it; fsdp shards weights, gradients and AdamW state (FSDP2, one unit per decoder layer); "
+        "deepspeed runs DeepSpeed ZeRO with train.deepspeed_config (needs pip install 'kdlm[deepspeed]').",
+    )
+    fsdp_offload: bool = Field(False, description="strategy=fsdp: keep the shards and optimizer state on the CPU.")
+    deepspeed_config: str = Field(
+        "configs/deepspeed/zero2.json", description="strategy=deepspeed: the DeepSpeed JSON config "
+        "(configs/deepspeed/zero2.json shards gradients and optimizer state, zero3.json the weights too).",
+    )
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _known_strategy(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("ddp", "fsdp", "deepspeed"):
+            raise ValueError(f"unknown strategy {value!r}: use ddp, fsdp or deepspeed (docs/distill.md)")
+        return value
 
 
 class EvalConfig(Section):

@@ -235,3 +235,44 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(states["scheduler"])
     _set_rng_state(rng)
     return json.loads((path / "state.json").read_text())
+
+
+def save_sharded_checkpoint(folder: Path, *, accelerator, scheduler, state: dict, config: dict | None = None) -> Path:
+    """``save_checkpoint`` for train.strategy=fsdp or deepspeed; every process calls it.
+
+    The weights, the optimizer state and each process's RNG states go through ``accelerator.save_state`` into
+    ``step-N/sharded`` (each process writes its own shards, nothing is gathered); the schedule, config and
+    counters are kdlm's own files, ``state.json`` last, as in ``save_checkpoint``. Unlike kdlm's own files,
+    Accelerate's RNG files are pickles: resume only from checkpoints you wrote.
+    """
+    path = folder / f"step-{state['step']:06d}"
+    tmp = folder / f".tmp-step-{state['step']:06d}"
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "sharded"))
+    accelerator.wait_for_everyone()
+    if main:
+        _save({"scheduler": scheduler.state_dict()}, tmp / "scheduler.pt")
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+            state = {**state, "config_fingerprint": config_fingerprint(config)}
+        (tmp / "state.json").write_text(json.dumps({**state, "sharded": True}, indent=2))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        for old in sorted(folder.glob("step-*"))[:-KEEP_LAST]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def load_sharded_checkpoint(path: Path, *, accelerator, scheduler) -> dict:
+    """Restore a ``save_sharded_checkpoint`` folder into the prepared model and optimizer; its state.json."""
+    if not (path / "sharded").is_dir():
+        raise KdlmError(f"checkpoint {path} was not written by train.strategy=fsdp or deepspeed; resume it with the "
+                        "strategy it was trained with, or start over with train.overwrite=true")
+    accelerator.load_state(str(path / "sharded"))
+    scheduler.load_state_dict(_load(path / "scheduler.pt")["scheduler"])
+    return json.loads((path / "state.json").read_text())

@@ -40,6 +40,7 @@ from kdlm.train.interrupts import Terminated
 from kdlm.train.objective import LossTerms, StudentObjective, run_teacher
 from kdlm.train.order import run_schedule
 from kdlm.train.session import Checkpointer, TrainLog, TrainSetup, settings_record, setup_training
+from kdlm.train.strategy import is_fsdp, is_sharded, make_accelerator, unshard_in_place
 from kdlm.train.tasks import has_tasks, task_scaled
 from kdlm.xtok.target import CrossTokenizer
 
@@ -196,7 +197,9 @@ def train(
         KeyboardInterrupt: after saving a checkpoint of the last completed step (also on SIGTERM, as
             ``Terminated``, under ``kdlm.train.interrupts.sigterm_raises``).
     """
-    config, accelerator = train_config, accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    config = train_config
+    accelerator = accelerator or make_accelerator(config.strategy, deepspeed_config=config.deepspeed_config,
+                                                  fsdp_offload=config.fsdp_offload)
     use_kd = loss_config.kd_weight > 0
     _check_inputs(examples, accelerator, config, use_kd=use_kd, teacher=teacher, topk_targets=topk_targets, method=method)
     hints = _hint_objective(hint_config, student, teacher, run_state)
@@ -204,8 +207,10 @@ def train(
     objective = StudentObjective(student, loss_config, vocab_size, hints, cross_tokenizer)
     setup = setup_training(objective, accelerator, config, method=method,
                            settings=settings_record(run_config, config, loss_config, hint_config))
-    if teacher is not None:
+    if teacher is not None:  # frozen and never wrapped: every process holds a whole copy, no optimizer state
         teacher.eval().requires_grad_(False).to(accelerator.device)
+        if is_sharded(accelerator) and bf16_enabled(config.bf16, accelerator.device):
+            teacher.to(torch.bfloat16)  # sharded runs are the large ones: halve the replicated teacher
     student.train()
     kd_weight = loss_config.kd_weight if use_kd else 0.0
     loss_step = LossStep(setup.objective, teacher=teacher, topk_targets=topk_targets, kd_weight=kd_weight,
@@ -248,6 +253,8 @@ def train(
             accelerator.print(f"interrupted at step {step}: continue with train.resume=true")
             raise
     checkpoints.save("end of training", step, tokens_seen)
+    if is_fsdp(accelerator):  # the caller saves, evaluates and samples a plain student
+        unshard_in_place(accelerator, setup.checkpointed)
     student.eval()
     return TrainResult(steps=step, tokens=tokens_seen, seconds=checkpoints.seconds(), history=history)
 

@@ -25,7 +25,15 @@ from rich.progress import (
 from torch import nn
 
 from kdlm.config import HintConfig, LossConfig, TrainConfig, flatten
-from kdlm.train.checkpoint import config_record, load_checkpoint, prepare_output_dir, save_checkpoint
+from kdlm.train.checkpoint import (
+    config_record,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    prepare_output_dir,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
+from kdlm.train.strategy import check_student, is_fsdp, is_sharded, wrap_units
 from kdlm.train.trackers import close_trackers, log_metrics, open_trackers, resolve_report_to
 
 
@@ -67,8 +75,18 @@ def setup_training(objective: nn.Module, accelerator: Accelerator, config: Train
     last = prepare_output_dir(output_dir, settings, resume=config.resume, overwrite=config.overwrite,
                               clear=accelerator.is_main_process)
     accelerator.wait_for_everyone()
+    sharded = is_sharded(accelerator)
+    if sharded:  # FSDP / DeepSpeed: shard first, then load each process's shards (accelerator.load_state)
+        check_student(accelerator, objective.student)
+        wrap_units(accelerator, objective.student)
+        setup.objective, setup.optimizer = accelerator.prepare(objective, optimizer)
+        # fully_shard replaced the parameters by sharded ones; clipping needs exactly the prepared model's
+        setup.trainable = list(setup.objective.parameters()) if is_fsdp(accelerator) else trainable
     if last is not None:
-        state = load_checkpoint(last, model=objective, optimizer=optimizer, scheduler=scheduler)
+        if sharded:
+            state = load_sharded_checkpoint(last, accelerator=accelerator, scheduler=scheduler)
+        else:
+            state = load_checkpoint(last, model=objective, optimizer=optimizer, scheduler=scheduler)
         setup.start_step, setup.tokens_seen, setup.seconds_before = state["step"], state["tokens"], state["seconds"]
         if method is not None and "method_state" in state:  # generator, buffers, threshold: plain numbers and lists
             method.load_state_dict(state["method_state"])
@@ -76,7 +94,8 @@ def setup_training(objective: nn.Module, accelerator: Accelerator, config: Train
     elif config.resume:
         accelerator.print(f"warning: train.resume=true, but {output_dir / 'checkpoints'} holds no checkpoint: "
                           "training starts at step 1")
-    setup.objective, setup.optimizer = accelerator.prepare(objective, optimizer)
+    if not sharded:
+        setup.objective, setup.optimizer = accelerator.prepare(objective, optimizer)
     return setup
 
 
@@ -106,7 +125,11 @@ class Checkpointer:
         state.update(self.run_state)
         if self.method is not None:
             state["method_state"] = self.method.state_dict()
-        if self.accelerator.is_main_process:
+        if is_sharded(self.accelerator):  # every process writes its shards
+            path = save_sharded_checkpoint(self.folder, accelerator=self.accelerator, scheduler=setup.scheduler,
+                                           state=state, config=setup.settings)
+            self.accelerator.print(f"checkpoint ({reason}): {path}")
+        elif self.accelerator.is_main_process:
             path = save_checkpoint(self.folder, model=setup.checkpointed, optimizer=setup.optimizer,
                                    scheduler=setup.scheduler, state=state, config=setup.settings)
             self.accelerator.print(f"checkpoint ({reason}): {path}")
