@@ -14,21 +14,22 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from tiny import tiny_llama, tiny_tokenizer, write_chat_jsonl  # noqa: E402
 
 
-def main(output_dir: str, batch_size: int, grad_accum: int, steps: int, strategy: str = "ddp", resume: str = "") -> None:
+def main(output_dir: str, batch_size: int, grad_accum: int, steps: int, strategy: str = "ddp", resume: str = "",
+         deepspeed_config: str = "configs/deepspeed/zero2.json") -> None:
     from pathlib import Path
 
     from kdlm.train.loop import train
-    from kdlm.train.strategy import make_accelerator
+    from kdlm.train.strategy import accelerator_for
 
-    accelerator = make_accelerator(strategy, cpu=True)
     tokenizer = tiny_tokenizer()
-    data = write_chat_jsonl(Path(f"{output_dir}-data-{accelerator.process_index}.jsonl"))
-    examples = encode_records(tokenizer, load_records(str(data)), max_length=128)
     teacher = tiny_llama(len(tokenizer), num_layers=4, seed=1)
     student = tiny_llama(len(tokenizer), num_layers=2, seed=2)
     config = TrainConfig(output_dir=output_dir, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                          lr=3e-3, warmup_steps=1, bf16=False, length_grouped=True, strategy=strategy,
-                         resume=resume == "resume")
+                         resume=resume == "resume", deepspeed_config=str(Path(__file__).parents[1] / deepspeed_config))
+    accelerator = accelerator_for(config, cpu=True)
+    data = write_chat_jsonl(Path(f"{output_dir}-data-{accelerator.process_index}.jsonl"))
+    examples = encode_records(tokenizer, load_records(str(data)), max_length=128)
     result = train(student, examples, train_config=config, loss_config=LossConfig(divergence="jsd", kd_weight=0.7),
                    pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), teacher=teacher, accelerator=accelerator)
     if accelerator.is_main_process:

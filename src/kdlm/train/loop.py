@@ -40,7 +40,7 @@ from kdlm.train.interrupts import Terminated
 from kdlm.train.objective import LossTerms, StudentObjective, run_teacher
 from kdlm.train.order import run_schedule
 from kdlm.train.session import Checkpointer, TrainLog, TrainSetup, settings_record, setup_training
-from kdlm.train.strategy import is_fsdp, is_sharded, make_accelerator, unshard_in_place
+from kdlm.train.strategy import accelerator_for, is_deepspeed, is_sharded, unshard_in_place
 from kdlm.train.tasks import has_tasks, task_scaled
 from kdlm.xtok.target import CrossTokenizer
 
@@ -198,8 +198,7 @@ def train(
             ``Terminated``, under ``kdlm.train.interrupts.sigterm_raises``).
     """
     config = train_config
-    accelerator = accelerator or make_accelerator(config.strategy, deepspeed_config=config.deepspeed_config,
-                                                  fsdp_offload=config.fsdp_offload)
+    accelerator = accelerator or accelerator_for(config)
     use_kd = loss_config.kd_weight > 0
     _check_inputs(examples, accelerator, config, use_kd=use_kd, teacher=teacher, topk_targets=topk_targets, method=method)
     hints = _hint_objective(hint_config, student, teacher, run_state)
@@ -218,6 +217,9 @@ def train(
                          method=method, accelerator=accelerator)
     batches = StepBatches(examples, accelerator, config, pad_token_id, method)
     step, tokens_seen, history = setup.start_step, setup.tokens_seen, []
+    # DDP and FSDP average gradients over processes; DeepSpeed also divides each micro-batch's by grad_accum
+    deepspeed = is_deepspeed(accelerator)
+    loss_scale = accelerator.num_processes * (config.grad_accum if deepspeed else 1)
     with TrainLog(accelerator, config, start_step=step, run_config=run_config) as log:
         checkpoints = Checkpointer(setup, accelerator, config, method=method, run_state=run_state)
         try:
@@ -230,9 +232,11 @@ def train(
                 sums = StepSums()
                 for index, batch in enumerate(micro_batches):
                     last_micro = index == len(micro_batches) - 1
+                    if deepspeed:  # DeepSpeed steps its optimizer at the backward it is told ends the step
+                        accelerator.gradient_state._set_sync_gradients(last_micro)
                     with accelerator.no_sync(setup.objective) if not last_micro else nullcontext():
                         terms = loss_step(batch)
-                        accelerator.backward(terms.total * (accelerator.num_processes / max(step_tokens, 1)))
+                        accelerator.backward(terms.total * (loss_scale / max(step_tokens, 1)))
                     sums.add(terms)
                 means, weights = sums.means(accelerator, kd_weight)
                 grad_norm = _optimizer_step(setup, accelerator, config, means, checkpoints, step, tokens_seen)
@@ -253,8 +257,8 @@ def train(
             accelerator.print(f"interrupted at step {step}: continue with train.resume=true")
             raise
     checkpoints.save("end of training", step, tokens_seen)
-    if is_fsdp(accelerator):  # the caller saves, evaluates and samples a plain student
-        unshard_in_place(accelerator, setup.checkpointed)
+    if is_sharded(accelerator):  # the caller saves, evaluates and samples a plain student
+        unshard_in_place(accelerator, setup.checkpointed, setup.objective)
     student.eval()
     return TrainResult(steps=step, tokens=tokens_seen, seconds=checkpoints.seconds(), history=history)
 
@@ -332,7 +336,8 @@ def _optimizer_step(setup: TrainSetup, accelerator: Accelerator, config: TrainCo
                         "or set train.bf16=false, then resume with train.resume=true")
     grad_norm = None
     if config.max_grad_norm:
-        grad_norm = accelerator.clip_grad_norm_(setup.trainable, config.max_grad_norm).item()
+        grad_norm = accelerator.clip_grad_norm_(setup.trainable, config.max_grad_norm)  # DeepSpeed: its own, a float
+        grad_norm = float(grad_norm) if grad_norm is not None else None
     setup.optimizer.step()
     setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)

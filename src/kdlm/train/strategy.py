@@ -30,9 +30,20 @@ from kdlm.errors import KdlmError
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 
 
+def accelerator_for(config, *, cpu: bool | None = None) -> Accelerator:
+    """``make_accelerator`` with the settings of a ``TrainConfig``."""
+    return make_accelerator(config.strategy, deepspeed_config=config.deepspeed_config, fsdp_offload=config.fsdp_offload,
+                            batch_size=config.batch_size, grad_accum=config.grad_accum,
+                            max_grad_norm=config.max_grad_norm, cpu=cpu)
+
+
 def make_accelerator(strategy: str = "ddp", *, deepspeed_config: str | None = None, fsdp_offload: bool = False,
+                     batch_size: int = 1, grad_accum: int = 1, max_grad_norm: float | None = None,
                      cpu: bool | None = None) -> Accelerator:
-    """An Accelerator for ``train.strategy`` (a KdlmError names the fix for an unknown or unavailable one)."""
+    """An Accelerator for ``train.strategy`` (a KdlmError names the fix for an unknown or unavailable one).
+
+    ``batch_size``, ``grad_accum`` and ``max_grad_norm`` fill the DeepSpeed config's "auto" values.
+    """
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     if strategy == "ddp":
         return Accelerator(cpu=cpu)
@@ -43,7 +54,12 @@ def make_accelerator(strategy: str = "ddp", *, deepspeed_config: str | None = No
             _fsdp_on_cpu(accelerator, plugin)
         return accelerator
     if strategy == "deepspeed":
-        return Accelerator(cpu=cpu, deepspeed_plugin=deepspeed_plugin(deepspeed_config))
+        plugin = deepspeed_plugin(deepspeed_config, batch_size=batch_size, grad_accum=grad_accum,
+                                  max_grad_norm=max_grad_norm)
+        accelerator = Accelerator(cpu=cpu, deepspeed_plugin=plugin)
+        if cpu and accelerator.num_processes > 1:
+            _deepspeed_on_cpu(accelerator, plugin)
+        return accelerator
     raise KdlmError(f"train.strategy={strategy!r} is not a strategy: use one of {', '.join(STRATEGIES)}")
 
 
@@ -71,6 +87,18 @@ def _fsdp_on_cpu(accelerator: Accelerator, plugin) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
+
+
+def _deepspeed_on_cpu(accelerator: Accelerator, plugin) -> None:
+    """As ``_fsdp_on_cpu``, for DeepSpeed on its CPU accelerator (``DS_ACCELERATOR=cpu``, gloo)."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    accelerator.state.distributed_type = DistributedType.DEEPSPEED
+    plugin.set_mixed_precision("no")
+    plugin.select(_from_accelerator_state=True)
+    accelerator.state.deepspeed_plugins = plugin
 
 
 def wrap_units(accelerator: Accelerator, student: nn.Module) -> None:
@@ -101,9 +129,13 @@ def read_deepspeed_config(path: str | None) -> dict:
     return config
 
 
-def deepspeed_plugin(path: str | None):
-    """Accelerate's DeepSpeedPlugin from the JSON config (needs the optional ``deepspeed`` package)."""
+def deepspeed_plugin(path: str | None, *, batch_size: int = 1, grad_accum: int = 1, max_grad_norm: float | None = None):
+    """Accelerate's DeepSpeedPlugin from the JSON config (needs the optional ``deepspeed`` package); its "auto"
+    values are kdlm's: the micro-batch, the accumulation steps and the clipping norm of ``train``."""
     config = read_deepspeed_config(path)
+    filled = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": grad_accum,
+              "gradient_clipping": max_grad_norm or 0.0}
+    config.update({key: value for key, value in filled.items() if config.get(key, "auto") == "auto"})
     from accelerate.utils import is_deepspeed_available
 
     if not is_deepspeed_available():
@@ -116,6 +148,10 @@ def deepspeed_plugin(path: str | None):
 
 def is_fsdp(accelerator: Accelerator) -> bool:
     return accelerator.state.distributed_type.value == "FSDP"
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.state.distributed_type.value == "DEEPSPEED"
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
@@ -134,7 +170,22 @@ def check_student(accelerator: Accelerator, student: nn.Module) -> None:
                         "or drop student.lora to shard the full student")
 
 
-def unshard_in_place(accelerator: Accelerator, objective: nn.Module) -> None:
+def unshard_in_place(accelerator: Accelerator, objective: nn.Module, prepared: nn.Module) -> None:
+    """After sharded training, the caller's student holds the whole trained weights as plain tensors."""
+    if is_fsdp(accelerator):
+        _unshard_fsdp(accelerator, objective)
+    elif is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        # ZeRO-3 partitions each parameter in place and fetches it by module hooks: gather on every process,
+        # copy, then drop the engine's hooks (ZeRO-2 keeps whole weights in the modules: nothing to do)
+        with deepspeed.zero.GatheredParameters(list(objective.parameters()), modifier_rank=None):
+            full = {name: param.detach().clone() for name, param in objective.named_parameters()}
+        prepared.destroy()
+        _replace_parameters(objective, full, accelerator.device)
+
+
+def _unshard_fsdp(accelerator: Accelerator, objective: nn.Module) -> None:
     """After FSDP2 training: the whole trained weights back into plain tensors of the caller's modules.
 
     ``fully_shard`` changes the modules in place (DTensor shards, forward hooks, an ``FSDP...`` class); the
@@ -153,6 +204,11 @@ def unshard_in_place(accelerator: Accelerator, objective: nn.Module) -> None:
             module._forward_pre_hooks_with_kwargs.clear()
             module._forward_hooks.clear()
             module._forward_hooks_with_kwargs.clear()
+    _replace_parameters(objective, full, accelerator.device)
+
+
+def _replace_parameters(objective: nn.Module, full: dict, device) -> None:
+    """Each parameter of ``objective`` becomes a plain one holding ``full[its name]`` (tied ones stay tied)."""
     seen: dict[int, nn.Parameter] = {}
     for module_name, module in objective.named_modules():
         for name, param in list(module._parameters.items()):
@@ -160,5 +216,5 @@ def unshard_in_place(accelerator: Accelerator, objective: nn.Module) -> None:
                 continue
             if id(param) not in seen:  # tied weights (embeddings and lm_head) stay one parameter
                 key = f"{module_name}.{name}" if module_name else name
-                seen[id(param)] = nn.Parameter(full[key].detach().clone().to(accelerator.device), requires_grad=param.requires_grad)
+                seen[id(param)] = nn.Parameter(full[key].detach().clone().to(device), requires_grad=param.requires_grad)
             module._parameters[name] = seen[id(param)]
