@@ -1,4 +1,7 @@
-"""Train a tiny student on tiny data; run directly or under `accelerate launch` (tests/test_train.py)."""
+"""Train a tiny student on tiny data; run directly or under `accelerate launch` (tests/test_train.py, test_strategy.py).
+
+Arguments: OUTPUT_DIR BATCH_SIZE GRAD_ACCUM STEPS [STRATEGY [resume [DEEPSPEED_CONFIG [NUM_EXAMPLES]]]].
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from tiny import tiny_llama, tiny_tokenizer, write_chat_jsonl  # noqa: E402
 
 
 def main(output_dir: str, batch_size: int, grad_accum: int, steps: int, strategy: str = "ddp", resume: str = "",
-         deepspeed_config: str = "configs/deepspeed/zero2.json") -> None:
+         deepspeed_config: str = "configs/deepspeed/zero2.json", num_examples: str = "24") -> None:
     from pathlib import Path
 
     from kdlm.train.loop import train
@@ -28,7 +31,7 @@ def main(output_dir: str, batch_size: int, grad_accum: int, steps: int, strategy
                          lr=3e-3, warmup_steps=1, bf16=False, length_grouped=True, strategy=strategy,
                          resume=resume == "resume", deepspeed_config=str(Path(__file__).parents[1] / deepspeed_config))
     accelerator = accelerator_for(config, cpu=True)
-    data = write_chat_jsonl(Path(f"{output_dir}-data-{accelerator.process_index}.jsonl"))
+    data = write_chat_jsonl(Path(f"{output_dir}-data-{accelerator.process_index}.jsonl"), count=int(num_examples))
     examples = encode_records(tokenizer, load_records(str(data)), max_length=128)
     result = train(student, examples, train_config=config, loss_config=LossConfig(divergence="jsd", kd_weight=0.7),
                    pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), teacher=teacher, accelerator=accelerator)

@@ -358,6 +358,12 @@ class MethodConfig(Section):
         "All but offpolicy need teacher.signal=online.",
     )
     max_new_tokens: int = Field(64, ge=1, description="Tokens a student (or teacher) sample may have.")
+    rollout_backend: Literal["local", "vllm"] = Field(
+        "local", description="Where student samples come from: local decodes with the module being trained; vllm "
+        "runs a colocated vllm.LLM whose weights are reloaded from the student after each optimizer step (TRL's "
+        "colocate mode; needs pip install vllm and a CUDA GPU; untested in kdlm's suite: kdlm.train.rollouts).",
+    )
+    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="rollout_backend=vllm: share of the GPU's memory vLLM may take.")
     temperature: float = Field(0.9, ge=0, description="Sampling temperature of the samples (0: greedy); the loss stays at loss.temperature.")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="Sample the student among its k most likely tokens only (0: all); ImitKD's roll-ins use it.")
@@ -432,6 +438,19 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     method: MethodConfig = MethodConfig()
+
+    @model_validator(mode="after")
+    def _sharding_fits(self) -> RunConfig:
+        strategy = self.train.strategy
+        if strategy == "ddp":
+            return self
+        if self.student.lora is not None:
+            raise ValueError(f"train.strategy={strategy} shards a whole student, and student.lora trains an adapter "
+                             "whose few weights need no sharding: use train.strategy=ddp with LoRA, or drop student.lora")
+        if self.method.name != "offpolicy":
+            raise ValueError(f"method.name={self.method.name} samples from the student between steps, which a sharded "
+                             f"student cannot do here: use train.strategy=ddp for on-policy methods")
+        return self
 
 
 def _parse_value(text: str) -> Any:

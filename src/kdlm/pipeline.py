@@ -71,6 +71,8 @@ from kdlm.teachers.cache import (
 from kdlm.train.checkpoint import config_record, prepare_output_dir
 from kdlm.train.loop import TrainResult, train, write_history
 from kdlm.train.methods import build_method, check_method_loss
+from kdlm.train.rollouts import check_rollout_backend
+from kdlm.train.strategy import accelerator_for
 from kdlm.train.trackers import resolve_report_to
 from kdlm.xtok.onpolicy import CrossTokenizerSamples
 from kdlm.xtok.run import check_cross_settings, load_student_tokenizer, prepare_cross_data, teacher_view
@@ -353,9 +355,10 @@ def start_run(config: RunConfig) -> DistillRun:
     """Check the settings, seed, and claim the output folder (config.yaml written); nothing is loaded yet."""
     _check_signal(config)
     _check_cache_exists(config)
+    check_rollout_backend(config.method)  # vllm missing or no GPU: refused before anything loads
     resolve_report_to(config.train.report_to)  # an uninstalled tracker stops here, before any model loads
     seed_everything(config.train.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator_for(config.train)
     output_dir = Path(config.train.output_dir)
     run_config = config.model_dump(mode="json")  # the API key masked
     # Before config.yaml is overwritten: a reused folder or a changed config on resume is refused here;

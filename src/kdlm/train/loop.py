@@ -271,6 +271,9 @@ def _check_inputs(examples: list[dict], accelerator: Accelerator, config: TrainC
     if has_tasks(examples) and method is not None:
         raise KdlmError(f"records with a \"task\" (per-task means) train off-policy only, not with {type(method).__name__}: "
                         "drop the records' task field or set method.name=offpolicy")
+    if method is not None and is_sharded(accelerator):
+        raise KdlmError(f"{type(method).__name__} samples from the student between steps, which a sharded student "
+                        "cannot do here: use train.strategy=ddp for on-policy methods")
     world, global_batch = accelerator.num_processes, config.batch_size * accelerator.num_processes
     if world > 1 and len(examples) < global_batch:
         raise KdlmError(f"{world} processes x train.batch_size={config.batch_size} need at least {global_batch} training "

@@ -46,6 +46,7 @@ from kdlm.data.tokenize import collate
 from kdlm.models.decode import Row, decode_batch
 from kdlm.models.forward import decoder_outputs, logit_transform, plain_lm_head, project, target_mask
 from kdlm.precision import bf16_enabled
+from kdlm.train.rollouts import VLLMRollouts
 
 IGNORE_INDEX = -100
 # ImitKD's exponential schedule: the data probability is EXP_BASE^(-t/T) (asappresearch/imitkd: exp_base 200).
@@ -225,13 +226,18 @@ class OnPolicyMethod:
         self.decode_tokens = {"student": 0, "teacher": 0}
         self.student_policy = TopKPolicy(student, config.top_k) if config.top_k > 0 else student
         self.corpus = PretrainingCorpus(pt_examples, random.Random(seed + 1)) if pt_examples else None
+        # method.rollout_backend=vllm: student samples from a colocated vLLM engine (kdlm.train.rollouts; untested here)
+        self.rollouts = VLLMRollouts(student, tokenizer, config, seed=seed) if config.rollout_backend == "vllm" else None
 
     def sample(self, model, examples: list[dict]) -> list[dict]:
         seeds = [self.rng.getrandbits(63) for _ in examples]
         self.generated += len(examples)
         policy = self.student_policy if model is self.student else model
-        out = sample_examples(policy, self.tokenizer, examples, max_new_tokens=self.config.max_new_tokens,
-                              temperature=self.config.temperature, top_p=self.config.top_p, seeds=seeds, bf16=self.bf16)
+        if model is self.student and self.rollouts is not None:
+            out = self.rollouts.sample(self.student, examples, seeds, [prompt_ids(example) for example in examples])
+        else:
+            out = sample_examples(policy, self.tokenizer, examples, max_new_tokens=self.config.max_new_tokens,
+                                  temperature=self.config.temperature, top_p=self.config.top_p, seeds=seeds, bf16=self.bf16)
         processed = sum(len(new["input_ids"]) for old, new in zip(examples, out, strict=True) if new is not old)
         runners = ["student"] if model is self.student else ["teacher"] if model is self.teacher else ["student", "teacher"]
         for name in runners:  # anything else is MiniLLM's mixture, which runs both models at every token

@@ -75,9 +75,9 @@ def setup_training(objective: nn.Module, accelerator: Accelerator, config: Train
     last = prepare_output_dir(output_dir, settings, resume=config.resume, overwrite=config.overwrite,
                               clear=accelerator.is_main_process)
     accelerator.wait_for_everyone()
+    check_student(config.strategy, objective.student)
     sharded = is_sharded(accelerator)
     if sharded:  # FSDP / DeepSpeed: shard first, then load each process's shards (accelerator.load_state)
-        check_student(accelerator, objective.student)
         wrap_units(accelerator, objective.student)
         setup.objective, setup.optimizer = accelerator.prepare(objective, optimizer)
         # fully_shard replaced the parameters by sharded ones; clipping needs exactly the prepared model's

@@ -159,15 +159,14 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.state.distributed_type.value in ("FSDP", "DEEPSPEED")
 
 
-def check_student(accelerator: Accelerator, student: nn.Module) -> None:
-    """Refuse what the sharded strategies cannot train here."""
-    if not is_sharded(accelerator):
+def check_student(strategy: str, student: nn.Module) -> None:
+    """Refuse what the sharded strategies cannot train here (the API's check; a config is refused at load)."""
+    if strategy == "ddp":
         return
-    name = "fsdp" if is_fsdp(accelerator) else "deepspeed"
     if hasattr(student, "peft_config") or any(not p.requires_grad for p in student.parameters()):
-        raise KdlmError(f"train.strategy={name} trains a whole student, and this one has frozen parameters (a LoRA "
-                        "adapter, student.lora): LoRA's few trainable weights need no sharding, so use train.strategy=ddp, "
-                        "or drop student.lora to shard the full student")
+        raise KdlmError(f"train.strategy={strategy} shards a whole student, and this one has frozen parameters (a LoRA "
+                        "adapter, student.lora): LoRA's few trainable weights need no sharding, so use train.strategy=ddp "
+                        "with LoRA, or drop student.lora to shard the full student")
 
 
 def unshard_in_place(accelerator: Accelerator, objective: nn.Module, prepared: nn.Module) -> None:
