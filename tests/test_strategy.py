@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -67,23 +68,23 @@ def _assert_same_run(reference: Path, other: Path, *, steps: slice = slice(None)
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_match_one(one_process, tmp_path):
-    """FSDP2 full shard (decoder layers as units, the fused loss on the gathered lm_head) equals one process."""
+def test_fsdp_two_processes_match_one_and_resume(one_process, tmp_path):
+    """FSDP2 full shard (decoder layers as units, the fused loss on the gathered lm_head) equals one process; then,
+    its step-5 checkpoint deleted (as if killed after the step-3 one), a resume from the sharded step-3 checkpoint
+    (accelerator.load_state) trains steps 4-5 as the uninterrupted run did."""
     folder = tmp_path / "fsdp"
-    _launch(str(folder), "2", "2", "5", "fsdp")
+    args = [str(folder), "2", "2", "5", "fsdp", "", "configs/deepspeed/zero2.json", "24", "3"]  # checkpoint every 3
+    _launch(*args)
     assert (folder / "distributed_type").read_text() == "FSDP"
     assert len(json.loads((folder / "losses.json").read_text())) == 5
     _assert_same_run(one_process, folder)
     shards = folder / "checkpoints" / "step-000005" / "sharded"
     assert sorted(p.name for p in (shards / "pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
-
-@pytest.mark.slow
-def test_fsdp_resume_from_sharded_checkpoint(one_process, tmp_path):
-    """3 steps, then resume to 5 from the sharded checkpoint (accelerator.load_state): the same as 5 in one go."""
-    folder = tmp_path / "fsdp"
-    _launch(str(folder), "2", "2", "3", "fsdp")
-    _launch(str(folder), "2", "2", "5", "fsdp", "resume")
+    shutil.rmtree(folder / "checkpoints" / "step-000005")
+    (folder / "final.pt").unlink()
+    args[5] = "resume"
+    _launch(*args)
     _assert_same_run(one_process, folder, steps=slice(3, 5))
 
 

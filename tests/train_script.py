@@ -1,6 +1,6 @@
 """Train a tiny student on tiny data; run directly or under `accelerate launch` (tests/test_train.py, test_strategy.py).
 
-Arguments: OUTPUT_DIR BATCH_SIZE GRAD_ACCUM STEPS [STRATEGY [resume [DEEPSPEED_CONFIG [NUM_EXAMPLES]]]].
+Arguments: OUTPUT_DIR BATCH_SIZE GRAD_ACCUM STEPS [STRATEGY [resume [DEEPSPEED_CONFIG [NUM_EXAMPLES [SAVE_EVERY]]]]].
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from tiny import tiny_llama, tiny_tokenizer, write_chat_jsonl  # noqa: E402
 
 
 def main(output_dir: str, batch_size: int, grad_accum: int, steps: int, strategy: str = "ddp", resume: str = "",
-         deepspeed_config: str = "configs/deepspeed/zero2.json", num_examples: str = "24") -> None:
+         deepspeed_config: str = "configs/deepspeed/zero2.json", num_examples: str = "24",
+         save_every: str = "0") -> None:
     from pathlib import Path
 
     from kdlm.train.loop import train
@@ -29,7 +30,7 @@ def main(output_dir: str, batch_size: int, grad_accum: int, steps: int, strategy
     student = tiny_llama(len(tokenizer), num_layers=2, seed=2)
     config = TrainConfig(output_dir=output_dir, max_steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                          lr=3e-3, warmup_steps=1, bf16=False, length_grouped=True, strategy=strategy,
-                         resume=resume == "resume", deepspeed_config=str(Path(__file__).parents[1] / deepspeed_config))
+                         resume=resume == "resume", save_every=int(save_every), deepspeed_config=str(Path(__file__).parents[1] / deepspeed_config))
     accelerator = accelerator_for(config, cpu=True)
     data = write_chat_jsonl(Path(f"{output_dir}-data-{accelerator.process_index}.jsonl"), count=int(num_examples))
     examples = encode_records(tokenizer, load_records(str(data)), max_length=128)
