@@ -192,3 +192,11 @@ def test_multi_node_launch_files_parse():
     sbatch = ROOT / "configs" / "slurm" / "distill.sbatch"
     assert subprocess.run(["bash", "-n", str(sbatch)], check=False).returncode == 0
     assert "configs/accelerate/2x8.yaml" in sbatch.read_text()
+
+
+def test_checkpoints_written_before_the_strategy_setting_resume_as_ddp():
+    from kdlm.train.checkpoint import config_differences
+
+    assert config_differences({"train.lr": 0.1}, {"train.lr": 0.1, "train.strategy": "ddp"}) == []
+    assert config_differences({"train.lr": 0.1}, {"train.lr": 0.1, "train.strategy": "fsdp"}) == [
+        "train.strategy: checkpoint has 'ddp', this run has 'fsdp'"]

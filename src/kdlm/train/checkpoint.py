@@ -53,10 +53,19 @@ def config_fingerprint(record: dict) -> str:
     return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _defaults() -> dict:
+    from kdlm.config import RunConfig
+
+    return config_record(RunConfig().model_dump(mode="json"))
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """One line per key (outside `MAY_CHANGE`) whose value differs between two config records."""
+    """One line per key (outside `MAY_CHANGE`) whose value differs between two config records. A key the
+    checkpoint lacks (a setting added since it was written) counts as its default, which the checkpoint's run used."""
     keys = sorted(key for key in set(saved) | set(current) if not _may_change(key))
     missing = "(not set)"
+    defaults = _defaults() if set(current) - set(saved) else {}
+    saved = {**{key: defaults[key] for key in set(current) - set(saved) if key in defaults}, **saved}
     return [
         f"{key}: checkpoint has {saved.get(key, missing)!r}, this run has {current.get(key, missing)!r}"
         for key in keys
