@@ -145,7 +145,8 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     """accelerate launch, 2 CPU processes (gloo), same global batch: same losses and weights."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    # the checkout's src first: the script runs this kdlm, not whichever the environment installed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE)])}
     script = str(HERE / "train_script.py")
     single = tmp_path / "single"
     subprocess.run([sys.executable, script, str(single), "4", "2", "5"], check=True, env=env, timeout=300)
