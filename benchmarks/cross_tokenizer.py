@@ -1,12 +1,12 @@
 """Issue 19's measurement: a student with its own (smaller) tokenizer, distilled across tokenizers.
 
-    PYTHONPATH=src python benchmarks/cross_tokenizer.py --preset tiny --out runs/xtok-tiny   # seconds (a test runs it)
+    PYTHONPATH=src python benchmarks/cross_tokenizer.py --preset tiny --out runs/xtok-tiny   # minutes (a test runs it)
     PYTHONPATH=src python benchmarks/cross_tokenizer.py --preset cpu --out runs/xtok-cpu     # about 90 min (estimate)
 
 Every step drives kdlm's own commands, each in a subprocess: `kdlm build-student` (the own-tokenizer student:
 `student.tokenizer=bpe:N`, the reference's layers), `kdlm cache-teacher` (one top-k cache in the teacher's
-tokens, shared by every cached run), `kdlm distill` with overrides per method, and `kdlm eval` per trained
-student (bits per byte of the teacher's answers, ROUGE-L, parameters). Methods, each with two training seeds
+tokens, shared by every cached run), `kdlm distill` with overrides per method, and one `kdlm eval` over the trained
+students (bits per byte of the teacher's answers, ROUGE-L, parameters). Methods, each with two training seeds
 (``train.seed``; ``data.seed`` is fixed, so all runs see the same data):
 
 - ``reference``: the same-tokenizer student, trained as the quickstart (forward KL from the top-k cache);
@@ -20,9 +20,10 @@ equal-steps run says fit in that time (so its learning-rate schedule has the sam
 ``train.max_minutes`` set to that time as well. The shared teacher cache's one-off cost is not charged to
 the cached runs (it serves every student); it is printed.
 
-Resumable: a run whose ``report.json`` exists, an evaluation whose ``eval.json`` exists, the built student
-and the cache are reused. The last output is a markdown table and the issue's three targets, each pass or
-miss with its figures (also written to OUT/results.md and OUT/results.json).
+Resumable: a run whose ``report.json`` exists, the evaluation when ``OUT/eval/eval.json`` holds every run
+(and kdlm eval's own result cache otherwise), the built students and a complete cache are reused. The last
+output is a markdown table and the issue's three targets, each pass or miss with its figures (also written
+to OUT/results.md and OUT/results.json).
 """
 
 from __future__ import annotations
@@ -151,36 +152,36 @@ class Grid:
                       f"train.seed={seed}", f"train.max_steps={steps}", f"train.output_dir={folder}", "train.overwrite=true", *extra)
         return {"folder": folder, **json.loads(report.read_text())}
 
-    def evaluate(self, folder: Path) -> dict:
-        result = folder / "eval" / "eval.json"
-        if not result.exists():
-            self.kdlm("eval", str(folder), "--tasks", f"fidelity,{self.preset.rouge_task},cost", "--out", str(folder / "eval"),
-                      "--set", "teacher_row=false", *self.preset.eval_args)
+    def evaluate(self, folders: list[Path]) -> dict[str, dict]:
+        """One `kdlm eval` over every trained student (the teacher loaded and its answers made once); its result
+        cache skips what an earlier call scored. Returns {run name: bits_per_byte, rouge_l, params_m}."""
+        result = self.out / "eval" / "eval.json"
+        names = {folder.name for folder in folders}
+        if not result.exists() or not names <= set(json.loads(result.read_text())["models"]):
+            self.kdlm("eval", *map(str, folders), "--tasks", f"fidelity,{self.preset.rouge_task},cost",
+                      "--out", str(self.out / "eval"), "--set", "teacher_row=false", *self.preset.eval_args)
         models = json.loads(result.read_text())["models"]
-        (scores,) = models.values()
-        rouge = next(value for key, value in scores.items() if key not in ("fidelity", "cost") and "rouge_l" in value)
-        return {"bits_per_byte": scores["fidelity"]["bits_per_byte"], "rouge_l": rouge["rouge_l"],
-                "params_m": scores["cost"]["parameters_m"]}
+        scores = {}
+        for name in names:
+            rouge = next(v for k, v in models[name].items() if k not in ("fidelity", "cost") and "rouge_l" in v)
+            scores[name] = {"bits_per_byte": models[name]["fidelity"]["bits_per_byte"], "rouge_l": rouge["rouge_l"],
+                            "params_m": models[name]["cost"]["parameters_m"]}
+        return scores
 
     def run_all(self) -> list[dict]:
         self.prepare()
-        rows = []
-        steps = self.preset.steps
+        steps, trained = self.preset.steps, []
         for seed in SEEDS:
             runs = {method: self.train(method, seed, "steps", steps) for method in METHODS}
             clock = runs["reference"]["timings"]["train_s"]
-            for method in METHODS:
-                rows.append(self._row(method, seed, "equal steps", runs[method]))
+            trained += [(method, seed, "equal steps", runs[method]) for method in METHODS]
             for method in METHODS[1:]:
                 per_step = runs[method]["timings"]["train_s"] / max(runs[method]["steps"], 1)
                 fitting = max(1, round(clock / per_step))
-                run = self.train(method, seed, "clock", fitting, max_minutes=clock / 60)
-                rows.append(self._row(method, seed, "equal wall-clock", run))
-        return rows
-
-    def _row(self, method: str, seed: int, budget: str, run: dict) -> dict:
-        return {"method": method, "seed": seed, "budget": budget, "steps": run["steps"],
-                "train_s": run["timings"]["train_s"], **self.evaluate(run["folder"])}
+                trained.append((method, seed, "equal wall-clock", self.train(method, seed, "clock", fitting, max_minutes=clock / 60)))
+        scores = self.evaluate([run["folder"] for *_, run in trained])
+        return [{"method": method, "seed": seed, "budget": budget, "steps": run["steps"], "train_s": run["timings"]["train_s"],
+                 **scores[run["folder"].name]} for method, seed, budget, run in trained]
 
 
 def _stats(rows: list[dict], method: str, budget: str, key: str) -> tuple[float, float]:
@@ -205,7 +206,7 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
     own, ref = "hybrid-topk", "reference"
     bpb = _stats(rows, ref, "equal steps", "bits_per_byte")[0] / _stats(rows, own, "equal steps", "bits_per_byte")[0]
     rouge_ref = _stats(rows, ref, "equal steps", "rouge_l")[0]
-    rouge = _stats(rows, own, "equal steps", "rouge_l")[0] / rouge_ref if rouge_ref else float("nan")
+    rouge = _stats(rows, own, "equal steps", "rouge_l")[0] / rouge_ref if rouge_ref else float("inf")  # reference 0
     params = _stats(rows, own, "equal steps", "params_m")[0] / _stats(rows, ref, "equal steps", "params_m")[0]
     checks.append(("own-tokenizer student (hybrid-topk, equal steps): >= 95% of the reference's quality with <= 80% of "
                    "its parameters", bpb >= 0.95 and rouge >= 0.95 and params <= 0.8,
@@ -230,7 +231,7 @@ def markdown(rows: list[dict]) -> str:
             bpb, rouge = (_stats(rows, method, budget, key) for key in ("bits_per_byte", "rouge_l"))
             lines.append(f"| {method} | {budget} | {', '.join(str(r['steps']) for r in mine)} | "
                          f"{statistics.fmean(r['train_s'] for r in mine):.1f} | {bpb[0]:.3f} ± {bpb[1] / 2:.3f} | "
-                         f"{rouge[0]:.2f} ± {rouge[1] / 2:.2f} | {mine[0]['params_m']:.2f} |")
+                         f"{rouge[0]:.2f} ± {rouge[1] / 2:.2f} | {mine[0]['params_m']:.3f} |")
     lines += ["", "± is half the spread (max - min) over the two seeds.", "", "| target | result | figures |", "|---|---|---|"]
     lines += [f"| {name} | {'pass' if passed else 'miss'} | {figures} |" for name, passed, figures in targets(rows)]
     return "\n".join(lines)
