@@ -18,7 +18,14 @@ from kdlm.losses.cross_tokenizer import cross_kd_per_group, vocab_map
 from kdlm.losses.divergences import upcast
 from kdlm.losses.fused import LogitTransform
 from kdlm.losses.fused_cross import CrossChunkOptions, fused_cross_kd_loss
-from kdlm.models.forward import decoder_outputs, lm_head_weight, logit_transform, plain_lm_head, project, target_mask
+from kdlm.models.forward import (
+    decoder_outputs,
+    lm_head_weight,
+    logit_transform,
+    plain_lm_head,
+    project,
+    target_mask,
+)
 from kdlm.precision import bf16_enabled
 from kdlm.xtok.align import token_bytes_cached
 
