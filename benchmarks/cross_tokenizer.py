@@ -41,8 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("reference", "seqkd", "uld-topk", "uld-live", "hybrid-topk", "hybrid-live")
 SEEDS = (1, 2)
 QUICKSTART_LAYERS = "[0,1,8,10,11,18,19,20,21,22,23,24,27,28,29]"  # what the quickstart's influence choice keeps
-TOKENIZER_TEXT = ("[builtin:quickstart,../shared/data/wikitext-2/valid.txt,../shared/data/self-instruct-seed/seed_tasks.jsonl,"
-                  "../shared/data/self-instruct-user-eval/user_oriented_instructions.jsonl]")
+SHARED_DATA = ROOT.parent / "shared" / "data"  # the data folder beside the checkout (docs/student-tokenizer.md)
+TOKENIZER_TEXT = "[builtin:quickstart," + ",".join(str(SHARED_DATA / name) for name in (
+    "wikitext-2/valid.txt", "self-instruct-seed/seed_tasks.jsonl", "self-instruct-user-eval/user_oriented_instructions.jsonl")) + "]"
 
 
 @dataclass
