@@ -185,7 +185,7 @@ def test_record_weights_scale_both_terms_of_the_cross_tokenizer_loss():
     cross = CrossTokenizer("hybrid", student_tokenizer, teacher_tokenizer, len(student_tokenizer), len(teacher_tokenizer))
     teacher = tiny_llama(len(teacher_tokenizer), seed=1)
     target = cross.teacher_target(teacher, examples, torch.device("cpu"), bf16=False)
-    objective = SimpleNamespace(student=tiny_llama(len(student_tokenizer), seed=2), vocab_size=len(student_tokenizer),
+    objective = SimpleNamespace(student=tiny_llama(len(student_tokenizer), seed=2), vocab_size=len(student_tokenizer), fused=False,
                                 loss=load_config(None, ["loss.cross_tokenizer=hybrid"]).loss, cross=cross, cross_stats={})
     batch = collate(examples, student_tokenizer.pad_token_id)
     _, kd, ce, _, count = cross_tokenizer_forward(objective, batch, target, 0.5)
