@@ -17,7 +17,8 @@ METHODS = ("reference", "seqkd", "uld-topk", "uld-live", "hybrid-topk", "hybrid-
 
 def run_script(out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(ROOT / "benchmarks" / "cross_tokenizer.py"), "--preset", "tiny", "--out", str(out)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "cross_tokenizer.py"), "--preset", "tiny", "--out", str(out),
+               "--seeds", "1"]  # one seed: half the subprocesses; the script's seed loop is the same
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
@@ -29,8 +30,7 @@ def test_tiny_grid_trains_every_run_and_prints_the_targets(tmp_path):
     run_script(out)
     rows = json.loads((out / "results.json").read_text())["rows"]
     budgets = {(r["method"], r["budget"], r["seed"]) for r in rows}
-    assert budgets == ({(m, "equal steps", s) for m in METHODS for s in (1, 2)}
-                       | {(m, "equal wall-clock", s) for m in METHODS[1:] for s in (1, 2)})
+    assert budgets == ({(m, "equal steps", 1) for m in METHODS} | {(m, "equal wall-clock", 1) for m in METHODS[1:]})
     for row in rows:
         assert row["steps"] >= 1 and row["train_s"] > 0 and row["bits_per_byte"] > 0 and 0 <= row["rouge_l"] <= 100
         if row["budget"] == "equal steps":
