@@ -216,7 +216,8 @@ def pareto_plots(frontier: dict) -> dict[str, tuple[str, bytes]]:
                 x, y = _mean(point[cost]), _mean(point[column])
                 marker = "^" if point["values"].get("quantize", "none") != "none" else "o"
                 panel.scatter([x], [y], marker=marker, color="tab:red" if point["label"] in front else "tab:gray", zorder=3)
-                panel.annotate(point["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
+                if point["label"] in front:  # only the optimal ones named: the rest are in the table
+                    panel.annotate(point["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
             optimal = sorted((_mean(p[cost]), _mean(p[column])) for p in points if p["label"] in front)
             if optimal:
                 panel.plot(*zip(*optimal), color="tab:red", linewidth=1, label="Pareto-optimal")
