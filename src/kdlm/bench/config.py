@@ -50,13 +50,16 @@ class TrainData(BaseModel):
 
 class AxisValue(BaseModel):
     """One value of a bench axis: a name, `kdlm distill` overrides (nested or dotted; any other key), and optionally
-    `prompts` (train on the first N records of data.train) and `x` (its position on the quality-vs-axis plot)."""
+    `prompts` (train on the first N records of data.train), `x` (its position on the quality-vs-axis plot) and
+    `series` (which line it belongs to there)."""
 
     model_config = ConfigDict(extra="allow")
 
     name: str = Field(..., description="Short name, used in run folder names (letters, digits, '.', '+').")
     x: float | None = Field(None, description="Position on the quality-vs-axis plot (default: the values in order, evenly spaced).")
     prompts: int | None = Field(None, ge=1, description="Train on the first N records of data.train (the data-size axis).")
+    series: str | None = Field(None, description="Values of one series are joined by a line on the quality-vs-axis plot "
+                               "(e.g. depth, width, both on a students axis); default: one series per axis.")
 
     @field_validator("name")
     @classmethod

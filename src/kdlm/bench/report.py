@@ -176,9 +176,11 @@ def axis_plots(frontier: dict) -> dict[str, tuple[str, bytes]]:
     for axis, values in frontier["axes"].items():
         numeric = all(v.get("x") is not None for v in values)
         position = {v["name"]: (v["x"] if numeric else index) for index, v in enumerate(values)}
+        series = {v["name"]: v.get("series") or "" for v in values}
         lines: dict[str, list] = {}
         for point in frontier["points"]:
-            lines.setdefault(_line_key(point["values"], axis), []).append(point)
+            key = " ".join(part for part in (series[point["values"][axis]], _line_key(point["values"], axis)) if part)
+            lines.setdefault(key, []).append(point)
         figure, axes = plt.subplots(1, len(quality), figsize=(5.5 * len(quality), 4), squeeze=False)
         for panel, column in zip(axes[0], quality):
             for label, points in lines.items():
