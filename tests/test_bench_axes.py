@@ -227,3 +227,28 @@ def test_bad_axes_settings_are_refused(tmp_path, inputs):
                           (({"s": [{"name": "a b"}]}), "use letters, digits")):
         with pytest.raises(KdlmError, match=message):
             load_bench_config(_write(tmp_path, _config_in(tmp_path, inputs, axes=axes)))
+
+
+def test_axes_report_renders_in_headless_chromium(grid):
+    from test_bench import _browser
+
+    from conftest import missing
+
+    browser_path = _browser()
+    if browser_path is None:
+        missing("no headless Chromium: pip install playwright && python -m playwright install chromium "
+                "(or apt-get install chromium-headless-shell)")
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto((grid / "bench" / "report.html").as_uri())
+        page.wait_for_load_state("load")
+        images = dict(page.evaluate("Array.from(document.querySelectorAll('figure img')).map(i => [i.closest('figure').id, i.naturalWidth])"))
+        browser.close()
+    assert not errors
+    for chart in ("quality_vs_axis_students", "quality_vs_axis_data", "quality_vs_axis_access", "pareto_params", "pareto_disk", "pareto_tok_per_s"):
+        assert images[f"plot-{chart}"] > 300, images

@@ -383,15 +383,15 @@ def run_bench(config: BenchConfig, root: Path = Path(".")) -> dict:
 def evaluate_runs(bench: Bench, config: BenchConfig, common: dict[str, Any], runs: list[dict]) -> list[dict]:
     """`kdlm eval` of every student, once per `quantize` setting (int8 rows are named MODEL-int8); one teacher row."""
     rows: list[dict] = []
-    for quantize in config.quantize:
+    for number, quantize in enumerate(config.quantize):
         eval_config = config.eval.model_copy(update={"output_dir": str(bench.out / "eval"), "quantize": quantize})
+        eval_config.teacher_row = eval_config.teacher_row and number == 0  # one teacher row, in the first pass
         if quantize != "none":
             eval_config.bf16 = False  # int8 kernels take fp32 activations
         if eval_config.teacher:
             eval_config.teacher = make_config(bench.base, common).teacher.model
         if runs:
-            rows += [row for row in evaluate_suite([run["run_dir"] for run in runs], eval_config)["rows"]
-                     if not (row["model"] == "teacher" and any(r["model"] == "teacher" for r in rows))]
+            rows += evaluate_suite([run["run_dir"] for run in runs], eval_config)["rows"]
     return rows
 
 
