@@ -7,7 +7,7 @@ last checkpoint; a run whose config changed starts again. The student is built o
 (`shared/student-init`) and the teacher's top-k targets are cached once (`shared/teacher-cache`) for
 every method that trains from the same cache, so methods differ only in their objective and seed. With
 axes, each distinct student setting gets its own start (`shared/student-init-KEY`), each data size its
-own training file (`shared/train-N.jsonl`, the first N records) and cache; every cell is checked against
+own training file (`shared/train-FP-N.jsonl`, the first N records) and cache; every cell is checked against
 the teacher (layers, widths, parameters) and the data (records) before any run starts.
 
 Cost per run: wall-clock of training, and FLOPs estimated as 6 * N_student * tokens for the student
@@ -100,7 +100,7 @@ class Bench:
         self.base = _find(config.base, root) if config.base else None
         self.root = root
         self.fidelity: Fidelity | None = None
-        self.teachers: dict[str, dict] = {}  # teacher.model -> {"parameters", "config"}
+        self.teachers: dict[str, dict] = {}  # teacher.model -> {"parameters"}
         self.base_student_key: str | None = None
         self.shared_timings: dict[str, float] = {}
         self.caches: dict[str, Path] = {}
