@@ -195,7 +195,8 @@ def axis_plots(frontier: dict) -> dict[str, tuple[str, bytes]]:
             panel.set(xlabel=axis, ylabel=column, title=f"{column} against {axis}")
             if not numeric:
                 panel.set_xticks(list(position.values()), list(position))
-        axes[0][0].legend(fontsize=7)
+        if axes[0][0].get_legend_handles_labels()[0]:
+            axes[0][0].legend(fontsize=7)
         plots[f"quality_vs_axis_{axis}"] = (f"Quality against the {axis} axis (mean ± std over seeds; dashed: the teacher)", _figure_png(figure))
         plt.close(figure)
     return plots
@@ -214,6 +215,10 @@ def pareto_plots(frontier: dict) -> dict[str, tuple[str, bytes]]:
         for panel, column in zip(axes[0], quality):
             front = set(frontier["pareto"].get(f"{cost}|{column}", []))
             points = [p for p in frontier["points"] if p[cost].get("n") and p[column].get("n")]
+            panel.set(xlabel=cost, ylabel=column, title=f"{column} against {short}")
+            if not points:  # the column's task did not run (or gave no number)
+                panel.text(0.5, 0.5, f"no {column} values", ha="center", transform=panel.transAxes)
+                continue
             for point in points:
                 x, y = _mean(point[cost]), _mean(point[column])
                 marker = "^" if point["values"].get("quantize", "none") != "none" else "o"
@@ -226,7 +231,6 @@ def pareto_plots(frontier: dict) -> dict[str, tuple[str, bytes]]:
             teacher = frontier["teacher"]
             if teacher.get(cost) is not None and teacher.get(column) is not None:
                 panel.scatter([teacher[cost]], [teacher[column]], marker="*", s=150, color="black", label="teacher", zorder=4)
-            panel.set(xlabel=cost, ylabel=column, title=f"{column} against {short}")
             panel.legend(fontsize=7)
         plots[f"pareto_{short.replace('/', '_per_')}"] = (
             f"Pareto chart: quality against {cost} (red: non-dominated students; triangles: int8; star: the teacher)", _figure_png(figure))
