@@ -1,13 +1,15 @@
-"""The bench config: one base `kdlm distill` config, a grid of methods (overrides) x seeds, and the evaluation."""
+"""The bench config: one base `kdlm distill` config, a grid of axes x methods x seeds (each a set of overrides), and the evaluation."""
 
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from kdlm.config import load_yaml_model
+from kdlm.config import flatten, load_yaml_model
 from kdlm.errors import KdlmError
 from kdlm.evaluate.suite import EvalSuiteConfig
 
@@ -46,6 +48,40 @@ class TrainData(BaseModel):
     limit: int | None = Field(None, ge=1, description="Keep the first N records.")
 
 
+class AxisValue(BaseModel):
+    """One value of a bench axis: a name, `kdlm distill` overrides (nested or dotted; any other key), and optionally
+    `prompts` (train on the first N records of data.train), `x` (its position on the quality-vs-axis plot) and
+    `series` (which line it belongs to there)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(..., description="Short name, used in run folder names (letters, digits, '.', '+').")
+    x: float | None = Field(None, description="Position on the quality-vs-axis plot (default: the values in order, evenly spaced).")
+    prompts: int | None = Field(None, ge=1, description="Train on the first N records of data.train (the data-size axis).")
+    series: str | None = Field(None, description="Values of one series are joined by a line on the quality-vs-axis plot "
+                               "(e.g. depth, width, both on a students axis); default: one series per axis.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9.+]+", value):
+            raise ValueError(f"axis value name {value!r}: use letters, digits, '.' and '+' only (it names run folders)")
+        return value
+
+    def overrides(self) -> dict[str, Any]:
+        return flatten(dict(self.model_extra or {}))
+
+
+class Cell(BaseModel):
+    """One point of the axes grid: the value chosen on every axis, with their overrides merged in axis order."""
+
+    label: str  # value names joined by "_" ("" without axes)
+    values: dict[str, str]  # axis -> value name
+    overrides: dict[str, Any]
+    prompts: int | None = None
+    prompts_axis: str | None = None  # the axis that set prompts (named in errors)
+
+
 class BenchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -59,6 +95,14 @@ class BenchConfig(BaseModel):
     shared_student: bool = Field(True, description="Build the student once (kdlm build-student) and start every run from it.")
     shared_cache: bool = Field(True, description="One teacher top-k cache for every method that trains from it.")
     curve_every: int = Field(0, ge=0, description="Held-out fidelity every N steps, for the quality-vs-step plot (0: off).")
+    axes: dict[str, list[AxisValue]] = Field(
+        default_factory=dict, description="Named grids of override sets (e.g. students, data, access), crossed with each other, "
+        "the methods and the seeds; an axis value's overrides win over the method's.")
+    quantize: list[Literal["none", "int8"]] = Field(
+        default_factory=lambda: ["none"], description="Evaluate every trained student as is (none) and/or int8-quantised (no retraining).")
+    quality: list[str] = Field(
+        default_factory=lambda: ["KL to teacher", "top-1 agreement"],
+        description="Eval columns plotted against each axis and on the Pareto charts, beside `metric`.")
     eval: EvalSuiteConfig = Field(default_factory=lambda: EvalSuiteConfig(tasks=["selfinst", "fidelity", "cost"], limit=16, seeds=[10]))
     metric: str = Field("selfinst ROUGE-L", description="Column of the eval table that ranks methods (e.g. 'top-1 agreement').")
     higher_is_better: bool = True
@@ -71,6 +115,46 @@ class BenchConfig(BaseModel):
         known = ", ".join([*STANDARD_METHODS, *self.method_overrides])
         raise KdlmError(f"unknown method {name!r}; define it under method_overrides or choose from {known}")
 
+    def cells(self) -> list[Cell]:
+        """Every combination of one value per axis, the first axis varying slowest; one empty cell without axes."""
+        names = list(self.axes)
+        cells = []
+        for combo in itertools.product(*(self.axes[name] for name in names)):
+            overrides: dict[str, Any] = {}
+            prompts, prompts_axis = None, None
+            for axis, value in zip(names, combo):
+                overrides.update(value.overrides())
+                if value.prompts is not None:
+                    prompts, prompts_axis = value.prompts, axis
+            cells.append(Cell(label="_".join(value.name for value in combo), values={a: v.name for a, v in zip(names, combo)},
+                              overrides=overrides, prompts=prompts, prompts_axis=prompts_axis))
+        return cells
+
+    def quality_columns(self) -> dict[str, bool]:
+        """Eval column -> higher is better, for the axis plots and the Pareto charts (the ranking metric first)."""
+        columns = {self.metric: self.higher_is_better}
+        for column in self.quality:
+            columns.setdefault(column, not (column in LOWER_IS_BETTER or column.endswith(" ppl")))
+        return columns
+
+
+LOWER_IS_BETTER = {"KL to teacher", "bits/byte", "ECE"}
+
+
+def check_axes(config: BenchConfig) -> None:
+    """Refuse empty axes, repeated value names, and an axis named like a reserved grid dimension."""
+    for axis, values in config.axes.items():
+        if not re.fullmatch(r"[A-Za-z0-9_]+", axis) or axis in ("method", "seed", "quantize"):
+            raise KdlmError(f"axes.{axis}: an axis name is letters, digits and '_', and not method, seed or quantize")
+        if not values:
+            raise KdlmError(f"axes.{axis}: give at least one value ({{name: ..., <overrides>}}) or remove the axis")
+        names = [value.name for value in values]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise KdlmError(f"axes.{axis}: value names must differ; {', '.join(repeated)} appears more than once")
+    if len(set(config.quantize)) != len(config.quantize):
+        raise KdlmError(f"quantize: {config.quantize} repeats a value; give each of none, int8 at most once")
+
 
 def load_bench_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[BenchConfig, Path]:
     """Read a bench YAML with `key=value` overrides; returns the config and the file's folder."""
@@ -79,4 +163,5 @@ def load_bench_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
                              sections="sections (base, distill, methods, seeds, eval, ...)")
     for name in config.methods:
         config.method(name)
+    check_axes(config)
     return config, path.parent

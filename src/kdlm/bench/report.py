@@ -1,5 +1,9 @@
 """The bench's outputs: a Markdown table, matplotlib plots, and one static HTML page with the plots inside.
 
+With axes (students, data sizes, teacher access, ...) the report adds quality against each axis and, when
+the evaluation measured cost, Pareto charts of quality against parameters, disk size and generation
+tokens/s, the non-dominated students marked and the teacher drawn as the reference.
+
 Plots are PNGs written next to the report and embedded in report.html as base64 data URIs, so the
 page is a single file that opens in any browser, offline.
 """
@@ -135,6 +139,105 @@ def make_plots(result: dict) -> dict[str, bytes]:
     return pngs
 
 
+COST_SHORT = {"params (M)": "params", "disk (MB)": "disk", "generate tok/s": "tok/s"}
+
+
+def _mean(summary: dict | None) -> float:
+    return summary["mean"] if summary and summary.get("n") else math.nan
+
+
+def frontier_table(frontier: dict) -> str:
+    """One row per trained (and quantised) student: cost, quality, and the charts where it is Pareto-optimal."""
+    quality = list(frontier["quality"])
+    lines = [f"| student | {' | '.join(COST_SHORT)} | {' | '.join(quality)} | "
+             + " | ".join(f"Pareto-optimal vs {COST_SHORT[c]}" for c in COST_SHORT) + " |",
+             "|" + "---|" * (1 + 2 * len(COST_SHORT) + len(quality))]
+    for point in frontier["points"]:
+        cells = [_fmt(point[c], 2) for c in COST_SHORT] + [_fmt(point[q], 3) for q in quality]
+        fronts = [", ".join(q for q in quality if point["label"] in frontier["pareto"].get(f"{c}|{q}", [])) or "-" for c in COST_SHORT]
+        lines.append(f"| {point['label']} | " + " | ".join(cells + fronts) + " |")
+    teacher = frontier.get("teacher") or {}
+    if any(v is not None for v in teacher.values()):
+        shown = [f"{teacher[c]:.3g}" if teacher.get(c) is not None else "-" for c in [*COST_SHORT, *quality]]
+        lines.append("| teacher (reference) | " + " | ".join(shown) + " |" + " |" * len(COST_SHORT))
+    return "\n".join(lines)
+
+
+def _line_key(values: dict, axis: str) -> str:
+    return " ".join(f"{v}" for k, v in values.items() if k != axis and not (k == "quantize" and v == "none"))
+
+
+def axis_plots(frontier: dict) -> dict[str, tuple[str, bytes]]:
+    """Per axis: each quality column against the axis values, one line per setting of everything else."""
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    quality = list(frontier["quality"])
+    for axis, values in frontier["axes"].items():
+        numeric = all(v.get("x") is not None for v in values)
+        position = {v["name"]: (v["x"] if numeric else index) for index, v in enumerate(values)}
+        series = {v["name"]: v.get("series") or "" for v in values}
+        lines: dict[str, list] = {}
+        for point in frontier["points"]:
+            key = " ".join(part for part in (series[point["values"][axis]], _line_key(point["values"], axis)) if part)
+            lines.setdefault(key, []).append(point)
+        figure, axes = plt.subplots(1, len(quality), figsize=(5.5 * len(quality), 4), squeeze=False)
+        for panel, column in zip(axes[0], quality):
+            for label, points in lines.items():
+                points = sorted(points, key=lambda p: position[p["values"][axis]])
+                xs = [position[p["values"][axis]] for p in points]
+                ys = [_mean(p[column]) for p in points]
+                errors = [p[column]["std"] if p[column].get("n", 0) > 1 else 0 for p in points]
+                panel.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=label or "all")
+            teacher = frontier["teacher"].get(column)
+            if teacher is not None:
+                panel.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
+            panel.set(xlabel=axis, ylabel=column, title=f"{column} against {axis}")
+            if not numeric:
+                panel.set_xticks(list(position.values()), list(position))
+        if axes[0][0].get_legend_handles_labels()[0]:
+            axes[0][0].legend(fontsize=7)
+        plots[f"quality_vs_axis_{axis}"] = (f"Quality against the {axis} axis (mean ± std over seeds; dashed: the teacher)", _figure_png(figure))
+        plt.close(figure)
+    return plots
+
+
+def pareto_plots(frontier: dict) -> dict[str, tuple[str, bytes]]:
+    """Per cost column: each quality column against it, the Pareto-optimal students ringed and joined, the teacher a star."""
+    import matplotlib.pyplot as plt
+
+    plots = {}
+    quality = list(frontier["quality"])
+    for cost, short in COST_SHORT.items():
+        if not any(f"{cost}|{q}" in frontier["pareto"] for q in quality):
+            continue  # no cost measured (the eval's `cost` task is off)
+        figure, axes = plt.subplots(1, len(quality), figsize=(5.5 * len(quality), 4.5), squeeze=False)
+        for panel, column in zip(axes[0], quality):
+            front = set(frontier["pareto"].get(f"{cost}|{column}", []))
+            points = [p for p in frontier["points"] if p[cost].get("n") and p[column].get("n")]
+            panel.set(xlabel=cost, ylabel=column, title=f"{column} against {short}")
+            if not points:  # the column's task did not run (or gave no number)
+                panel.text(0.5, 0.5, f"no {column} values", ha="center", transform=panel.transAxes)
+                continue
+            for point in points:
+                x, y = _mean(point[cost]), _mean(point[column])
+                marker = "^" if point["values"].get("quantize", "none") != "none" else "o"
+                panel.scatter([x], [y], marker=marker, color="tab:red" if point["label"] in front else "tab:gray", zorder=3)
+                if point["label"] in front:  # only the optimal ones named: the rest are in the table
+                    panel.annotate(point["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
+            optimal = sorted((_mean(p[cost]), _mean(p[column])) for p in points if p["label"] in front)
+            if optimal:
+                panel.plot(*zip(*optimal), color="tab:red", linewidth=1, label="Pareto-optimal")
+            teacher = frontier["teacher"]
+            if teacher.get(cost) is not None and teacher.get(column) is not None:
+                panel.scatter([teacher[cost]], [teacher[column]], marker="*", s=150, color="black", label="teacher", zorder=4)
+            panel.legend(fontsize=7)
+        plots[f"pareto_{short.replace('/', '_per_')}"] = (
+            f"Pareto chart: quality against {cost} (red: non-dominated students; triangles: int8; star: the teacher)", _figure_png(figure))
+        plt.close(figure)
+    return plots
+
+
 def _markdown_to_html_table(markdown: str) -> str:
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
     out = ["<table>"]
@@ -151,16 +254,21 @@ def _markdown_to_html_table(markdown: str) -> str:
 def write_bench_report(result: dict, output_dir: Path) -> Path:
     """bench.md, plots/*.png and report.html (self-contained); returns the HTML path."""
     table = markdown_table(result)
-    (output_dir / "bench.md").write_text(f"# kdlm bench: {output_dir}\n\n{table}\n")
-    pngs = make_plots(result)
+    frontier = result.get("frontier")
+    extra = f"\n## Students: cost, quality, Pareto-optimal\n\n{frontier_table(frontier)}\n" if frontier else ""
+    (output_dir / "bench.md").write_text(f"# kdlm bench: {output_dir}\n\n{table}\n{extra}")
+    plots = {name: (PLOTS[name], data) for name, data in make_plots(result).items()}
+    if frontier:
+        plots.update(axis_plots(frontier))
+        plots.update(pareto_plots(frontier))
     plots_dir = output_dir / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
     figures = []
-    for name, data in pngs.items():
+    for name, (caption, data) in plots.items():
         (plots_dir / f"{name}.png").write_bytes(data)
         encoded = base64.b64encode(data).decode()
-        figures.append(f'<figure id="plot-{name}"><img alt="{html.escape(PLOTS[name])}" src="data:image/png;base64,{encoded}">'
-                       f"<figcaption>{html.escape(PLOTS[name])}</figcaption></figure>")
+        figures.append(f'<figure id="plot-{name}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}">'
+                       f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     failures = "".join(f"<li>{html.escape(f['method'])} seed {f['seed']}: {html.escape(f['error'])}</li>" for f in result.get("failures", []))
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>kdlm bench</title>
@@ -171,6 +279,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:i
 <p>Ranked by <b>{html.escape(result['metric'])}</b>; mean ± std over seeds {html.escape(str(result.get('seeds')))}.</p>
 {_markdown_to_html_table(table)}
 <p>≈ best: within twice the standard error of the difference (seed spread). FLOPs: 6·N_student·tokens + 2·N_teacher·teacher tokens, plus 2·N per token each model runs while sampling (on-policy methods).</p>
+{'<h2>Students: cost, quality, Pareto-optimal</h2>' + _markdown_to_html_table(frontier_table(frontier)) if frontier else ''}
 {'<h2>Failed runs</h2><ul>' + failures + '</ul>' if failures else ''}
 <h2>Plots</h2>
 {''.join(figures)}

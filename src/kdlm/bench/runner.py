@@ -1,10 +1,14 @@
-"""`kdlm bench CONFIG`: every (method, seed) of the grid as a `kdlm distill` run, then one evaluation and report.
+"""`kdlm bench CONFIG`: every (axes cell, method, seed) of the grid as a `kdlm distill` run, then one evaluation and report.
 
-Each run lives in `output_dir/runs/METHOD-seedS` and is finished when its `bench_run.json` exists
+Each run lives in `output_dir/runs/METHOD-seedS` (`CELL-METHOD-seedS` with axes, CELL the axis value names
+joined by "_") and is finished when its `bench_run.json` exists
 with the fingerprint of its resolved config: a rerun skips it; an interrupted run resumes from its
 last checkpoint; a run whose config changed starts again. The student is built once
 (`shared/student-init`) and the teacher's top-k targets are cached once (`shared/teacher-cache`) for
-every method that trains from the same cache, so methods differ only in their objective and seed.
+every method that trains from the same cache, so methods differ only in their objective and seed. With
+axes, each distinct student setting gets its own start (`shared/student-init-KEY`), each data size its
+own training file (`shared/train-FP-N.jsonl`, the first N records) and cache; every cell is checked against
+the teacher (layers, widths, parameters) and the data (records) before any run starts.
 
 Cost per run: wall-clock of training, and FLOPs estimated as 6 * N_student * tokens for the student
 (forward + backward) plus 2 * N_teacher * tokens for each teacher forward: every step with an online
@@ -27,10 +31,11 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from kdlm.bench.config import BenchConfig
+from kdlm.bench.config import BenchConfig, Cell
 from kdlm.bench.report import write_bench_report
-from kdlm.bench.stats import noise_groups, summarise
+from kdlm.bench.stats import noise_groups, pareto_front, summarise
 from kdlm.config import RunConfig, flatten, load_config
+from kdlm.data.records import load_records
 from kdlm.errors import KdlmError
 from kdlm.evaluate.suite import Fidelity, evaluate_suite
 from kdlm.models import describe_model, load_model
@@ -40,7 +45,8 @@ from kdlm.xtok.run import load_student_tokenizer
 
 console = Console(stderr=True)
 CACHE_KEYS = ("teacher.model", "teacher.top_k", "teacher.cache_kind", "teacher.samples", "data", "train.bf16")
-
+PARETO_X = {"params (M)": ("parameters (M)", False), "disk (MB)": ("disk size (MB)", False),
+            "generate tok/s": ("measured generation tokens/s", True)}  # eval column -> (axis label, higher is better)
 
 
 def _find(path: str, root: Path) -> Path:
@@ -94,7 +100,8 @@ class Bench:
         self.base = _find(config.base, root) if config.base else None
         self.root = root
         self.fidelity: Fidelity | None = None
-        self.teacher_parameters: int | None = None
+        self.teachers: dict[str, dict] = {}  # teacher.model -> {"parameters"}
+        self.base_student_key: str | None = None
         self.shared_timings: dict[str, float] = {}
         self.caches: dict[str, Path] = {}
 
@@ -108,28 +115,90 @@ class Bench:
         base = make_config(self.base, overrides)
         overrides["data.seed"] = base.data.seed if base.data.seed is not None else base.train.seed
         overrides["eval.enabled"] = False
-        if self.config.shared_student and base.student.init != "model":
-            overrides.update({"student.init": "model", "student.model": str(self.shared_student(base))})
+        self.base_student_key = student_key(make_config(self.base, overrides))
         return overrides
 
+    def cell_overrides(self, cell: Cell, common: dict[str, Any]) -> dict[str, Any]:
+        """The overrides a cell applies after the method's: its axis values, its data file, its shared student."""
+        late = dict(cell.overrides)
+        config = make_config(self.base, {**common, **late})
+        self.check_cell(cell, config)
+        if cell.prompts is not None:
+            late["data.train"] = str(self.data_subset(config, cell))
+        if self.config.shared_student and config.student.init != "model":
+            late.update({"student.init": "model", "student.model": str(self.shared_student(config))})
+        return late
+
+    def check_cell(self, cell: Cell, config: RunConfig) -> None:
+        """Refuse a cell the teacher or the data cannot provide, naming the axis value (or distill setting) behind it."""
+        student = config.student
+        if student.init == "prune":
+            shape = teacher_shape(config.teacher.model)
+            limits = [("student.num_layers", student.num_layers, shape.get("num_hidden_layers"), "layers")]
+            for name in ("hidden_size", "intermediate_size", "num_attention_heads"):
+                value = getattr(student.width, name) if student.width is not None else None
+                limits.append((f"student.width.{name}", value, shape.get(name), name.replace("_", " ")))
+            if student.target_params is not None and student.target_params > 1:
+                limits.append(("student.target_params", student.target_params, self.teacher_size(config), "parameters"))
+            for key, value, most, what in limits:
+                if value is not None and most is not None and value > most:
+                    raise KdlmError(f"{self.setter(cell, key)}: {key}={value:g}, but the teacher ({config.teacher.model}) has "
+                                    f"{most:g} {what}; a pruned student keeps at most that many: lower it")
+        if cell.prompts is not None:
+            where = f"axes.{cell.prompts_axis} value {cell.values[cell.prompts_axis]!r}"
+            if config.data.heldout:
+                raise KdlmError(f"{where}: prompts: {cell.prompts} with data.heldout={config.data.heldout} would change the "
+                                "held-out split with the data size; set distill.data.heldout: 0 (the bench evaluates on its own prompts)")
+            available = len(load_records(config.data.train))
+            if cell.prompts > available:
+                raise KdlmError(f"{where}: prompts: {cell.prompts}, but data.train ({config.data.train}) has {available} "
+                                f"records; give at most {available}")
+
+    def setter(self, cell: Cell, key: str) -> str:
+        """Which axis value (or the common distill settings) set `key` for this cell."""
+        found = "distill"
+        for axis, name in cell.values.items():
+            value = next(v for v in self.config.axes[axis] if v.name == name)
+            if any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in value.overrides()):
+                found = f"axes.{axis} value {name!r}"
+        return found
+
+    def data_subset(self, config: RunConfig, cell: Cell) -> Path:
+        """The first `cell.prompts` records of data.train, as JSONL in the shared folder (written once)."""
+        records = load_records(config.data.train)[: cell.prompts]
+        target = self.out / "shared" / f"train-{fingerprint({'train': config.data.train})}-{cell.prompts}.jsonl"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("".join(json.dumps(record) + "\n" for record in records))
+        return target
+
     def shared_student(self, base: RunConfig) -> Path:
+        """The start of every run with these student settings: `shared/student-init` for the base's, else one per key."""
         from kdlm.pipeline import run_build_student
 
-        folder = self.out / "shared" / "student-init"
+        key = student_key(base)
+        name = "student-init" if key == self.base_student_key else f"student-init-{key}"
+        folder = self.out / "shared" / name
         if not (folder / "config.json").exists():
             started = time.perf_counter()
             config = base.model_copy(deep=True)
-            config.train.output_dir = str(self.out / "shared")
+            config.train.output_dir = str(self.out / "shared" / "building")
             config.data.seed = base.data.seed if base.data.seed is not None else base.train.seed
-            run_build_student(config)
-            self.shared_timings["build_student_s"] = time.perf_counter() - started
+            built = run_build_student(config)
+            shutil.rmtree(folder, ignore_errors=True)
+            built.rename(folder)
+            shutil.rmtree(built.parent, ignore_errors=True)
+            self.shared_timings["build_student_s" if name == "student-init" else f"build_{name}_s"] = time.perf_counter() - started
         return folder
 
     def shared_cache(self, config: RunConfig) -> Path:
         """The cache for this run's teacher and data settings, written once per bench."""
         from kdlm.pipeline import run_cache_teacher
 
-        key = fingerprint({name: _pick(config, name) for name in CACHE_KEYS})
+        settings = {name: _pick(config, name) for name in CACHE_KEYS}
+        if config.teacher.api_base:  # top-k log-probs from a served teacher (kdlm.teachers.api): its own cache
+            settings["teacher.api_base"] = config.teacher.api_base
+        key = fingerprint(settings)
         folder = self.out / "shared" / f"teacher-cache-{key}"
         if key not in self.caches:
             started = time.perf_counter()
@@ -142,21 +211,25 @@ class Bench:
         return folder
 
     def teacher_size(self, config: RunConfig) -> int:
-        if self.teacher_parameters is None:
-            teacher, tokenizer = load_model(config.teacher.model)
-            self.teacher_parameters = describe_model(teacher)["parameters"]
+        """The teacher's parameter count (loaded once per teacher); the first teacher loaded also serves the curves."""
+        spec = config.teacher.model
+        if spec not in self.teachers:
+            teacher, tokenizer = load_model(spec)
+            self.teachers[spec] = {"parameters": describe_model(teacher)["parameters"]}
             if self.config.curve_every and self.fidelity is None:
-                settings = self.config.eval.model_copy(update={"teacher": config.teacher.model})
+                settings = self.config.eval.model_copy(update={"teacher": spec})
                 self.fidelity = Fidelity(teacher, tokenizer, settings)
             del teacher
             gc.collect()
-        return self.teacher_parameters
+        return self.teachers[spec]["parameters"]
 
-    def run_one(self, method: str, seed: int, common: dict[str, Any]) -> dict:
+    def run_one(self, method: str, seed: int, common: dict[str, Any], cell: Cell | None = None,
+                late: dict[str, Any] | None = None) -> dict:
         from kdlm.pipeline import distill
 
-        run_dir = self.out / "runs" / f"{method}-seed{seed}"
-        overrides = {**common, **flatten(self.config.method(method)), "train.seed": seed, "train.output_dir": str(run_dir)}
+        name = f"{cell.label}-{method}-seed{seed}" if cell is not None and cell.label else f"{method}-seed{seed}"
+        run_dir = self.out / "runs" / name
+        overrides = {**common, **flatten(self.config.method(method)), **(late or {}), "train.seed": seed, "train.output_dir": str(run_dir)}
         config = make_config(self.base, overrides)
         identity = fingerprint(config.model_dump())
         done_file = run_dir / "bench_run.json"
@@ -227,6 +300,23 @@ class Bench:
         return done
 
 
+def teacher_shape(spec: str) -> dict:
+    """The teacher's model config (layers, widths) without loading its weights where it is a folder or bundled."""
+    from transformers import AutoConfig
+
+    from kdlm.models.loading import ensure_bundled
+
+    folder = ensure_bundled(spec.removeprefix("bundled:")) if spec.startswith("bundled:") else Path(spec)
+    if folder.is_dir() and (folder / "config.json").exists():
+        return AutoConfig.from_pretrained(folder).to_dict()
+    return load_model(spec)[0].config.to_dict()
+
+
+def student_key(config: RunConfig) -> str:
+    """What a built student depends on: its settings, the teacher, and the data it calibrates on."""
+    return fingerprint({"student": config.student.model_dump(), "teacher": config.teacher.model, "data": config.data.model_dump()})
+
+
 def decode_tokens(train_log: Path) -> dict[str, int]:
     """Tokens the student and the teacher ran while sampling during a run, from its training log.
 
@@ -260,27 +350,49 @@ def run_bench(config: BenchConfig, root: Path = Path(".")) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     common = bench.common_overrides()
+    cells = config.cells()
+    for cell in cells:  # every cell checked before the first run: a bad axis value fails at once
+        bench.check_cell(cell, make_config(bench.base, {**common, **cell.overrides}))
     runs, failures = [], []
-    for method in config.methods:
-        for seed in config.seeds:
-            try:
-                runs.append(bench.run_one(method, seed, common))
-            except KdlmError as exc:
-                console.print(f"[red]{method} seed {seed} failed:[/] {exc}")
-                failures.append({"method": method, "seed": seed, "error": str(exc)})
+    for cell in cells:
+        late = bench.cell_overrides(cell, common)
+        for method in config.methods:
+            for seed in config.seeds:
+                try:
+                    done = bench.run_one(method, seed, common, cell, late)
+                except KdlmError as exc:
+                    console.print(f"[red]{cell.label + ' ' if cell.label else ''}{method} seed {seed} failed:[/] {exc}")
+                    failures.append({"method": f"{cell.label}-{method}" if cell.label else method, "seed": seed, "error": str(exc)})
+                    continue
+                done.update({"cell": cell.values, "group": f"{cell.label}-{method}" if cell.label else method})
+                runs.append(done)
     bench.fidelity = None
     gc.collect()
-    eval_config = config.eval.model_copy(update={"output_dir": str(out / "eval")})
-    if eval_config.teacher:
-        eval_config.teacher = make_config(bench.base, common).teacher.model
-    evaluation = evaluate_suite([run["run_dir"] for run in runs], eval_config) if runs else {"rows": []}
-    result = aggregate(config, runs, evaluation["rows"])
-    result.update({"failures": failures, "shared_timings": bench.shared_timings, "evaluation": evaluation["rows"]})
+    rows = evaluate_runs(bench, config, common, runs)
+    result = aggregate(config, runs, rows)
+    result.update({"failures": failures, "shared_timings": bench.shared_timings, "evaluation": rows})
+    if config.axes or len(config.quantize) > 1:
+        result["frontier"] = frontier(config, result, rows)
     (out / "bench.json").write_text(json.dumps(result, indent=1, default=float))
     write_bench_report(result, out)
     if failures:
         raise KdlmError(f"{len(failures)} run(s) failed: " + "; ".join(f"{f['method']} seed {f['seed']}: {f['error']}" for f in failures))
     return result
+
+
+def evaluate_runs(bench: Bench, config: BenchConfig, common: dict[str, Any], runs: list[dict]) -> list[dict]:
+    """`kdlm eval` of every student, once per `quantize` setting (int8 rows are named MODEL-int8); one teacher row."""
+    rows: list[dict] = []
+    for number, quantize in enumerate(config.quantize):
+        eval_config = config.eval.model_copy(update={"output_dir": str(bench.out / "eval"), "quantize": quantize})
+        eval_config.teacher_row = eval_config.teacher_row and number == 0  # one teacher row, in the first pass
+        if quantize != "none":
+            eval_config.bf16 = False  # int8 kernels take fp32 activations
+        if eval_config.teacher:
+            eval_config.teacher = make_config(bench.base, common).teacher.model
+        if runs:
+            rows += evaluate_suite([run["run_dir"] for run in runs], eval_config)["rows"]
+    return rows
 
 
 def aggregate(config: BenchConfig, runs: list[dict], rows: list[dict]) -> dict:
@@ -293,7 +405,7 @@ def aggregate(config: BenchConfig, runs: list[dict], rows: list[dict]) -> dict:
         value = value[0] if isinstance(value, (list, tuple)) else value
         run["metric"] = value if isinstance(value, (int, float)) else None  # "n/a (tokenizer)": not a number
         run["eval"] = row
-        methods.setdefault(run["method"], {"runs": []})["runs"].append(run)
+        methods.setdefault(run.get("group", run["method"]), {"runs": []})["runs"].append(run)
     for entry in methods.values():
         entry["metric"] = summarise([r["metric"] for r in entry["runs"] if r["metric"] is not None])
         for key in ("wall_s", "flops", "tokens"):
@@ -307,4 +419,42 @@ def aggregate(config: BenchConfig, runs: list[dict], rows: list[dict]) -> dict:
         methods[method].update(mark)
     teacher = by_model.get("teacher")
     return {"metric": config.metric, "higher_is_better": config.higher_is_better, "methods": methods, "teacher": teacher,
-            "seeds": config.seeds, "method_order": [m for m in config.methods if m in methods]}
+            "seeds": config.seeds, "method_order": list(methods)}
+
+
+def _number(value: Any) -> float | None:
+    value = value[0] if isinstance(value, (list, tuple)) else value  # ROUGE-L: (mean, std over sampling seeds)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def frontier(config: BenchConfig, result: dict, rows: list[dict]) -> dict:
+    """One point per (group, quantize): quality and cost summarised over seeds; the Pareto-optimal points per chart.
+
+    A chart is (cost column, quality column); a point is on its front when no other point is at least as good
+    on both and better on one (kdlm.bench.stats.pareto_front). The teacher is a reference, not a point.
+    """
+    by_model = {row["model"]: row for row in rows}
+    quality = config.quality_columns()
+    points = []
+    for group, entry in result["methods"].items():
+        for quantize in config.quantize:
+            suffix = "" if quantize == "none" else f"-{quantize}"
+            evals = [by_model.get(Path(run["run_dir"]).name + suffix, {}) for run in entry["runs"]]
+            first = entry["runs"][0]
+            point = {"label": group + ("" if quantize == "none" else f" {quantize}"), "group": group,
+                     "values": {**first.get("cell", {}), "method": first["method"], "quantize": quantize}}
+            for column in [*quality, *PARETO_X]:
+                point[column] = summarise([v for row in evals if (v := _number(row.get(column))) is not None])
+            points.append(point)
+    charts = {}
+    for x_column, (_, x_higher) in PARETO_X.items():
+        for column, higher in quality.items():
+            usable = [p for p in points if p[x_column]["n"] and p[column]["n"]]
+            if not usable:
+                continue
+            front = pareto_front([(p[x_column]["mean"], p[column]["mean"]) for p in usable], x_higher, higher)
+            charts[f"{x_column}|{column}"] = [p["label"] for p, on in zip(usable, front) if on]
+    teacher = {column: _number((result.get("teacher") or {}).get(column)) for column in [*quality, *PARETO_X]}
+    return {"points": points, "pareto": charts, "quality": quality, "axes": {a: [v.model_dump() for v in vs] for a, vs in config.axes.items()},
+            "teacher": teacher}
+

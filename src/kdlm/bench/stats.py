@@ -56,3 +56,28 @@ def noise_groups(summaries: dict[str, dict], higher_is_better: bool = True) -> d
             vs_best = "not tested" if tie is None else ("within noise" if tie else "below")
         marks[method] = {"rank": rank, "vs_best": vs_best, "ties": ties}
     return marks
+
+
+def pareto_front(points: list[tuple[float, float]], x_higher_is_better: bool, y_higher_is_better: bool) -> list[bool]:
+    """For each (x, y) point: True if no other point is at least as good on both and strictly better on one.
+
+    Sorts once and sweeps (n log n): both coordinates are turned into costs to minimise; among points with
+    the same x cost only those with the group's least y cost can be optimal, and only if that y cost is
+    below every y cost of a point with a smaller x cost. Equal points do not dominate each other. NaN: not optimal.
+    """
+    costs = [(-x if x_higher_is_better else x, -y if y_higher_is_better else y) for x, y in points]
+    order = sorted((i for i, c in enumerate(costs) if not (math.isnan(c[0]) or math.isnan(c[1]))), key=lambda i: costs[i])
+    optimal = [False] * len(points)
+    best_before = math.inf  # least y cost among points with a strictly smaller x cost
+    start = 0
+    while start < len(order):
+        end = start
+        while end < len(order) and costs[order[end]][0] == costs[order[start]][0]:
+            end += 1
+        group_best = costs[order[start]][1]  # sorted by (x, y): the group's first has its least y cost
+        if group_best < best_before:
+            for i in order[start:end]:
+                optimal[i] = costs[i][1] == group_best
+        best_before = min(best_before, group_best)
+        start = end
+    return optimal
