@@ -1,4 +1,4 @@
-"""Faults around training (issue 16): SIGTERM, reused folders, changed configs, crafted checkpoints, torn
+"""Faults around training (issue 16): SIGTERM, reused folders, changed configs, crafted checkpoints, interrupted
 answer caches, over-long prompts, missing caches, full disks, read-only folders and API keys.
 
 Each test plays the fault against the real code (the CLI in a subprocess where the user would meet it)
@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -183,31 +184,35 @@ def _answer(answerer, chats, cache_file, model=True):
                           batch_size=2, bf16=False, cache_file=cache_file)
 
 
-def test_a_torn_last_line_is_cut_before_the_next_append(answerer, tmp_path):
-    cache_file = tmp_path / "answers.jsonl"
-    first = _answer(answerer, _chats(3), cache_file)
-    whole = cache_file.read_text()
-    torn = json.dumps({"key": "0" * 16, "answer": "a kill landed in the middle of this line"})
-    cache_file.write_text(whole + torn[:25])  # what a kill during the append leaves
+def _rows(cache_file: Path, table: str) -> dict:
+    with sqlite3.connect(cache_file) as connection:
+        column = "created" if table == "answers" else "reason"
+        return dict(connection.execute(f"SELECT fingerprint, {column} FROM {table}"))
+
+
+def test_a_rerun_keeps_the_answers_paid_for_and_answers_only_the_rest(answerer, tmp_path):
+    cache_file = tmp_path / "answers.sqlite"  # each answer is committed as it is decoded (SQLite, WAL)
+    first = _answer(answerer, _chats(3), cache_file)  # a run stopped after 3 answers leaves these
+    paid_for = _rows(cache_file, "answers")
     results = _answer(answerer, _chats(5), cache_file)
-    entries = [json.loads(line) for line in cache_file.read_text().splitlines()]  # every line parses
-    assert len(entries) == 5 and len({entry["key"] for entry in entries}) == 5
-    assert cache_file.read_text().startswith(whole)  # the 3 answers paid for are kept, not generated again
+    entries = _rows(cache_file, "answers")
+    assert len(entries) == 5 and len(paid_for) == 3
+    assert all(entries[key] == created for key, created in paid_for.items())  # kept, not generated again
     assert [r["messages"][-1] for r in results[:3]] == [r["messages"][-1] for r in first]
 
 
 def test_an_over_long_prompt_fails_alone_and_reruns_finish(answerer, tmp_path, capsys):
-    cache_file = tmp_path / "answers.jsonl"
+    cache_file = tmp_path / "answers.sqlite"
     results = _answer(answerer, _chats(4, long_at=1), cache_file)
     assert [r["messages"][0]["content"] for r in results] == ["question 0", "question 2", "question 3"]
     err = capsys.readouterr().err
     assert "1 of 4 teacher answers failed" in err and "teacher's context of 512 tokens" in err
-    failed = [json.loads(line) for line in cache_file.read_text().splitlines() if "failed" in line]
-    assert len(failed) == 1 and "the prompt has 6" in failed[0]["failed"]
+    failed = list(_rows(cache_file, "failures").values())
+    assert len(failed) == 1 and "the prompt has 6" in failed[0]
     again = _answer(answerer, _chats(4, long_at=1), cache_file, model=False)  # no teacher: all cached or failed
     assert again == results and "1 of 4 teacher answers failed" in capsys.readouterr().err
     with pytest.raises(KdlmError, match="all 1 of 1 teacher answers failed"):
-        _answer(answerer, [_chats(4, long_at=1)[1]], tmp_path / "only-long.jsonl")
+        _answer(answerer, [_chats(4, long_at=1)[1]], tmp_path / "only-long.sqlite")
 
 
 # --- whole runs: `kdlm distill` in a subprocess where the fault meets the CLI, in-process otherwise ---------------

@@ -1,66 +1,37 @@
 """The teacher answers prompts once; the answers are cached on disk and reused by every later run.
 
-The cache is a JSONL file per (teacher, generation settings) with one line per answered
-(prompt, sample index), appended as batches finish: a crash or Ctrl-C loses at most the batch in
-flight, and a rerun generates only what is missing. A kill in the middle of an append leaves a last
-line without its newline; it is cut off before the next append, so no line is glued onto it.
+The answers go through the generation engine (`kdlm.generate`): each (prompt, sample) is a request keyed
+by the engine's fingerprint (teacher, messages, sampling parameters, sample index) in a SQLite cache,
+`cache_dir()/answers/<settings fingerprint>.sqlite`, where each answer is committed as it is decoded: a
+crash or Ctrl-C loses at most the batch in flight, and a rerun generates only what is missing. The local
+teacher decodes with `BatchGenerateBackend` (one `generate` call per batch, seeded by its first request),
+which gives the answers earlier kdlm versions gave for the same settings.
 
 A prompt the teacher cannot answer (longer than its context, or one whose generation raises) is
-recorded as failed with its reason, `{"key": ..., "failed": "..."}`, and left out of training; the
+recorded as failed with its reason in the cache's `failures` table and left out of training; the
 others are answered, and the count is reported at the end. A failed prompt is not tried again under
-the same settings (delete its line to retry).
+the same settings (delete its row to retry).
+
+Answers cached by kdlm before the SQLite cache (`<settings fingerprint>.jsonl` beside it) are imported
+on first use, so that upgrading pays for no answer twice.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from kdlm.errors import KdlmError
-from kdlm.models.loading import cache_dir
+from kdlm.generate.backends import BatchGenerateBackend, Job
+from kdlm.generate.cache import Answer, AnswerCache, fingerprint
+from kdlm.generate.engine import answer_in_batches
+from kdlm.generate.engine import fingerprint as request_fingerprint
+from kdlm.paths import cache_dir
 from kdlm.precision import Bf16Setting, bf16_enabled
 
-
-def fingerprint(payload: dict) -> str:
-    """A short stable hash of a JSON-serialisable payload."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def repair_torn_tail(path: Path) -> int:
-    """Cut a last line left without its newline (a kill during an append); returns the bytes removed."""
-    if not path.exists():
-        return 0
-    data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return 0
-    keep = data.rfind(b"\n") + 1
-    with path.open("rb+") as handle:
-        handle.truncate(keep)
-    return len(data) - keep
-
-
-def read_answers(cache_file: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(answers, failures) by key, from a cache file whose torn last line, if any, is cut first."""
-    answers: dict[str, str] = {}
-    failures: dict[str, str] = {}
-    if repair_torn_tail(cache_file):
-        Console(stderr=True, soft_wrap=True).print(f"{cache_file}: cut off a last line left incomplete by a crash", highlight=False)
-    if cache_file.exists():
-        for line in cache_file.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash in an older kdlm: that answer is generated again
-            if "answer" in entry:
-                answers[entry["key"]] = entry["answer"]
-            elif "failed" in entry:
-                failures[entry["key"]] = entry["failed"]
-    return answers, failures
+__all__ = ["answer_prompts", "fingerprint"]
 
 
 def _prompt_messages(record: dict) -> list[dict]:
@@ -68,6 +39,40 @@ def _prompt_messages(record: dict) -> list[dict]:
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     return messages
+
+
+def _jobs(records: list[dict], samples_per_prompt: int, settings: dict) -> list[tuple[Job, str]]:
+    """One (job, legacy key) per (prompt, sample), in input order.
+
+    The legacy key, a hash of the prompt, the sample index and `settings`, was the cache key before the SQLite
+    cache; the batch seed is still derived from it, so that the same settings give the same answers.
+    """
+    parameters = {"max_tokens": settings["max_new_tokens"], "temperature": settings["temperature"],
+                  "top_p": settings["top_p"], "seed": settings["seed"], "bf16": settings["bf16"],
+                  "decoder": "generate, one seed per batch"}
+    jobs = []
+    for index, record in enumerate(records):
+        messages = _prompt_messages(record)
+        for sample in range(samples_per_prompt):
+            legacy = fingerprint({"messages": messages, "sample": sample, **settings})
+            key = request_fingerprint(settings["teacher"], messages, parameters, sample)
+            jobs.append((Job(index, sample, messages, key, int(legacy, 16) % (2**31) + settings["seed"]), legacy))
+    return jobs
+
+
+def _import_legacy(cache: AnswerCache, legacy_file: Path, jobs: list[tuple[Job, str]]) -> None:
+    """Copy the answers and failures of an older kdlm's JSONL cache into `cache` (lines cut by a crash are skipped)."""
+    by_legacy = {legacy: job.fingerprint for job, legacy in jobs}
+    for line in legacy_file.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        key = by_legacy.get(entry.get("key")) if isinstance(entry, dict) else None
+        if key is not None and "answer" in entry:
+            cache.put(key, Answer(entry["answer"], None, 0, 0))
+        elif key is not None and "failed" in entry:
+            cache.fail(key, entry["failed"])
 
 
 def answer_prompts(
@@ -92,151 +97,56 @@ def answer_prompts(
         tokenizer: its tokenizer, with a chat template.
         records: records with `messages` (the last assistant turn, if any, is replaced).
         teacher_name: identifies the teacher in the cache key (its spec string).
-        samples_per_prompt: answers per prompt; sample i of a prompt is seeded independently.
+        samples_per_prompt: answers per prompt; sample i of a prompt is a request of its own.
         temperature: 0 means greedy decoding.
         bf16: generate under bf16 autocast: True, False or "auto" (where the hardware runs it fast, see
             kdlm.precision); the resolved value is part of the cache key, since it changes the answers.
-        cache_file: defaults to `cache_dir()/answers/<settings fingerprint>.jsonl`.
+        cache_file: the SQLite cache; defaults to `cache_dir()/answers/<settings fingerprint>.sqlite`.
 
     Returns:
-        One record per (prompt, sample), in input order, each with `meta.fingerprint`.
+        One record per answered (prompt, sample), in input order, each with `meta.fingerprint` (its cache key).
     """
-    settings = {
-        "teacher": teacher_name,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "seed": seed,
-        "bf16": bf16_enabled(bf16, model.device if model is not None else None),
-    }
-    if cache_file is None:
-        cache_file = cache_dir() / "answers" / f"{fingerprint(settings)}.jsonl"
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    cached, failed = read_answers(cache_file)
-
-    jobs = []  # (output index, key, prompt messages, sample index)
-    outputs: list[dict | None] = []
-    for record in records:
-        messages = _prompt_messages(record)
-        for sample in range(samples_per_prompt):
-            key = fingerprint({"messages": messages, "sample": sample, **settings})
-            outputs.append({"messages": messages, "key": key})
-            if key not in cached and key not in failed:
-                jobs.append((len(outputs) - 1, key, messages, sample))
-
-    if jobs and model is None:
-        raise KdlmError(
-            f"{len(jobs)} of {len(outputs)} teacher answers are not cached ({cache_file}) and the teacher is not "
-            "loaded (training from teacher.cache); write them with `kdlm cache-teacher CONFIG` first, "
-            "or set data.teacher_answers=false"
-        )
-    if jobs:
-        _generate(model, tokenizer, jobs, cached, failed, cache_file, settings, batch_size)
-    results = []
-    for item in outputs:
-        answer = cached.get(item["key"])
-        if answer is None:
-            continue  # failed: reported below
-        results.append(
-            {
-                "messages": item["messages"] + [{"role": "assistant", "content": answer}],
-                "meta": {"teacher": teacher_name, "fingerprint": item["key"]},
-            }
-        )
-    _report_failures(outputs, cached, failed, cache_file)
+    settings = {"teacher": teacher_name, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                "seed": seed, "bf16": bf16_enabled(bf16, model.device if model is not None else None)}
+    legacy_file = cache_dir() / "answers" / f"{fingerprint(settings)}.jsonl"
+    cache_file = Path(cache_file) if cache_file is not None else legacy_file.with_suffix(".sqlite")
+    jobs = _jobs(records, samples_per_prompt, settings)
+    new = not cache_file.exists()
+    cache = AnswerCache(cache_file)
+    try:
+        if new and legacy_file.exists():
+            _import_legacy(cache, legacy_file, jobs)
+        known = cache.fingerprints() | set(cache.failures())
+        missing = [job for job, _ in jobs if job.fingerprint not in known]
+        if missing and model is None:
+            raise KdlmError(
+                f"{len(missing)} of {len(jobs)} teacher answers are not cached ({cache_file}) and the teacher is not "
+                "loaded (training from teacher.cache); write them with `kdlm cache-teacher CONFIG` first, "
+                "or set data.teacher_answers=false"
+            )
+        if missing:
+            backend = BatchGenerateBackend(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
+                                           top_p=top_p, bf16=settings["bf16"])
+            answer_in_batches(backend, missing, cache, batch_size)
+        answers = {job.fingerprint: cache.get(job.fingerprint) for job, _ in jobs}
+        failures = cache.failures()
+    finally:
+        cache.close()
+    results = [
+        {"messages": job.messages + [{"role": "assistant", "content": answers[job.fingerprint].text}],
+         "meta": {"teacher": teacher_name, "fingerprint": job.fingerprint}}
+        for job, _ in jobs if answers[job.fingerprint] is not None
+    ]
+    _report_failures([failures[job.fingerprint] for job, _ in jobs if answers[job.fingerprint] is None], len(jobs),
+                     cache_file)
     return results
 
 
-def _report_failures(outputs: list[dict], cached: dict, failed: dict, cache_file: Path) -> None:
-    reasons = [failed[item["key"]] for item in outputs if item["key"] not in cached]
+def _report_failures(reasons: list[str], total: int, cache_file: Path) -> None:
     if not reasons:
         return
-    message = (f"{len(reasons)} of {len(outputs)} teacher answers failed (the first: {reasons[0]}); the reasons are in "
-               f"{cache_file}, where deleting a failed line retries it")
-    if len(reasons) == len(outputs):
+    message = (f"{len(reasons)} of {total} teacher answers failed (the first: {reasons[0]}); the reasons are in the "
+               f"failures table of {cache_file}, where deleting a row retries it")
+    if len(reasons) == total:
         raise KdlmError(f"all {message}")
     Console(stderr=True, soft_wrap=True).print(f"[yellow]warning:[/] {message}. Those prompts are left out.", highlight=False)
-
-
-def _too_long(tokenizer, text: str, max_new_tokens: int, context: int | None) -> str | None:
-    """Why a rendered prompt cannot be answered within the teacher's context, or None."""
-    if not context:
-        return None
-    num_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if num_tokens + max_new_tokens <= context:
-        return None
-    return (f"the prompt has {num_tokens} tokens, and with data.answer_max_new_tokens={max_new_tokens} the answer "
-            f"would exceed the teacher's context of {context} tokens")
-
-
-@torch.no_grad()
-def _answer(model, tokenizer, texts: list[str], first_key: str, settings: dict) -> list[str]:
-    """The teacher's answers to rendered prompts, decoded together."""
-    do_sample = settings["temperature"] > 0
-    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    # One seed per batch derived from its first key: reruns reproduce the same answers.
-    torch.manual_seed(int(first_key, 16) % (2**31) + settings["seed"])
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
-        generated = model.generate(
-            **inputs,
-            max_new_tokens=settings["max_new_tokens"],
-            do_sample=do_sample,
-            temperature=settings["temperature"] if do_sample else None,
-            top_p=settings["top_p"] if do_sample else None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-    return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in new_tokens]
-
-
-def _answer_or_fail(model, tokenizer, batch: list[tuple], settings: dict) -> list[tuple[str | None, str | None]]:
-    """(answer, None) or (None, reason) per (key, text) job; a batch that raises is retried one prompt at a time."""
-    try:
-        return [(answer, None) for answer in _answer(model, tokenizer, [t for _, t in batch], batch[0][0], settings)]
-    except (RuntimeError, ValueError, IndexError) as exc:
-        if len(batch) == 1:
-            lines = str(exc).strip().splitlines()
-            return [(None, f"{type(exc).__name__}: {lines[0] if lines else 'no message'}")]
-    return [_answer_or_fail(model, tokenizer, [job], settings)[0] for job in batch]
-
-
-def _generate(model, tokenizer, jobs, cached, failed, cache_file, settings, batch_size) -> None:
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # decoder-only batched generation needs left padding
-    context = getattr(model.config, "max_position_embeddings", None)
-    try:
-        with (
-            Progress(
-                TextColumn("teacher answers"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeRemainingColumn(),
-            ) as progress,
-            cache_file.open("a") as sink,
-        ):
-            task = progress.add_task("answers", total=len(jobs))
-            ready = []  # (key, rendered prompt)
-            for _, key, messages, _ in sorted(jobs, key=lambda job: -len(str(job[2]))):  # similar lengths together
-                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                reason = _too_long(tokenizer, text, settings["max_new_tokens"], context)
-                if reason is None:
-                    ready.append((key, text))
-                    continue
-                failed[key] = reason
-                sink.write(json.dumps({"key": key, "failed": reason}) + "\n")
-                progress.advance(task)
-            sink.flush()
-            for start in range(0, len(ready), batch_size):
-                batch = ready[start : start + batch_size]
-                for (key, _), (answer, reason) in zip(batch, _answer_or_fail(model, tokenizer, batch, settings), strict=True):
-                    if answer is not None:
-                        cached[key] = answer
-                        sink.write(json.dumps({"key": key, "answer": answer}) + "\n")
-                    else:
-                        failed[key] = reason
-                        sink.write(json.dumps({"key": key, "failed": reason}) + "\n")
-                sink.flush()
-                progress.advance(task, len(batch))
-    finally:
-        tokenizer.padding_side = padding_side
