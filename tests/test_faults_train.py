@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from kdlm.config import LossConfig, TrainConfig, load_config
 from kdlm.data import encode_records, load_records
 from kdlm.errors import KdlmError
+from kdlm.generate.cache import fingerprint as cache_fingerprint
 from kdlm.generate.config import load_generate_config
 from kdlm.pipeline import distill
 from kdlm.teachers.answers import answer_prompts
@@ -199,6 +200,24 @@ def test_a_rerun_keeps_the_answers_paid_for_and_answers_only_the_rest(answerer, 
     assert len(entries) == 5 and len(paid_for) == 3
     assert all(entries[key] == created for key, created in paid_for.items())  # kept, not generated again
     assert [r["messages"][-1] for r in results[:3]] == [r["messages"][-1] for r in first]
+
+
+def test_a_jsonl_answer_cache_of_an_older_kdlm_is_imported(answerer, tmp_path, monkeypatch):
+    # The older cache: cache_dir()/answers/<hash of the settings>.jsonl, one line per answer keyed by a hash of
+    # (messages, sample, settings), a failed prompt as {"key", "failed"}, maybe a line torn by a kill.
+    monkeypatch.setenv("KDLM_CACHE", str(tmp_path))
+    settings = {"teacher": "tiny", "max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "seed": 0, "bf16": False}
+    chats = _chats(3)
+    keys = [cache_fingerprint({"messages": c["messages"], "sample": 0, **settings}) for c in chats]
+    lines = [json.dumps({"key": keys[0], "answer": "zero"}), json.dumps({"key": keys[1], "failed": "too long"}),
+             json.dumps({"key": keys[2], "answer": "two"}), '{"key": "torn']
+    legacy = tmp_path / "answers" / f"{cache_fingerprint(settings)}.jsonl"
+    legacy.parent.mkdir()
+    legacy.write_text("\n".join(lines))
+    _, tokenizer = answerer
+    results = answer_prompts(None, tokenizer, chats, teacher_name="tiny", max_new_tokens=4, bf16=False)  # no teacher
+    assert [r["messages"][-1]["content"] for r in results] == ["zero", "two"]
+    assert legacy.with_suffix(".sqlite").exists()
 
 
 def test_an_over_long_prompt_fails_alone_and_reruns_finish(answerer, tmp_path, capsys):
