@@ -14,7 +14,7 @@ Steps of `kdlm generate configs/cot.yaml` (a `recipe:` section with `name: cot`)
    think step by step." alone, and a second call, given that reasoning, asks for the answer, which is
    read from its reply (the answer a rationale states is the fallback when that reply has none).
    `missing` asks the first call to end on an `Answer:` line and makes the second call only for the
-   rationales that state no answer; `off` never does (kdlm.recipes.answers parses the rationale).
+   rationales that state no answer; `off` never does (kdlm.final_answer parses the rationale).
 4. Filter: `gold` keeps rationales whose answer equals the gold label (Fine-tune-CoT, MT-CoT's COTE);
    `majority` keeps those that agree with the majority answer, at least `min_agreement` of the samples
    (self-consistency, for unlabelled data); `none` keeps all (SCoTD's default, DSS `label_type llm`).
@@ -51,7 +51,7 @@ from rich.console import Console
 from kdlm.atomic import write_jsonl
 from kdlm.config import _format_errors
 from kdlm.errors import KdlmError
-from kdlm.recipes.answers import ANSWER_MARKERS, END_MARKER, END_SPLIT, extract_answer, majority_vote
+from kdlm.final_answer import ANSWER_MARKERS, END_MARKER, END_SPLIT, extract_answer, majority_vote
 from kdlm.recipes.tasks import TaskSpec, load_task_counted
 
 console = Console(stderr=True)
@@ -252,7 +252,7 @@ def question_records(example: dict, kept: list[dict], recipe: CotRecipe) -> list
 
 def parse_student_output(text: str, recipe: CotRecipe) -> str | None:
     task = recipe.task
-    return extract_answer(text, task.answer_type, task.labels)
+    return extract_answer(text, task.answer_type, task.labels, reading="rationale")
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -307,7 +307,7 @@ def teacher_samples(config, recipe: CotRecipe, train: list[dict], demos: list[di
     texts = _ask(config, "rationales", prompts, config.sampling.n)
     samples: dict[int, list[dict]] = {i: [] for i in range(len(train))}
     for (index, _), text in sorted(texts.items()):
-        answer = extract_answer(text, task.answer_type, task.labels)
+        answer = extract_answer(text, task.answer_type, task.labels, reading="rationale")
         samples[index].append({"rationale": split_rationale(text), "answer": answer, "source": "teacher", "text": text})
     every = [(i, k) for i, group in samples.items() for k in range(len(group))]
     ask = {"always": every, "missing": [(i, k) for i, k in every if samples[i][k]["answer"] is None], "off": []}[recipe.two_stage]
@@ -319,7 +319,7 @@ def teacher_samples(config, recipe: CotRecipe, train: list[dict], demos: list[di
     second = _ask(config, "final-answers", [messages for _, messages in distinct], 1, temperature=0.0,
                   max_tokens=recipe.answer_max_tokens) if distinct else {}
     for (i, k), messages in conversations.items():
-        answer = extract_answer(second.get((position[json.dumps(messages)], 0), ""), task.answer_type, task.labels)
+        answer = extract_answer(second.get((position[json.dumps(messages)], 0), ""), task.answer_type, task.labels, reading="rationale")
         if answer is not None:  # else keep the answer the rationale stated, if any
             samples[i][k]["answer"] = answer
     stats["answer_calls"] = len(distinct)
@@ -369,7 +369,7 @@ def run(config) -> dict:
                                                   for i in empty], 1, temperature=0.0)
         for position, i in enumerate(empty):
             text = texts.get((position, 0))
-            if text is not None and extract_answer(text, task.answer_type, task.labels) == train[i]["answer"]:
+            if text is not None and extract_answer(text, task.answer_type, task.labels, reading="rationale") == train[i]["answer"]:
                 kept[i] = [{"rationale": split_rationale(text), "answer": train[i]["answer"], "label": train[i]["answer"],
                             "source": "rationalization"}]
                 stats["rationalized"] += 1

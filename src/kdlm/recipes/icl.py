@@ -11,7 +11,7 @@ k-shot prompts, plus a language-modelling term on the demonstrations. Two settin
 Steps of `kdlm generate configs/icl.yaml` (a `recipe:` section with `name: icl`):
 1. Per training task, hold out `heldout` examples; for each of up to `queries` other examples, draw
    `shots` demonstrations from the rest of the task's training pool and build a k-shot prompt.
-2. The teacher answers each prompt `sampling.n` times; the answer is parsed (kdlm.recipes.answers) and,
+2. The teacher answers each prompt `sampling.n` times; the answer is parsed (kdlm.final_answer) and,
    with n > 1, the majority answer is kept (a tie or no parse drops the query). `label_source: gold`
    trains on gold answers instead (the paper's CE term), still through the same prompts.
 3. Records: k-shot prompt -> answer (weight 1) and, when `lm_weight` > 0, the demonstrations as plain
@@ -32,7 +32,7 @@ from rich.console import Console
 from kdlm.atomic import write_jsonl
 from kdlm.config import _format_errors
 from kdlm.errors import KdlmError
-from kdlm.recipes.answers import extract_answer, majority_vote
+from kdlm.final_answer import extract_answer, majority_vote
 from kdlm.recipes.cot import _ask
 from kdlm.recipes.tasks import TaskSpec, accuracy, greedy_outputs, load_task
 
@@ -136,7 +136,7 @@ def label_queries(items: list[dict], texts: dict, samples: int) -> list[str | No
     labels = []
     for index, item in enumerate(items):
         spec = item["spec"]
-        answers = [extract_answer(texts[(index, k)], spec.answer_type, spec.labels)
+        answers = [extract_answer(texts[(index, k)], spec.answer_type, spec.labels, reading="rationale")
                    for k in range(samples) if (index, k) in texts]
         labels.append(majority_vote(answers).answer)
     return labels

@@ -1,7 +1,7 @@
 """Labelled tasks for the reasoning and in-context recipes, and greedy evaluation of a student on them.
 
 A task is a list of examples `{"id", "question", "answer", "rationale"}`: the gold answer already in the
-parsers' normal form (kdlm.recipes.answers), None for an unlabelled question, and a worked solution when the data set has one (GSM8K's
+parsers' normal form (kdlm.final_answer), None for an unlabelled question, and a worked solution when the data set has one (GSM8K's
 solutions, SVAMP's equations, the synthetic task's steps), which can stand in for teacher rationales.
 """
 
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kdlm.data.domains import jsonl_objects, read_gsm8k, read_legalbench, read_pubmedqa, read_svamp
 from kdlm.errors import KdlmError
-from kdlm.recipes.answers import extract_answer, normalise_gold
+from kdlm.final_answer import extract_answer, normalise_gold
 
 FORMATS = ("qa", "gsm8k", "svamp", "pubmedqa", "legalbench", "arith")
 
@@ -148,5 +148,5 @@ def accuracy(outputs: list[str], golds: list[str], answer_type: str, labels: lis
     """Share of outputs whose parsed answer equals the gold one (an unparseable output counts as wrong)."""
     if not golds:
         raise ValueError("accuracy over no examples")
-    hits = sum(extract_answer(text, answer_type, labels) == gold for text, gold in zip(outputs, golds, strict=True))
+    hits = sum(extract_answer(text, answer_type, labels, reading="rationale") == gold for text, gold in zip(outputs, golds, strict=True))
     return hits / len(golds)
