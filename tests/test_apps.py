@@ -31,7 +31,7 @@ def test_each_app_config_validates_and_joins_the_steps(domain, tmp_path):
     assert config.domain == domain and config.steps == ["generate", "distill", "eval"]
     assert config.distill.data.train == config.generate.output == str(tmp_path / "data" / "train.jsonl")
     assert config.distill.data.teacher_answers is False and config.eval.output_dir == str(tmp_path / "eval")
-    assert config.generate.recipe["cue"] and config.generate.recipe["filter"] == "gold"
+    assert config.generate.recipe.cue and config.generate.recipe.filter == "gold"
     assert "selfinst" in config.eval.tasks and "wikitext-2" in config.eval.tasks  # retention
 
 

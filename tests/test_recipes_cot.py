@@ -127,7 +127,7 @@ def test_gold_filter_without_labels_is_a_clear_error():
 
 
 def recipe(**fields):
-    return cot.CotRecipe(task=TaskSpec(source="arith:4:0", format="arith"), **fields)
+    return cot.CotSettings(task=TaskSpec(source="arith:4:0", format="arith"), **fields)
 
 
 def test_finetune_cot_format_ends_with_a_marker_that_evaluation_parses():

@@ -29,6 +29,7 @@ from conftest import shared_data
 from kdlm.data import load_records
 from kdlm.errors import KdlmError
 from kdlm.generate import GenerateConfig, load_generate_config
+from kdlm.generate.recipe_settings import LionSettings
 from kdlm.recipes.calls import run_recipe
 from kdlm.recipes.evol_instruct import clean_evolution, elimination_reason, parse_equal
 from kdlm.recipes.filters import (
@@ -38,7 +39,6 @@ from kdlm.recipes.filters import (
     looks_unanswered,
     only_punctuation_and_stop_words,
 )
-from kdlm.recipes.lion import Settings as LionSettings
 from kdlm.recipes.lion import creation_sampling, generation_problem, judge, parse_scores
 from kdlm.recipes.self_instruct import (
     clean_instances,
