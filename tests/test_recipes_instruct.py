@@ -291,9 +291,9 @@ def test_seed_tasks_are_read_and_bad_lines_are_named(tmp_path):
 
 
 def test_bad_recipe_settings_name_the_key():
-    config = load_generate_config(ROOT / "configs" / "self_instruct.yaml", ["recipe.rouge_threshold=2", "recipe.colour=red"])
+    # The recipe's settings are validated with the config, when it is read (before any request).
     with pytest.raises(KdlmError, match=r"recipe.rouge_threshold: .*less than or equal to 1(.|\n)*recipe.colour: unknown key"):
-        run_recipe(config)
+        run_recipe(load_generate_config(ROOT / "configs" / "self_instruct.yaml", ["recipe.rouge_threshold=2", "recipe.colour=red"]))
     with pytest.raises(KdlmError, match="recipe.name must name a recipe"):
         run_recipe(load_generate_config(None, ["recipe.name=nonsense"]))
 

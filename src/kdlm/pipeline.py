@@ -59,7 +59,7 @@ from kdlm.models.student_tokenizer import (
     train_bpe_tokenizer,
 )
 from kdlm.precision import bf16_enabled, resolve_precision
-from kdlm.teachers.answers import answer_prompts
+from kdlm.generate.teacher_answers import answer_prompts
 from kdlm.teachers.cache import (
     IDENTITY_KEYS,
     cache_identity,

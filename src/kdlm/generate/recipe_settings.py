@@ -77,6 +77,8 @@ class Referee(SamplingSection):
 
 
 class Generation(Creative):
+    """Self-Instruct's instruction writing: Creative, stopped after the last item the prompt asks for."""
+
     stop: list[str] | None = ["\n17.", "\n17 ."]  # the prompt asks for items 9 to 16
 
 
