@@ -37,8 +37,7 @@ def test_every_shipped_config_loads_and_names_its_command():
 def test_every_config_under_configs_loads_and_a_recipe_gets_its_typed_settings():
     from kdlm.apps import load_app_config
     from kdlm.bench import load_bench_config
-    from kdlm.generate import load_generate_config
-    from kdlm.generate import recipe_settings
+    from kdlm.generate import load_generate_config, recipe_settings
 
     classes = {"self_instruct": recipe_settings.SelfInstructSettings, "evol_instruct": recipe_settings.EvolInstructSettings,
                "lion": recipe_settings.LionSettings, "cot": recipe_settings.CotSettings, "icl": recipe_settings.IclSettings}

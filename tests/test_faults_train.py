@@ -29,8 +29,8 @@ from kdlm.data import encode_records, load_records
 from kdlm.errors import KdlmError
 from kdlm.generate.cache import fingerprint as cache_fingerprint
 from kdlm.generate.config import load_generate_config
-from kdlm.pipeline import distill
 from kdlm.generate.teacher_answers import answer_prompts
+from kdlm.pipeline import distill
 from kdlm.teachers.cache import cache_identity, read_targets, write_cache
 from kdlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.train.loop import train
