@@ -220,6 +220,28 @@ def test_a_jsonl_answer_cache_of_an_older_kdlm_is_imported(answerer, tmp_path, m
     assert legacy.with_suffix(".sqlite").exists()
 
 
+def test_sampled_answers_keep_the_seeding_of_older_kdlm_versions(answerer, tmp_path):
+    # One prompt per batch: the batch's seed is the hash of (messages, sample, settings) the JSONL cache was keyed
+    # by, plus the seed; a plain `generate` under that seed is the reference (answers cached before stay valid).
+    model, tokenizer = answerer
+    settings = {"teacher": "tiny", "max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "seed": 3, "bf16": False}
+    chats = _chats(2)
+    results = answer_prompts(model, tokenizer, chats, teacher_name="tiny", max_new_tokens=4, seed=3, batch_size=1,
+                             bf16=False, samples_per_prompt=2, cache_file=tmp_path / "answers.sqlite")
+    expected = []
+    for chat in chats:
+        ids = tokenizer.apply_chat_template(chat["messages"], add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        for sample in range(2):
+            key = cache_fingerprint({"messages": chat["messages"], "sample": sample, **settings})
+            torch.manual_seed(int(key, 16) % 2**31 + 3)
+            with torch.no_grad():
+                out = model.generate(**ids, max_new_tokens=4, do_sample=True, temperature=0.7, top_p=0.9, top_k=None,
+                                     pad_token_id=tokenizer.pad_token_id)
+            expected.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    assert [r["messages"][-1]["content"] for r in results] == expected
+
+
 def test_an_over_long_prompt_fails_alone_and_reruns_finish(answerer, tmp_path, capsys):
     cache_file = tmp_path / "answers.sqlite"
     results = _answer(answerer, _chats(4, long_at=1), cache_file)
