@@ -5,7 +5,7 @@ most the requests in flight, and never an answer that was paid for. A request th
 under its settings (a prompt longer than a local teacher's context) is recorded in a second table,
 `failures`, with its reason, so that a rerun does not try it again; deleting its row retries it.
 
-`fingerprint` is the one hash kdlm keys its caches with (answers, evaluation results, benchmark runs).
+`fingerprint` is the hash that the answer caches, the evaluation results and the benchmark runs are keyed with.
 """
 
 from __future__ import annotations
