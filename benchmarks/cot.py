@@ -132,7 +132,7 @@ def run_method(name: str, files: dict[str, Path], heldout: list[dict], tokenizer
     result = train(model, examples, train_config=config, loss_config=LossConfig(kd_weight=0),
                    pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
     train_s = time.perf_counter() - started
-    recipe = cot.CotRecipe(task={"source": "-", "format": "qa"}, format=fmt)
+    recipe = cot.CotSettings(task={"source": "-", "format": "qa"}, format=fmt)
     prompts = [cot.student_prompt(example["question"], recipe) for example in heldout]
     outputs = greedy_outputs(model.eval(), tokenizer, prompts, max_new_tokens=8 if fmt != "finetune_cot" else 96,
                              batch_size=100)

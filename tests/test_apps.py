@@ -16,7 +16,7 @@ from conftest import shared_data
 from kdlm.apps import load_app_config, run_app
 from kdlm.config import load_config
 from kdlm.errors import KdlmError
-from kdlm.recipes.answers import extract_number
+from kdlm.final_answer import extract_number
 from kdlm.recipes.arith import ArithTeacher, make_dataset
 from kdlm.serve import ServerThread
 from tiny import save_tiny_teacher
@@ -31,7 +31,7 @@ def test_each_app_config_validates_and_joins_the_steps(domain, tmp_path):
     assert config.domain == domain and config.steps == ["generate", "distill", "eval"]
     assert config.distill.data.train == config.generate.output == str(tmp_path / "data" / "train.jsonl")
     assert config.distill.data.teacher_answers is False and config.eval.output_dir == str(tmp_path / "eval")
-    assert config.generate.recipe["cue"] and config.generate.recipe["filter"] == "gold"
+    assert config.generate.recipe.cue and config.generate.recipe.filter == "gold"
     assert "selfinst" in config.eval.tasks and "wikitext-2" in config.eval.tasks  # retention
 
 
@@ -111,7 +111,7 @@ def test_education_app_runs_end_to_end_with_the_rule_based_teacher(tmp_path):
     assert stats["unparsed"] > 0 and stats["skipped_rows"] == 0  # the format-ignoring answers were counted
     golds = {p["question"]: str(p["answer"]) for p in make_dataset(24, 0)}
     records = [json.loads(line) for line in (app / "data" / "train.jsonl").read_text().splitlines()]
-    assert records and all(extract_number(r["response"]) == golds[r["prompt"]] for r in records)  # the gold filter
+    assert records and all(extract_number(r["response"], reading="rationale") == golds[r["prompt"]] for r in records)  # the gold filter
     assert all(r["response"].endswith(" END") for r in records)  # finetune_cot: steps --> answer END
     samples = [json.loads(line) for line in (app / "data" / "train.rationales.jsonl").read_text().splitlines()]
     assert samples[0]["messages"][0]["content"].endswith("'Answer: <number>'.")  # the tutor cue of education.yaml

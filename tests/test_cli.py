@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -109,12 +110,17 @@ def test_teacher_answers_are_generated_once_and_cached(workspace):
     args = base_args(workspace, "answers") + ["data.teacher_answers=true", "data.answer_max_new_tokens=8",
                                                "train.max_steps=1", "eval.enabled=false"]
     run_cli("distill", *args, cwd=workspace)
-    cache = list((workspace / "cache" / "answers").glob("*.jsonl"))
+    cache = list((workspace / "cache" / "answers").glob("*.sqlite"))
     assert len(cache) == 1
-    lines = cache[0].read_text().splitlines()
+
+    def rows():
+        with sqlite3.connect(cache[0]) as connection:
+            return connection.execute("SELECT fingerprint, text, created FROM answers ORDER BY fingerprint").fetchall()
+
+    lines = rows()
     assert len(lines) == 40  # 32 training prompts + 8 held out, each answered once
     run_cli("distill", *args, "train.overwrite=true", cwd=workspace)  # a second run in a used folder must say so
-    assert cache[0].read_text().splitlines() == lines  # the rerun paid for nothing
+    assert rows() == lines  # the rerun paid for nothing
 
 
 def _error(workspace, *args) -> str:

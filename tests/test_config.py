@@ -34,6 +34,46 @@ def test_every_shipped_config_loads_and_names_its_command():
         assert config.train.max_steps >= 0
 
 
+def test_every_config_under_configs_loads_and_a_recipe_gets_its_typed_settings():
+    from kdlm.apps import load_app_config
+    from kdlm.bench import load_bench_config
+    from kdlm.generate import load_generate_config, recipe_settings
+
+    classes = {"self_instruct": recipe_settings.SelfInstructSettings, "evol_instruct": recipe_settings.EvolInstructSettings,
+               "lion": recipe_settings.LionSettings, "cot": recipe_settings.CotSettings, "icl": recipe_settings.IclSettings}
+    recipes = set()
+    paths = sorted((ROOT / "configs").rglob("*.yaml"))
+    for path in paths:
+        verb = path.read_text().split()[2]  # "# kdlm VERB FILE"
+        loaders = {"distill": load_config, "generate": load_generate_config, "bench": load_bench_config,
+                   "app": load_app_config}
+        config = loaders[verb](path)
+        if verb == "generate" and config.recipe is not None:
+            assert type(config.recipe) is classes[config.recipe.name], path
+            recipes.add(config.recipe.name)
+        if verb == "app":
+            assert type(config.generate.recipe) is recipe_settings.CotSettings
+    assert recipes == set(classes) and len(paths) >= 18
+
+
+@pytest.mark.parametrize(
+    ("config", "override", "message"),
+    [
+        ("cot.yaml", "recipe.task.format=bogus", r"recipe\.task\.format: Input should be 'qa'"),
+        ("lion.yaml", "recipe.rounds=0", r"recipe\.rounds: Input should be greater than or equal to 1"),
+        ("icl.yaml", "recipe.colour=red", r"recipe\.colour: unknown key"),
+        ("self_instruct.yaml", "recipe.name=selfinstruct", r"recipe\.name must name a recipe \(one of self_instruct, "
+                                                           r"evol_instruct, lion, cot, icl\), got 'selfinstruct'"),
+    ],
+)
+def test_a_bad_recipe_key_is_named_as_written_in_the_file(config, override, message):
+    from kdlm.generate import load_generate_config
+
+    with pytest.raises(KdlmError, match=message) as error:
+        load_generate_config(ROOT / "configs" / config, [override])
+    assert str(ROOT / "configs" / config) in str(error.value)
+
+
 def test_overrides_are_typed_and_nested(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  max_steps: 5\n")

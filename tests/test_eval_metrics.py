@@ -11,10 +11,10 @@ import torch
 
 from kdlm.bench.stats import noise_groups, summarise, within_noise
 from kdlm.errors import KdlmError
-from kdlm.evaluate.answers import extract_label, extract_number, is_correct
 from kdlm.evaluate.metrics import text_perplexity
 from kdlm.evaluate.quality import expected_calibration_error, generate_texts, rouge_l, token_fidelity
 from kdlm.evaluate.tasks import build_prompt, load_task, reference_items
+from kdlm.final_answer import extract_label, extract_number, is_correct
 from tiny import CORPUS, tiny_llama, tiny_tokenizer
 
 # ---------------------------------------------------------------- ROUGE-L
@@ -91,7 +91,8 @@ def test_token_fidelity_against_float64():
     ],
 )
 def test_extract_number(text, expected):
-    assert extract_number(text) == expected
+    number = extract_number(text, reading="scoring")  # a normal-form string
+    assert (None if number is None else float(number)) == expected
 
 
 @pytest.mark.parametrize(
@@ -105,7 +106,7 @@ def test_extract_number(text, expected):
     ],
 )
 def test_extract_label(text, labels, expected):
-    assert extract_label(text, labels) == expected
+    assert extract_label(text, labels, reading="scoring") == expected
 
 
 def test_is_correct_exact_match():

@@ -1,4 +1,4 @@
-"""Faults around training (issue 16): SIGTERM, reused folders, changed configs, crafted checkpoints, torn
+"""Faults around training (issue 16): SIGTERM, reused folders, changed configs, crafted checkpoints, interrupted
 answer caches, over-long prompts, missing caches, full disks, read-only folders and API keys.
 
 Each test plays the fault against the real code (the CLI in a subprocess where the user would meet it)
@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -26,9 +27,10 @@ from safetensors.torch import load_file
 from kdlm.config import LossConfig, TrainConfig, load_config
 from kdlm.data import encode_records, load_records
 from kdlm.errors import KdlmError
+from kdlm.generate.cache import fingerprint as cache_fingerprint
 from kdlm.generate.config import load_generate_config
+from kdlm.generate.teacher_answers import answer_prompts
 from kdlm.pipeline import distill
-from kdlm.teachers.answers import answer_prompts
 from kdlm.teachers.cache import cache_identity, read_targets, write_cache
 from kdlm.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kdlm.train.loop import train
@@ -183,31 +185,75 @@ def _answer(answerer, chats, cache_file, model=True):
                           batch_size=2, bf16=False, cache_file=cache_file)
 
 
-def test_a_torn_last_line_is_cut_before_the_next_append(answerer, tmp_path):
-    cache_file = tmp_path / "answers.jsonl"
-    first = _answer(answerer, _chats(3), cache_file)
-    whole = cache_file.read_text()
-    torn = json.dumps({"key": "0" * 16, "answer": "a kill landed in the middle of this line"})
-    cache_file.write_text(whole + torn[:25])  # what a kill during the append leaves
+def _rows(cache_file: Path, table: str) -> dict:
+    with sqlite3.connect(cache_file) as connection:
+        column = "created" if table == "answers" else "reason"
+        return dict(connection.execute(f"SELECT fingerprint, {column} FROM {table}"))
+
+
+def test_a_rerun_keeps_the_answers_paid_for_and_answers_only_the_rest(answerer, tmp_path):
+    cache_file = tmp_path / "answers.sqlite"  # each answer is committed as it is decoded (SQLite, WAL)
+    first = _answer(answerer, _chats(3), cache_file)  # a run stopped after 3 answers leaves these
+    paid_for = _rows(cache_file, "answers")
     results = _answer(answerer, _chats(5), cache_file)
-    entries = [json.loads(line) for line in cache_file.read_text().splitlines()]  # every line parses
-    assert len(entries) == 5 and len({entry["key"] for entry in entries}) == 5
-    assert cache_file.read_text().startswith(whole)  # the 3 answers paid for are kept, not generated again
+    entries = _rows(cache_file, "answers")
+    assert len(entries) == 5 and len(paid_for) == 3
+    assert all(entries[key] == created for key, created in paid_for.items())  # kept, not generated again
     assert [r["messages"][-1] for r in results[:3]] == [r["messages"][-1] for r in first]
 
 
+def test_a_jsonl_answer_cache_of_an_older_kdlm_is_imported(answerer, tmp_path, monkeypatch):
+    # The older cache: cache_dir()/answers/<hash of the settings>.jsonl, one line per answer keyed by a hash of
+    # (messages, sample, settings), a failed prompt as {"key", "failed"}, maybe a line torn by a kill.
+    monkeypatch.setenv("KDLM_CACHE", str(tmp_path))
+    settings = {"teacher": "tiny", "max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "seed": 0, "bf16": False}
+    chats = _chats(3)
+    keys = [cache_fingerprint({"messages": c["messages"], "sample": 0, **settings}) for c in chats]
+    lines = [json.dumps({"key": keys[0], "answer": "zero"}), json.dumps({"key": keys[1], "failed": "too long"}),
+             json.dumps({"key": keys[2], "answer": "two"}), '{"key": "torn']
+    legacy = tmp_path / "answers" / f"{cache_fingerprint(settings)}.jsonl"
+    legacy.parent.mkdir()
+    legacy.write_text("\n".join(lines))
+    _, tokenizer = answerer
+    results = answer_prompts(None, tokenizer, chats, teacher_name="tiny", max_new_tokens=4, bf16=False)  # no teacher
+    assert [r["messages"][-1]["content"] for r in results] == ["zero", "two"]
+    assert legacy.with_suffix(".sqlite").exists()
+
+
+def test_sampled_answers_keep_the_seeding_of_older_kdlm_versions(answerer, tmp_path):
+    # One prompt per batch: the batch's seed is the hash of (messages, sample, settings) the JSONL cache was keyed
+    # by, plus the seed; a plain `generate` under that seed is the reference (answers cached before stay valid).
+    model, tokenizer = answerer
+    settings = {"teacher": "tiny", "max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "seed": 3, "bf16": False}
+    chats = _chats(2)
+    results = answer_prompts(model, tokenizer, chats, teacher_name="tiny", max_new_tokens=4, seed=3, batch_size=1,
+                             bf16=False, samples_per_prompt=2, cache_file=tmp_path / "answers.sqlite")
+    expected = []
+    for chat in chats:
+        ids = tokenizer.apply_chat_template(chat["messages"], add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+        for sample in range(2):
+            key = cache_fingerprint({"messages": chat["messages"], "sample": sample, **settings})
+            torch.manual_seed(int(key, 16) % 2**31 + 3)
+            with torch.no_grad():
+                out = model.generate(**ids, max_new_tokens=4, do_sample=True, temperature=0.7, top_p=0.9, top_k=None,
+                                     pad_token_id=tokenizer.pad_token_id)
+            expected.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    assert [r["messages"][-1]["content"] for r in results] == expected
+
+
 def test_an_over_long_prompt_fails_alone_and_reruns_finish(answerer, tmp_path, capsys):
-    cache_file = tmp_path / "answers.jsonl"
+    cache_file = tmp_path / "answers.sqlite"
     results = _answer(answerer, _chats(4, long_at=1), cache_file)
     assert [r["messages"][0]["content"] for r in results] == ["question 0", "question 2", "question 3"]
     err = capsys.readouterr().err
     assert "1 of 4 teacher answers failed" in err and "teacher's context of 512 tokens" in err
-    failed = [json.loads(line) for line in cache_file.read_text().splitlines() if "failed" in line]
-    assert len(failed) == 1 and "the prompt has 6" in failed[0]["failed"]
+    failed = list(_rows(cache_file, "failures").values())
+    assert len(failed) == 1 and "the prompt has 6" in failed[0]
     again = _answer(answerer, _chats(4, long_at=1), cache_file, model=False)  # no teacher: all cached or failed
     assert again == results and "1 of 4 teacher answers failed" in capsys.readouterr().err
     with pytest.raises(KdlmError, match="all 1 of 1 teacher answers failed"):
-        _answer(answerer, [_chats(4, long_at=1)[1]], tmp_path / "only-long.jsonl")
+        _answer(answerer, [_chats(4, long_at=1)[1]], tmp_path / "only-long.sqlite")
 
 
 # --- whole runs: `kdlm distill` in a subprocess where the fault meets the CLI, in-process otherwise ---------------

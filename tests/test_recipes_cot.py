@@ -16,9 +16,9 @@ from conftest import shared_data
 from kdlm.config import LossConfig, TrainConfig
 from kdlm.data import collate, encode_records, load_records
 from kdlm.errors import KdlmError
+from kdlm.final_answer import extract_label, extract_number, majority_vote, normalise_gold
 from kdlm.generate import load_generate_config
 from kdlm.recipes import cot
-from kdlm.recipes.answers import extract_label, extract_number, majority_vote, normalise_gold
 from kdlm.recipes.arith import ArithTeacher, make_dataset, parse_problem
 from kdlm.recipes.tasks import TaskSpec, accuracy, load_task
 from kdlm.serve import ServerThread
@@ -49,7 +49,7 @@ YES_NO_MAYBE = ["yes", "no", "maybe"]
     ],
 )
 def test_extract_number(text, expected):
-    assert extract_number(text) == expected
+    assert extract_number(text, reading="rationale") == expected
 
 
 @pytest.mark.parametrize(
@@ -62,11 +62,11 @@ def test_extract_number(text, expected):
     ],
 )
 def test_extract_label(text, expected):
-    assert extract_label(text, YES_NO_MAYBE) == expected
+    assert extract_label(text, YES_NO_MAYBE, reading="rationale") == expected
 
 
 def test_gold_answers_are_normalised_like_parsed_ones():
-    assert normalise_gold(51.0, "number") == "51" == extract_number("Answer: 51")
+    assert normalise_gold(51.0, "number") == "51" == extract_number("Answer: 51", reading="rationale")
     assert normalise_gold("Yes", "label", YES_NO_MAYBE) == "yes"
     with pytest.raises(ValueError, match="not a number"):
         normalise_gold("twelve", "number")
@@ -127,7 +127,7 @@ def test_gold_filter_without_labels_is_a_clear_error():
 
 
 def recipe(**fields):
-    return cot.CotRecipe(task=TaskSpec(source="arith:4:0", format="arith"), **fields)
+    return cot.CotSettings(task=TaskSpec(source="arith:4:0", format="arith"), **fields)
 
 
 def test_finetune_cot_format_ends_with_a_marker_that_evaluation_parses():
@@ -211,10 +211,10 @@ def test_rule_based_teacher_solves_and_slips_at_its_rate():
     problems = make_dataset(200, seed=3)
     assert parse_problem(problems[0]["question"])[1] == problems[0]["operations"]
     right = ArithTeacher(0.0)
-    assert all(extract_number(right.answer([{"role": "user", "content": p["question"]}], seed=i)) == str(p["answer"])
+    assert all(extract_number(right.answer([{"role": "user", "content": p["question"]}], seed=i), reading="rationale") == str(p["answer"])
                for i, p in enumerate(problems))
     wrong = ArithTeacher(0.25)
-    misses = sum(extract_number(wrong.answer([{"role": "user", "content": p["question"]}], seed=i)) != str(p["answer"])
+    misses = sum(extract_number(wrong.answer([{"role": "user", "content": p["question"]}], seed=i), reading="rationale") != str(p["answer"])
                  for i, p in enumerate(problems))
     assert 30 <= misses <= 70  # 25% of 200 = 50, binomial sd ~6
 
@@ -495,7 +495,7 @@ def test_generate_cli_runs_the_recipe_resumes_and_distill_trains_on_it(tmp_path)
     assert samples_file[0]["messages"][0]["content"].endswith("\n\nLet's think step by step.")  # zero-shot (cot.yaml)
     golds = {p["question"]: str(p["answer"]) for p in make_dataset(40, 1)}
     wrong = {cot.split_rationale(s["messages"][-1]["content"]) for s in samples_file
-             if extract_number(s["messages"][-1]["content"]) != golds[s["messages"][-2]["content"].split("\n\n")[0]]}
+             if extract_number(s["messages"][-1]["content"], reading="rationale") != golds[s["messages"][-2]["content"].split("\n\n")[0]]}
     assert wrong, "the teacher slipped at 30%: some samples must be wrong"
     records = read_jsonl(tmp_path / "cot.jsonl")
     rationales = [r for r in records if r["meta"]["task"] == "rationale"]
@@ -556,7 +556,7 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
 
     import httpx
 
-    from kdlm.recipes.answers import extract_answer
+    from kdlm.final_answer import extract_answer
     from kdlm.serve import free_port
 
     shared_data()
@@ -594,7 +594,7 @@ def test_cot_and_icl_configs_run_against_kdlm_serve_with_the_bundled_teacher(tmp
     for stage in ("rationales", "final-answers"):
         for sample in read_jsonl(tmp_path / f"cot.{stage}.jsonl"):
             question = sample["messages"][0]["content"].split("\n\n")[0]
-            samples_by_question.setdefault(question, []).append(extract_answer(sample["messages"][-1]["content"], "number"))
+            samples_by_question.setdefault(question, []).append(extract_answer(sample["messages"][-1]["content"], "number", reading="rationale"))
     records = read_jsonl(tmp_path / "cot.jsonl")
     assert records and all(r["task"] in ("label", "rationale") for r in records)
     for record in (r for r in records if r["task"] == "label"):  # the teacher's own answers, else the gold one

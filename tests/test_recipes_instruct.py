@@ -29,6 +29,7 @@ from conftest import shared_data
 from kdlm.data import load_records
 from kdlm.errors import KdlmError
 from kdlm.generate import GenerateConfig, load_generate_config
+from kdlm.generate.recipe_settings import LionSettings
 from kdlm.recipes.calls import run_recipe
 from kdlm.recipes.evol_instruct import clean_evolution, elimination_reason, parse_equal
 from kdlm.recipes.filters import (
@@ -38,7 +39,6 @@ from kdlm.recipes.filters import (
     looks_unanswered,
     only_punctuation_and_stop_words,
 )
-from kdlm.recipes.lion import Settings as LionSettings
 from kdlm.recipes.lion import creation_sampling, generation_problem, judge, parse_scores
 from kdlm.recipes.self_instruct import (
     clean_instances,
@@ -291,9 +291,9 @@ def test_seed_tasks_are_read_and_bad_lines_are_named(tmp_path):
 
 
 def test_bad_recipe_settings_name_the_key():
-    config = load_generate_config(ROOT / "configs" / "self_instruct.yaml", ["recipe.rouge_threshold=2", "recipe.colour=red"])
+    # The recipe's settings are validated with the config, when it is read (before any request).
     with pytest.raises(KdlmError, match=r"recipe.rouge_threshold: .*less than or equal to 1(.|\n)*recipe.colour: unknown key"):
-        run_recipe(config)
+        run_recipe(load_generate_config(ROOT / "configs" / "self_instruct.yaml", ["recipe.rouge_threshold=2", "recipe.colour=red"]))
     with pytest.raises(KdlmError, match="recipe.name must name a recipe"):
         run_recipe(load_generate_config(None, ["recipe.name=nonsense"]))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kdlm.config import RunConfig, load_yaml_model
 from kdlm.errors import KdlmError
@@ -46,6 +46,15 @@ class AppConfig(BaseModel):
     distill: RunConfig
     eval: EvalSuiteConfig
 
+    @field_validator("generate", mode="before")
+    @classmethod
+    def _cot_recipe(cls, value):
+        """The domain rationales come from the CoT recipe: say so before the recipe's own keys are checked."""
+        recipe = value.get("recipe") if isinstance(value, dict) else None
+        if isinstance(recipe, dict) and recipe.get("name") != "cot":
+            raise ValueError("generate.recipe.name must be cot (the domain rationales come from the CoT recipe)")
+        return value
+
 
 def load_app_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AppConfig:
     """Read and validate an app config (every section, the recipe included) and join the steps' paths.
@@ -55,15 +64,12 @@ def load_app_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     Raises:
         KdlmError: a missing file, bad YAML, an unknown key or a bad value in any section (named).
     """
-    from kdlm.recipes.cot import parse_recipe
-
     config = load_yaml_model(AppConfig, path, overrides, what="app config",
                              sections="domain, route, output_dir, generate, distill, eval",
                              example="distill.train.max_steps=5")
-    source = str(path) + (" with overrides " + " ".join(overrides) if overrides else "")
-    if (config.generate.recipe or {}).get("name") != "cot":
+    if config.generate.recipe is None:
+        source = str(path) + (" with overrides " + " ".join(overrides) if overrides else "")
         raise KdlmError(f"{source}: generate.recipe.name must be cot (the domain rationales come from the CoT recipe)")
-    parse_recipe(config.generate.recipe, f"generate.recipe of {source}")
     return join_paths(config)
 
 
@@ -132,11 +138,11 @@ def run_app(config: AppConfig) -> Path:
 def write_report(config: AppConfig) -> Path:
     """OUTPUT_DIR/report.md: the route, what the teacher produced and the filter kept, and the evaluation."""
     out = Path(config.output_dir)
-    recipe = config.generate.recipe or {}
+    recipe = config.generate.recipe
     lines = [f"# {config.domain} application", "",
              f"- teacher route: {config.route} (generate teacher `{config.generate.teacher.model}`, "
              f"distill teacher `{config.distill.teacher.model}`)",
-             f"- filter: {recipe.get('filter', 'gold')}; student format: {recipe.get('format', 'finetune_cot')}; "
+             f"- filter: {recipe.filter}; student format: {recipe.format}; "
              f"distillation: {'SeqKD (CE on kept outputs)' if config.distill.loss.kd_weight == 0 else 'white-box, teacher top-k'}",
              "", "Commands:", "", "```", *commands(config), "```"]
     stats_file = Path(config.generate.output).with_name("train.stats.json")

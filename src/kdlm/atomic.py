@@ -11,16 +11,18 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: str | Path, *, fsync: bool = False, per_process: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, fsync: bool = False, per_process: bool = False,
+                suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (``NAME.tmp``); on success it replaces ``path``, on any error it is
     removed (a SIGKILL can leave it; the next write of ``path`` overwrites it).
 
     ``per_process`` puts the process id in the temporary name, for files that several processes may write at
     once (the last rename wins, no bytes mix). ``fsync`` flushes the bytes to disk before the rename.
+    ``suffix`` ends the temporary name, for readers that go by the extension (a GGUF file read back to check it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp" if per_process else f"{path.name}.tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}{suffix}" if per_process else f"{path.name}{suffix}")
     try:
         yield temporary
         if fsync:

@@ -475,12 +475,32 @@ def apply_override(tree: dict, dotted_key: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
+def _error_key(loc: tuple, tree: object) -> str:
+    """The dotted key of an error location, without the tags pydantic puts in it for a discriminated union
+    (`recipe.lion.rouge_threshold` is `recipe.rouge_threshold` in the file): a part of the location that is
+    not a key of the input mapping there, but one of its values, is such a tag."""
+    parts = []
+    for part in loc:
+        if isinstance(tree, dict) and part not in tree and part in tree.values():
+            continue
+        parts.append(str(part))
+        if isinstance(tree, dict):
+            tree = tree.get(part)
+        elif isinstance(tree, list) and isinstance(part, int) and part < len(tree):
+            tree = tree[part]
+        else:
+            tree = None
+    return ".".join(parts) or "(top level)"
+
+
+def _format_errors(error: ValidationError, source: str, tree: object = None) -> str:
     lines = [f"invalid config ({source}):"]
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key = _error_key(item["loc"], tree)
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif item["type"] == "value_error" and isinstance(item.get("input"), dict):  # a whole section: the message says it
+            lines.append(f"  {key}: {item['msg'].removeprefix('Value error, ')}")
         else:
             got = MASK if is_secret(key) else repr(item.get("input"))
             lines.append(f"  {key}: {item['msg']} (got {got})")
@@ -522,7 +542,7 @@ def load_yaml_model(model: type[M], path: str | Path | None, overrides: list[str
     try:
         return model.model_validate(tree)
     except ValidationError as exc:
-        raise KdlmError(_format_errors(exc, source)) from None
+        raise KdlmError(_format_errors(exc, source, tree)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

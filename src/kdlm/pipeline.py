@@ -32,6 +32,7 @@ from kdlm.data import encode_records, load_records, split_heldout
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError, require_extra
 from kdlm.evaluate.report import evaluate_models, write_model_card, write_report
+from kdlm.generate.teacher_answers import answer_prompts
 from kdlm.hub import push_folder
 from kdlm.losses.logits import check_sampled_settings
 from kdlm.models import (
@@ -59,7 +60,6 @@ from kdlm.models.student_tokenizer import (
     train_bpe_tokenizer,
 )
 from kdlm.precision import bf16_enabled, resolve_precision
-from kdlm.teachers.answers import answer_prompts
 from kdlm.teachers.cache import (
     IDENTITY_KEYS,
     cache_identity,

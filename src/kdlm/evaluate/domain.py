@@ -24,8 +24,8 @@ import re
 
 import torch
 
-from kdlm.evaluate.answers import extract_number, label_span, numbers_equal
 from kdlm.evaluate.quality import chat_prompt_ids, expected_calibration_error
+from kdlm.final_answer import extract_number, label_span, numbers_equal
 
 ABSTAIN = re.compile(
     r"\b(?:not enough (?:information|evidence|data)|insufficient (?:information|evidence|data)|"
@@ -42,7 +42,8 @@ def parse_answer(text: str, kind: str, labels: list[str], abstain_as: str | None
         abstain_as: the label that an abstention phrase stands for when no label is written ("maybe").
     """
     if kind == "number":
-        return extract_number(text)
+        number = extract_number(text, reading="scoring")
+        return None if number is None else float(number)
     span = label_span(text, labels)
     if span:
         others = "|".join(re.escape(label) for label in labels if label != span[0])
@@ -258,7 +259,7 @@ def rationale_metrics(texts: list[str], references: list[float]) -> dict:
     for text, reference in zip(texts, references, strict=True):
         found, holds, last = check_equations(text)
         found_all, holds_all = found_all + found, holds_all + holds
-        answer = extract_number(text)
+        answer = extract_number(text, reading="scoring")
         right = numbers_equal(answer, float(reference))
         reached = last is not None and numbers_equal(last, float(reference))
         no_steps += found == 0

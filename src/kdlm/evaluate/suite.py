@@ -46,9 +46,10 @@ from kdlm.evaluate.robustness import (
 )
 from kdlm.evaluate.tasks import Task, build_prompt, load_task
 from kdlm.evaluate.xvocab import aligned_top1, per_example
+from kdlm.generate.cache import fingerprint
+from kdlm.generate.teacher_answers import answer_prompts
 from kdlm.models import check_vocab_compatible, describe_model, load_model
 from kdlm.precision import Bf16Setting
-from kdlm.teachers.answers import answer_prompts, fingerprint
 
 console = Console(stderr=True)
 DEFAULT_TASKS = ["selfinst", "gsm8k", "svamp", "pubmedqa", "legalbench", "wikitext-2", "tinyshakespeare", "fidelity", "cost"]

@@ -6,9 +6,9 @@ temporary file, so the output path holds either nothing new or a complete, check
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from kdlm.atomic import atomic_path
 from kdlm.errors import KdlmError
 from kdlm.export.gguf_file import check_llama_family, check_quant, write_gguf
 
@@ -52,8 +52,7 @@ def export_gguf(spec: str, out: str | None = None, quant: str = "q8_0", check: b
     if not target.parent.is_dir():
         raise KdlmError(f"--out {str(target)!r}: folder {str(target.parent)!r} does not exist")
     model, tokenizer = load_model(str(folder))
-    temp = target.with_name(f".{target.stem}.partial-{os.getpid()}.gguf")  # .gguf: transformers reads it back
-    try:
+    with atomic_path(target, per_process=True, suffix=".gguf") as temp:  # .gguf: transformers reads it back
         counts = write_gguf(model, tokenizer, temp, quant)
         result = None
         if check:
@@ -65,7 +64,4 @@ def export_gguf(spec: str, out: str | None = None, quant: str = "q8_0", check: b
             if problems:
                 raise KdlmError(f"the exported {quant} file does not match the HF student ({'; '.join(problems)}); nothing was kept "
                                 f"(a higher-precision --quant keeps more; --no-check keeps the file unchecked)")
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
     return {"path": str(target), "bytes": target.stat().st_size, "tensor_types": counts, "check": result}

@@ -192,6 +192,66 @@ class TransformersBackend:
         return None
 
 
+class BatchGenerateBackend:
+    """A local model answering a whole batch of jobs with one `model.generate` call, seeded once per batch with
+    the seed of its first job: the decode of `kdlm distill`'s teacher answers.
+
+    It is not the server's decoder (TransformersBackend, one seed per request) because answers cached and trained
+    on before must stay reproducible: a sampled answer here depends on its batch, so the engine feeds it batches
+    in a fixed order (`engine.answer_in_batches`). Greedy decoding (temperature 0) does not depend on the seed.
+    """
+
+    def __init__(self, model, tokenizer, *, max_new_tokens: int, temperature: float, top_p: float, bf16: bool):
+        self.model, self.tokenizer, self.bf16 = model, tokenizer, bf16
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.context = getattr(model.config, "max_position_embeddings", None)
+
+    def render(self, job: Job) -> str:
+        return self.tokenizer.apply_chat_template(job.messages, tokenize=False, add_generation_prompt=True)
+
+    def too_long(self, text: str) -> str | None:
+        """Why a rendered prompt cannot be answered within the model's context, or None."""
+        if not self.context:
+            return None
+        num_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if num_tokens + self.max_new_tokens <= self.context:
+            return None
+        return (f"the prompt has {num_tokens} tokens, and with data.answer_max_new_tokens={self.max_new_tokens} the "
+                f"answer would exceed the teacher's context of {self.context} tokens")
+
+    def answer_batch(self, jobs: list[Job], texts: list[str]) -> list[Answer | str]:
+        """An Answer, or the reason it failed, per job; a batch that raises is retried one prompt at a time."""
+        try:
+            return self._decode(texts, jobs[0].seed)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            if len(jobs) == 1:
+                lines = str(exc).strip().splitlines()
+                return [f"{type(exc).__name__}: {lines[0] if lines else 'no message'}"]
+        return [self.answer_batch([job], [text])[0] for job, text in zip(jobs, texts, strict=True)]
+
+    def _decode(self, texts: list[str], seed: int) -> list[Answer]:
+        import torch
+
+        tokenizer, do_sample = self.tokenizer, self.temperature > 0
+        padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched decoder-only generation
+        try:
+            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        finally:
+            tokenizer.padding_side = padding_side
+        torch.manual_seed(seed)
+        with torch.no_grad(), torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            generated = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=do_sample, top_k=None,
+                temperature=self.temperature if do_sample else None, top_p=self.top_p if do_sample else None,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        return [Answer(tokenizer.decode(tokens, skip_special_tokens=True).strip(), None, prompt,
+                       int((tokens != tokenizer.pad_token_id).sum()))
+                for tokens, prompt in zip(new_tokens, prompt_tokens, strict=True)]
+
+
 class VLLMBackend:
     """vLLM on a GPU: jobs gathered for a few milliseconds and handed to `LLM.chat` as one batch.
 

@@ -1,15 +1,26 @@
 """A SQLite cache of answers keyed by the request's fingerprint: a rerun sends only what is missing.
 
 Each answer is committed as soon as it arrives (WAL journal), so a crash, Ctrl-C or kill -9 loses at
-most the requests in flight, and never an answer that was paid for.
+most the requests in flight, and never an answer that was paid for. A request that can never be answered
+under its settings (a prompt longer than a local teacher's context) is recorded in a second table,
+`failures`, with its reason, so that a rerun does not try it again; deleting its row retries it.
+
+`fingerprint` is the hash that the answer caches, the evaluation results and the benchmark runs are keyed with.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def fingerprint(payload: object, length: int = 16) -> str:
+    """The first `length` hex digits of the SHA-256 of `payload` as sorted-key JSON: stable across runs."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:length]
 
 
 @dataclass
@@ -22,6 +33,7 @@ class Answer:
 
 class AnswerCache:
     def __init__(self, path: Path):
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.connection = sqlite3.connect(path, isolation_level=None)  # autocommit: one write, one commit
         self.connection.execute("PRAGMA journal_mode=WAL")
@@ -29,6 +41,9 @@ class AnswerCache:
         self.connection.execute(
             "CREATE TABLE IF NOT EXISTS answers (fingerprint TEXT PRIMARY KEY, text TEXT NOT NULL, "
             "finish_reason TEXT, prompt_tokens INTEGER, completion_tokens INTEGER, created REAL)"
+        )
+        self.connection.execute(
+            "CREATE TABLE IF NOT EXISTS failures (fingerprint TEXT PRIMARY KEY, reason TEXT NOT NULL, created REAL)"
         )
 
     def get(self, fingerprint: str) -> Answer | None:
@@ -46,6 +61,14 @@ class AnswerCache:
             "INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?, ?, ?)",
             (fingerprint, answer.text, answer.finish_reason, answer.prompt_tokens, answer.completion_tokens, time.time()),
         )
+
+    def fail(self, fingerprint: str, reason: str) -> None:
+        """Record that the request `fingerprint` cannot be answered, and why."""
+        self.connection.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?)", (fingerprint, reason, time.time()))
+
+    def failures(self) -> dict[str, str]:
+        """The reason of every recorded failure, by fingerprint."""
+        return dict(self.connection.execute("SELECT fingerprint, reason FROM failures"))
 
     def __len__(self) -> int:
         return self.connection.execute("SELECT COUNT(*) FROM answers").fetchone()[0]

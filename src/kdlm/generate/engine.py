@@ -9,7 +9,6 @@ order, each record exactly once.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import time
@@ -31,8 +30,9 @@ from rich.text import Text
 from kdlm.atomic import atomic_path
 from kdlm.data import load_records
 from kdlm.errors import KdlmError
-from kdlm.generate.backends import Job, RefusedError, TransientError, make_backend
+from kdlm.generate.backends import BatchGenerateBackend, Job, RefusedError, TransientError, make_backend
 from kdlm.generate.cache import Answer, AnswerCache
+from kdlm.generate.cache import fingerprint as _hash
 from kdlm.generate.config import GenerateConfig
 from kdlm.generate.limits import RateLimiter
 from kdlm.generate.lock import run_lock
@@ -61,8 +61,8 @@ class RunStats:
 
 
 def fingerprint(model: str, messages: list[dict], parameters: dict, sample: int) -> str:
-    payload = {"model": model, "messages": messages, "parameters": parameters, "sample": sample}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    """The cache key of one request: the model, the prompt, every parameter that changes the answer, the sample."""
+    return _hash({"model": model, "messages": messages, "parameters": parameters, "sample": sample}, length=32)
 
 
 def sampling_parameters(config: GenerateConfig) -> dict:
@@ -170,6 +170,37 @@ async def _run_jobs(config: GenerateConfig, backend, jobs: list[Job], cache: Ans
             for pending in tasks:
                 pending.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def answer_in_batches(backend: BatchGenerateBackend, jobs: list[Job], cache: AnswerCache, batch_size: int,
+                      label: str = "teacher answers") -> None:
+    """Answer `jobs` with a local model, `batch_size` at a time, committing each answer or failure to `cache`.
+
+    The longest prompts go first (prompts of similar lengths pad little), in a fixed order, so that the same jobs
+    give the same batches, hence the same answers. A prompt too long for the model's context is recorded as
+    failed without being decoded.
+    """
+    progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
+    with progress:
+        task = progress.add_task(label, total=len(jobs))
+        ready = []  # (job, rendered prompt)
+        for job in sorted(jobs, key=lambda job: -len(str(job.messages))):
+            text = backend.render(job)
+            reason = backend.too_long(text)
+            if reason is None:
+                ready.append((job, text))
+                continue
+            cache.fail(job.fingerprint, reason)
+            progress.advance(task)
+        for start in range(0, len(ready), batch_size):
+            batch = ready[start : start + batch_size]
+            outcomes = backend.answer_batch([job for job, _ in batch], [text for _, text in batch])
+            for (job, _), outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, Answer):
+                    cache.put(job.fingerprint, outcome)
+                else:
+                    cache.fail(job.fingerprint, outcome)
+            progress.advance(task, len(batch))
 
 
 def write_records(config: GenerateConfig, jobs: list[Job], cache: AnswerCache, output: Path) -> tuple[int, float]:

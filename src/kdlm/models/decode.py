@@ -132,6 +132,38 @@ def _drop_cancelled(rows: list[Row], results: list[RowResult], on_delta: DeltaCa
                 on_delta(i, "", None, "cancelled")
 
 
+def _generator(row: Row, device: torch.device) -> torch.Generator:
+    """The row's own random stream: its seed, or a fresh one when it has none."""
+    seed = row.seed if row.seed is not None else random.getrandbits(63)
+    return torch.Generator(device=device).manual_seed(seed % 2**63)  # any int the API accepts
+
+
+def _take_token(tokenizer, row: Row, result: RowResult, token: int, logprobs: torch.Tensor) -> dict:
+    """Append a chosen (non-EOS) token to the row's result: its logprob entry, the text so far cut at a stop
+    string, and the finish reason when a stop string or max_tokens ends the row. Returns the logprob entry.
+
+    Args:
+        logprobs: (V,) the row's log-probabilities at this step.
+    """
+    result.token_ids.append(token)
+    entry = token_entry(tokenizer.decode([token]), float(logprobs[token]))
+    if row.top_logprobs:
+        top = logprobs.topk(row.top_logprobs)
+        entry["top_logprobs"] = [
+            token_entry(tokenizer.decode([int(t)]), float(v)) for v, t in zip(top.values, top.indices, strict=True)
+        ]
+    result.logprobs.append(entry)
+    text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    cut = min((at for at in (text.find(stop) for stop in row.stop if stop) if at >= 0), default=-1)
+    if cut >= 0:
+        text, result.finish_reason = text[:cut], "stop"
+        result.logprobs = _tokens_within(result.logprobs, cut)
+    elif len(result.token_ids) >= row.max_tokens:
+        result.finish_reason = "length"
+    result.text = text
+    return entry
+
+
 @torch.no_grad()
 def decode_batch(
     model, tokenizer, rows: list[Row], on_delta: DeltaCallback | None = None, bf16: Bf16Setting = False,
@@ -155,10 +187,7 @@ def decode_batch(
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
     input_ids, mask, positions, expand = _prefill_inputs(rows, pad, device)
-    generators = []
-    for row in rows:
-        seed = row.seed if row.seed is not None else random.getrandbits(63)
-        generators.append(torch.Generator(device=device).manual_seed(seed % 2**63))  # any int the API accepts
+    generators = [_generator(row, device) for row in rows]
     results = [RowResult() for _ in rows]
     sent = [0] * len(rows)  # characters of each row's text already passed to on_delta
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16_enabled(bf16, device) else contextlib.nullcontext()
@@ -189,27 +218,10 @@ def decode_batch(
                 continue
             token = _choose(logits[i], row, generators[i])
             next_ids.append(token)
-            entry = None
             if token in eos:
-                result.finish_reason = "stop"
+                entry, result.finish_reason = None, "stop"
             else:
-                result.token_ids.append(token)
-                entry = token_entry(tokenizer.decode([token]), float(logprobs[i, token]))
-                if row.top_logprobs:
-                    top = logprobs[i].topk(row.top_logprobs)
-                    entry["top_logprobs"] = [
-                        token_entry(tokenizer.decode([int(t)]), float(v))
-                        for v, t in zip(top.values, top.indices, strict=True)
-                    ]
-                result.logprobs.append(entry)
-                text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
-                cut = min((at for at in (text.find(stop) for stop in row.stop if stop) if at >= 0), default=-1)
-                if cut >= 0:
-                    text, result.finish_reason = text[:cut], "stop"
-                    result.logprobs = _tokens_within(result.logprobs, cut)
-                elif len(result.token_ids) >= row.max_tokens:
-                    result.finish_reason = "length"
-                result.text = text
+                entry = _take_token(tokenizer, row, result, token, logprobs[i])
             end = len(result.text) if result.finish_reason else len(result.text) - _held_back(result.text, row.stop)
             delta = result.text[sent[i] : end] if end > sent[i] else ""
             sent[i] = max(sent[i], end)

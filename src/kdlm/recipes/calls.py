@@ -15,14 +15,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
-
 from kdlm.atomic import write_jsonl
 from kdlm.errors import KdlmError
 from kdlm.generate.backends import Job, RefusedError, make_backend
 from kdlm.generate.cache import Answer, AnswerCache
 from kdlm.generate.config import GenerateConfig, SamplingSection, TeacherSection
 from kdlm.generate.engine import RunStats, _run_jobs, console, fingerprint
+from kdlm.generate.recipe_settings import RECIPES
 
 
 @dataclass
@@ -125,20 +124,6 @@ class Calls:
             self.loop.run_until_complete(self.backend.close())
 
 
-def parse_settings(model: type[BaseModel], config: GenerateConfig) -> BaseModel:
-    """The recipe's typed settings from `config.recipe`; errors name the key as `recipe.KEY`."""
-    tree = {key: value for key, value in (config.recipe or {}).items() if key != "name"}
-    try:
-        return model.model_validate(tree)
-    except ValidationError as error:
-        lines = [f"invalid recipe settings for {config.recipe.get('name')!r}:"]
-        for item in error.errors():
-            key = ".".join(["recipe", *(str(part) for part in item["loc"])])
-            message = "unknown key" if item["type"] == "extra_forbidden" else f"{item['msg']} (got {item.get('input')!r})"
-            lines.append(f"  {key}: {message}")
-        raise KdlmError("\n".join(lines)) from None
-
-
 def chat_record(prompt: str, answer: str, meta: dict) -> dict:
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], "meta": meta}
 
@@ -203,22 +188,17 @@ async def _cancel_pending() -> None:
 
 
 def run_recipe(config: GenerateConfig, backend=None) -> dict:
-    """`kdlm generate` with a `recipe:` section: run `kdlm.recipes.<recipe.name>`."""
+    """`kdlm generate` with a `recipe:` section: run `kdlm.recipes.<recipe.name>` with its typed settings
+    (kdlm.generate.recipe_settings, validated when the config was read)."""
     import importlib
 
-    name = (config.recipe or {}).get("name")
-    known = ("self_instruct", "evol_instruct", "lion", "cot", "icl")
-    try:
-        module = importlib.import_module(f"kdlm.recipes.{name}") if isinstance(name, str) and name.isidentifier() else None
-    except ModuleNotFoundError:
-        module = None
-    if module is None or not hasattr(module, "run"):
-        raise KdlmError(f"recipe.name must name a recipe (one of {', '.join(known)}), got {name!r}")
-    if not hasattr(module, "Settings"):  # cot, icl: the module validates config.recipe itself
+    if config.recipe is None:
+        raise KdlmError(f"the config of {config.output} has no recipe section (recipe.name: one of {', '.join(RECIPES)})")
+    module = importlib.import_module(f"kdlm.recipes.{config.recipe.name}")
+    if config.recipe.name in ("cot", "icl"):  # these run the engine once per stage, on the whole config
         return module.run(config)
-    settings = parse_settings(module.Settings, config)
     session = Session(config, backend=backend)
     try:
-        return module.run(session, settings)
+        return module.run(session, config.recipe)
     finally:
         session.close()

@@ -14,7 +14,7 @@ Steps of `kdlm generate configs/cot.yaml` (a `recipe:` section with `name: cot`)
    think step by step." alone, and a second call, given that reasoning, asks for the answer, which is
    read from its reply (the answer a rationale states is the fallback when that reply has none).
    `missing` asks the first call to end on an `Answer:` line and makes the second call only for the
-   rationales that state no answer; `off` never does (kdlm.recipes.answers parses the rationale).
+   rationales that state no answer; `off` never does (kdlm.final_answer parses the rationale).
 4. Filter: `gold` keeps rationales whose answer equals the gold label (Fine-tune-CoT, MT-CoT's COTE);
    `majority` keeps those that agree with the majority answer, at least `min_agreement` of the samples
    (self-consistency, for unlabelled data); `none` keeps all (SCoTD's default, DSS `label_type llm`).
@@ -43,16 +43,16 @@ import json
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from rich.console import Console
 
 from kdlm.atomic import write_jsonl
 from kdlm.config import _format_errors
 from kdlm.errors import KdlmError
-from kdlm.recipes.answers import ANSWER_MARKERS, END_MARKER, END_SPLIT, extract_answer, majority_vote
-from kdlm.recipes.tasks import TaskSpec, load_task_counted
+from kdlm.final_answer import ANSWER_MARKERS, END_MARKER, END_SPLIT, extract_answer, majority_vote
+from kdlm.generate.recipe_settings import CotSettings
+from kdlm.recipes.tasks import load_task_counted
 
 console = Console(stderr=True)
 
@@ -68,43 +68,10 @@ RATIONALIZE = (
 ARROW = " --> "
 
 
-class CotRecipe(BaseModel):
-    """The `recipe:` section of a chain-of-thought generate config."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["cot"] = "cot"
-    task: TaskSpec
-    heldout: int = Field(0, ge=0, description="Questions held out for evaluation (the last ones of the task).")
-    rationales: Literal["teacher", "dataset"] = Field("teacher", description="dataset: worked solutions, no teacher.")
-    prompt: Literal["zero_shot", "few_shot"] = Field("zero_shot")
-    demonstrations: int = Field(4, ge=1, description="few_shot: worked examples shown (taken out of training).")
-    two_stage: Literal["always", "missing", "off"] = Field(
-        "always", description="always: 'Let's think step by step', then a second call for every answer (Fine-tune-CoT); "
-        "missing: ask for an Answer: line, and a second call only where a rationale states none; off: no second call.")
-    answer_max_tokens: int = Field(32, ge=1, description="Token limit of the second-stage (answer) calls.")
-    cue: str | None = Field(None, description="The request after each question, in place of the built-in cue (the "
-                            "applications' domain forms: cite the evidence, tutor step by step, name the rule); it "
-                            "should ask for a last line 'Answer: ...'.")
-    filter: Literal["gold", "majority", "none"] = Field("gold")
-    min_agreement: float = Field(0.5, ge=0, le=1, description="filter=majority: least share of samples agreeing.")
-    rationalize: bool = Field(True, description="filter=gold: explain the gold answer where no sample is correct.")
-    distinct: bool = Field(True, description="Keep each distinct rationale of a question once.")
-    format: Literal["finetune_cot", "step_by_step", "mt_cot", "label_only"] = Field("finetune_cot")
-    label_weight: float = Field(0.5, ge=0, description="step_by_step / mt_cot: weight of the label task (the reference's a).")
-    rationale_weight: float = Field(0.5, ge=0, description="step_by_step / mt_cot: weight of the rationale task (1 - a).")
-    task_means: bool = Field(True, description="step_by_step / mt_cot: records name their task, so that the loss is "
-                             "each task's mean, weighted; false: weighted CE pooled over all target tokens.")
-    label_prefix: str = Field("[label] ", description="step_by_step: prefix of the label task.")
-    rationale_prefix: str = Field("[rationale] ", description="step_by_step: prefix of the rationale task.")
-    seed: int = Field(0, description="Shuffles the task before the split.")
-
-
-def parse_recipe(tree: dict, source: str = "recipe") -> CotRecipe:
-    if isinstance(tree.get("two_stage"), bool):  # the older boolean: true asked only where no answer was stated
-        tree = {**tree, "two_stage": "missing" if tree["two_stage"] else "off"}
+def parse_recipe(tree: dict | CotSettings, source: str = "recipe") -> CotSettings:
+    """The settings of a `recipe:` section given as a mapping (a validated one is returned as it is)."""
     try:
-        return CotRecipe.model_validate(tree)
+        return CotSettings.model_validate(tree)
     except ValidationError as error:
         raise KdlmError(_format_errors(error, source).replace("invalid config", "invalid recipe").replace("\n  ", "\n  recipe.")) from None
 
@@ -187,7 +154,7 @@ def select_rationales(samples: list[dict], gold: str | None, mode: str, min_agre
 # ---- student formats -------------------------------------------------------------------------------
 
 
-def student_prompt(question: str, recipe: CotRecipe) -> str:
+def student_prompt(question: str, recipe: CotSettings) -> str:
     """What the student sees at inference."""
     if recipe.format == "step_by_step":
         return recipe.label_prefix + question
@@ -196,21 +163,21 @@ def student_prompt(question: str, recipe: CotRecipe) -> str:
     return question
 
 
-def _task_record(prompt: str, response: str, task: str, weight: float, recipe: CotRecipe, meta: dict) -> dict:
+def _task_record(prompt: str, response: str, task: str, weight: float, recipe: CotSettings, meta: dict) -> dict:
     record = {"prompt": prompt, "response": response, "weight": weight, "meta": {**meta, "task": task}}
     if recipe.task_means:  # kdlm distill then averages the loss per task (kdlm.train.tasks)
         record["task"] = task
     return record
 
 
-def label_record(question: str, label: str, recipe: CotRecipe, meta: dict) -> dict:
+def label_record(question: str, label: str, recipe: CotSettings, meta: dict) -> dict:
     """The label task of a multi-task format (step_by_step, mt_cot): one per question, rationale or not."""
     if recipe.format == "step_by_step":
         return _task_record(recipe.label_prefix + question, label, "label", recipe.label_weight, recipe, meta)
     return _task_record("[answer] " + question, label, "answer", recipe.label_weight, recipe, meta)
 
 
-def format_records(question: str, rationale: str, label: str, recipe: CotRecipe, meta: dict) -> list[dict]:
+def format_records(question: str, rationale: str, label: str, recipe: CotSettings, meta: dict) -> list[dict]:
     """Training records of one kept rationale in the recipe's format (for step_by_step and mt_cot, its
     rationale task only: the label task is written once per question, by `label_record`)."""
     chain = f"{rationale}{ARROW}{label} {END_MARKER}"
@@ -224,7 +191,7 @@ def format_records(question: str, rationale: str, label: str, recipe: CotRecipe,
     return [_task_record("[explain] " + question, chain, "explain", recipe.rationale_weight, recipe, meta)]
 
 
-def question_label(gold: str | None, kept: list[dict], recipe: CotRecipe) -> str | None:
+def question_label(gold: str | None, kept: list[dict], recipe: CotSettings) -> str | None:
     """The label task's answer for a question: the gold one under filter=gold, else the most common label of
     the kept rationales (the vote under filter=majority), else the gold one if any."""
     labels = [sample["label"] for sample in kept]
@@ -233,7 +200,7 @@ def question_label(gold: str | None, kept: list[dict], recipe: CotRecipe) -> str
     return Counter(labels).most_common(1)[0][0]
 
 
-def question_records(example: dict, kept: list[dict], recipe: CotRecipe) -> list[dict]:
+def question_records(example: dict, kept: list[dict], recipe: CotSettings) -> list[dict]:
     """Every training record of one question. Multi-task formats train the label task on every question
     that has a label and the rationale task where a rationale was kept (as the reference trains both
     tasks on every example it has)."""
@@ -250,9 +217,9 @@ def question_records(example: dict, kept: list[dict], recipe: CotRecipe) -> list
     return records
 
 
-def parse_student_output(text: str, recipe: CotRecipe) -> str | None:
+def parse_student_output(text: str, recipe: CotSettings) -> str | None:
     task = recipe.task
-    return extract_answer(text, task.answer_type, task.labels)
+    return extract_answer(text, task.answer_type, task.labels, reading="rationale")
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -281,7 +248,7 @@ def _ask(config, name: str, prompts: list[list[dict]], n: int, temperature: floa
     return answers
 
 
-def split_task(examples: list[dict], recipe: CotRecipe) -> tuple[list[dict], list[dict], list[dict]]:
+def split_task(examples: list[dict], recipe: CotSettings) -> tuple[list[dict], list[dict], list[dict]]:
     """(demonstrations, training questions, held-out questions), after a seeded shuffle."""
     examples = list(examples)
     random.Random(recipe.seed).shuffle(examples)
@@ -298,7 +265,7 @@ def split_task(examples: list[dict], recipe: CotRecipe) -> tuple[list[dict], lis
     return demos, examples[:cut], examples[cut:]
 
 
-def teacher_samples(config, recipe: CotRecipe, train: list[dict], demos: list[dict], stats: dict) -> dict[int, list[dict]]:
+def teacher_samples(config, recipe: CotSettings, train: list[dict], demos: list[dict], stats: dict) -> dict[int, list[dict]]:
     """Stages 1 and 2: `sampling.n` rationales per question, and each one's answer; {question index: samples}."""
     task = recipe.task
     cue = recipe.cue or (KOJIMA_CUE if recipe.two_stage == "always" else STEP_CUE)
@@ -307,7 +274,7 @@ def teacher_samples(config, recipe: CotRecipe, train: list[dict], demos: list[di
     texts = _ask(config, "rationales", prompts, config.sampling.n)
     samples: dict[int, list[dict]] = {i: [] for i in range(len(train))}
     for (index, _), text in sorted(texts.items()):
-        answer = extract_answer(text, task.answer_type, task.labels)
+        answer = extract_answer(text, task.answer_type, task.labels, reading="rationale")
         samples[index].append({"rationale": split_rationale(text), "answer": answer, "source": "teacher", "text": text})
     every = [(i, k) for i, group in samples.items() for k in range(len(group))]
     ask = {"always": every, "missing": [(i, k) for i, k in every if samples[i][k]["answer"] is None], "off": []}[recipe.two_stage]
@@ -319,7 +286,7 @@ def teacher_samples(config, recipe: CotRecipe, train: list[dict], demos: list[di
     second = _ask(config, "final-answers", [messages for _, messages in distinct], 1, temperature=0.0,
                   max_tokens=recipe.answer_max_tokens) if distinct else {}
     for (i, k), messages in conversations.items():
-        answer = extract_answer(second.get((position[json.dumps(messages)], 0), ""), task.answer_type, task.labels)
+        answer = extract_answer(second.get((position[json.dumps(messages)], 0), ""), task.answer_type, task.labels, reading="rationale")
         if answer is not None:  # else keep the answer the rationale stated, if any
             samples[i][k]["answer"] = answer
     stats["answer_calls"] = len(distinct)
@@ -330,7 +297,7 @@ def teacher_samples(config, recipe: CotRecipe, train: list[dict], demos: list[di
 
 def run(config) -> dict:
     """Run the recipe of a generate config (`config.recipe`); returns counts (also printed)."""
-    recipe = parse_recipe(config.recipe, f"recipe of {config.output}")
+    recipe = config.recipe
     task = recipe.task
     examples, skipped = load_task_counted(task)
     if task.instruction:  # the task's question (LegalBench rows hold only the facts), seen by teacher and student
@@ -369,7 +336,7 @@ def run(config) -> dict:
                                                   for i in empty], 1, temperature=0.0)
         for position, i in enumerate(empty):
             text = texts.get((position, 0))
-            if text is not None and extract_answer(text, task.answer_type, task.labels) == train[i]["answer"]:
+            if text is not None and extract_answer(text, task.answer_type, task.labels, reading="rationale") == train[i]["answer"]:
                 kept[i] = [{"rationale": split_rationale(text), "answer": train[i]["answer"], "label": train[i]["answer"],
                             "source": "rationalization"}]
                 stats["rationalized"] += 1

@@ -19,50 +19,15 @@ from __future__ import annotations
 import random
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from kdlm.data import load_records
 from kdlm.errors import KdlmError
+from kdlm.generate.recipe_settings import DEPTH_OPERATIONS, EvolInstructSettings
 from kdlm.recipes.calls import Request, Session, chat_record, user
 from kdlm.recipes.filters import looks_unanswered, only_punctuation_and_stop_words
-from kdlm.recipes.sampling import Answer, Short
-
-# Our wording of each in-depth operation (shared/METHODS.md §8.3).
-DEPTH_OPERATIONS = {
-    "constraints": "Add one more constraint or requirement to it.",
-    "deepening": "If it asks about a particular issue, widen and deepen the inquiry.",
-    "concretizing": "Replace general concepts in it with more specific ones.",
-    "reasoning": "If a few simple thinking steps would solve it, rewrite it so that it explicitly asks for "
-                 "reasoning in several steps.",
-    "complicate_input": "Give it a more complex input that the task has to work with, such as a table, a piece of "
-                        "code or a formula.",
-}
-OPERATIONS = (*DEPTH_OPERATIONS, "breadth")
 
 # Template wording an evolved instruction must not copy (eliminator rule 4).
 TEMPLATE_MARKERS = ("#the prompt#", "#rewritten prompt#", "#created prompt#", "rewritten prompt", "given prompt",
                     "created prompt", "original prompt")
-
-
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rounds: int = Field(4, ge=1, description="Evolution rounds (WizardLM: 4).")
-    operations: list[str] = Field(list(OPERATIONS), description=f"Drawn uniformly per instruction per round: {', '.join(OPERATIONS)}.")
-    include_original: bool = Field(True, description="Also output the starting instructions with the teacher's answers.")
-    sorry_max_words: int = Field(80, ge=1, description="An answer with 'sorry' shorter than this fails the evolution.")
-    seed: int = Field(0, description="Seed of the operation draws.")
-    evolve: Answer = Field(default_factory=Answer)
-    answer: Answer = Field(default_factory=Answer)
-    judge: Short = Field(default_factory=Short)
-
-    @field_validator("operations")
-    @classmethod
-    def _known(cls, value: list[str]) -> list[str]:
-        unknown = [name for name in value if name not in OPERATIONS]
-        if unknown or not value:
-            raise ValueError(f"unknown operations {unknown}; choose from {', '.join(OPERATIONS)}")
-        return value
 
 
 def _forbidden() -> str:
@@ -144,7 +109,7 @@ def load_instructions(session: Session) -> list[str]:
     return instructions
 
 
-def run(session: Session, settings: Settings) -> dict:
+def run(session: Session, settings: EvolInstructSettings) -> dict:
     teacher, model = session.teacher, session.config.teacher.model
     rng = random.Random(settings.seed)
     pool = [{"instruction": text, "source": index, "evolutions": 0} for index, text in enumerate(load_instructions(session))]

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 
 from rouge_score import rouge_scorer, tokenizers
 
-# Self-Instruct (bootstrap_instructions.py) rejects instructions about things a text model cannot see or make.
-BLOCKED_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
-                 "draw", "plot", "go to")
+from kdlm.generate.recipe_settings import BLOCKED_WORDS
+
 # Alpaca's longer list adds media a text model cannot produce either.
 ALPACA_BLOCKED_WORDS = BLOCKED_WORDS + ("video", "audio", "music", "flowchart", "diagram")
 

@@ -11,7 +11,7 @@ k-shot prompts, plus a language-modelling term on the demonstrations. Two settin
 Steps of `kdlm generate configs/icl.yaml` (a `recipe:` section with `name: icl`):
 1. Per training task, hold out `heldout` examples; for each of up to `queries` other examples, draw
    `shots` demonstrations from the rest of the task's training pool and build a k-shot prompt.
-2. The teacher answers each prompt `sampling.n` times; the answer is parsed (kdlm.recipes.answers) and,
+2. The teacher answers each prompt `sampling.n` times; the answer is parsed (kdlm.final_answer) and,
    with n > 1, the majority answer is kept (a tie or no parse drops the query). `label_source: gold`
    trains on gold answers instead (the paper's CE term), still through the same prompts.
 3. Records: k-shot prompt -> answer (weight 1) and, when `lm_weight` > 0, the demonstrations as plain
@@ -24,53 +24,27 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from rich.console import Console
 
 from kdlm.atomic import write_jsonl
 from kdlm.config import _format_errors
 from kdlm.errors import KdlmError
-from kdlm.recipes.answers import extract_answer, majority_vote
+from kdlm.final_answer import extract_answer, majority_vote
+from kdlm.generate.recipe_settings import IclSettings
 from kdlm.recipes.cot import _ask
-from kdlm.recipes.tasks import TaskSpec, accuracy, greedy_outputs, load_task
+from kdlm.recipes.tasks import accuracy, greedy_outputs, load_task
 
 console = Console(stderr=True)
 
 
-class IclRecipe(BaseModel):
-    """The `recipe:` section of an in-context-learning distillation config."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: Literal["icl"] = "icl"
-    setting: Literal["multitask", "meta"] = Field("multitask")
-    tasks: list[TaskSpec] = Field(..., min_length=1, description="Training tasks (multitask: also the evaluation tasks).")
-    eval_tasks: list[TaskSpec] = Field(default_factory=list, description="meta: unseen evaluation tasks.")
-    shots: int = Field(4, ge=1, description="k: demonstrations per prompt.")
-    queries: int | None = Field(None, ge=1, description="Training queries per task (default: all of its pool).")
-    heldout: int = Field(8, ge=0, description="Held-out queries per evaluation task.")
-    label_source: Literal["teacher", "gold"] = Field("teacher")
-    lm_weight: float = Field(0.5, ge=0, description="Weight of the LM term on the demonstrations (0: off).")
-    seed: int = 0
-
-
-def parse_recipe(tree: dict, source: str = "recipe") -> IclRecipe:
+def parse_recipe(tree: dict | IclSettings, source: str = "recipe") -> IclSettings:
+    """The settings of a `recipe:` section given as a mapping (a validated one is returned as it is)."""
     try:
-        recipe = IclRecipe.model_validate(tree)
+        return IclSettings.model_validate(tree)
     except ValidationError as error:
         raise KdlmError(_format_errors(error, source).replace("invalid config", "invalid recipe").replace("\n  ", "\n  recipe.")) from None
-    if recipe.setting == "meta":
-        if not recipe.eval_tasks:
-            raise KdlmError("recipe.setting=meta evaluates on unseen tasks: set recipe.eval_tasks")
-        seen = {spec.source for spec in recipe.tasks}
-        overlap = [spec.source for spec in recipe.eval_tasks if spec.source in seen]
-        if overlap:
-            raise KdlmError(f"recipe.setting=meta: eval_tasks must be unseen in training, but {overlap} are also in tasks")
-    elif recipe.eval_tasks:
-        raise KdlmError("recipe.eval_tasks is for setting=meta; multitask evaluates on held-out queries of its tasks")
-    return recipe
 
 
 def demonstration(example: dict) -> str:
@@ -103,7 +77,7 @@ def split_pool(examples: list[dict], heldout: int, seed: int) -> tuple[list[dict
     return examples[heldout:], examples[:heldout]
 
 
-def build_training_prompts(recipe: IclRecipe) -> list[dict]:
+def build_training_prompts(recipe: IclSettings) -> list[dict]:
     """Per training query: {"task", "prompt", "demonstrations", "gold", "spec"}."""
     rng = random.Random(recipe.seed)
     items = []
@@ -116,7 +90,7 @@ def build_training_prompts(recipe: IclRecipe) -> list[dict]:
     return items
 
 
-def evaluation_prompts(recipe: IclRecipe) -> list[dict]:
+def evaluation_prompts(recipe: IclSettings) -> list[dict]:
     """Held-out queries of each evaluation task, zero-shot and k-shot, as prompt-only records."""
     rng = random.Random(recipe.seed + 1)
     records = []
@@ -136,7 +110,7 @@ def label_queries(items: list[dict], texts: dict, samples: int) -> list[str | No
     labels = []
     for index, item in enumerate(items):
         spec = item["spec"]
-        answers = [extract_answer(texts[(index, k)], spec.answer_type, spec.labels)
+        answers = [extract_answer(texts[(index, k)], spec.answer_type, spec.labels, reading="rationale")
                    for k in range(samples) if (index, k) in texts]
         labels.append(majority_vote(answers).answer)
     return labels
@@ -157,7 +131,7 @@ def training_records(items: list[dict], labels: list[str | None], lm_weight: flo
 
 def run(config) -> dict:
     """Run the recipe of a generate config (`config.recipe`); returns counts (also printed)."""
-    recipe = parse_recipe(config.recipe, f"recipe of {config.output}")
+    recipe = config.recipe
     output = Path(config.output)
     items = build_training_prompts(recipe)
     if recipe.label_source == "gold":

@@ -25,38 +25,12 @@ import random
 import re
 import string
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from kdlm.atomic import write_jsonl
-from kdlm.generate.config import TeacherSection
+from kdlm.generate.recipe_settings import Answer, LionSettings
+from kdlm.generate.sections import TeacherSection
 from kdlm.recipes.calls import Calls, Request, Session, chat_record, user
 from kdlm.recipes.evol_instruct import clean_evolution, load_instructions
 from kdlm.recipes.filters import ExactDedup, RougeNovelty
-from kdlm.recipes.sampling import Answer, Referee
-
-
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    student: TeacherSection = Field(description="The student model: backend, model, base_url (as for teacher).")
-    rounds: int = Field(1, ge=1)
-    gap: float = Field(1.0, description="Hard when the referee's averaged teacher score minus student score >= gap.")
-    new_hard: int = Field(3000, ge=0, description="New instructions written from hard seeds per round (Lion: 3000).")
-    new_easy: int = Field(3000, ge=0, description="New instructions written from easy seeds per round (Lion: 3000).")
-    referee_retries: int = Field(2, ge=0, description="Re-asks of a review whose two scores cannot be read.")
-    cache_pool_max: int | None = Field(None, ge=1, description="Keep only the newest entries of the Cache Pool.")
-    rouge_threshold: float = Field(0.7, gt=0, le=1)
-    train_config: str | None = Field(None, description="A `kdlm distill` config: train the student on each round's "
-                                     "imitation data, and let the trained student answer the next discrimination.")
-    train_overrides: list[str] = Field(default_factory=list, description="Overrides for train_config.")
-    answer: Answer = Field(default_factory=Answer, description="Sampling of teacher and student answers.")
-    referee: Referee = Field(default_factory=Referee)
-    create: Answer = Field(default_factory=lambda: Answer(temperature=1.0, top_p=1.0, max_tokens=1024),
-                           description="Sampling of new instructions; max_tokens is an upper bound on the per-seed limit.")
-    create_tokens_per_word: int | None = Field(4, ge=1, description="max_tokens of a creation request: this many per "
-                                               "word of its seed (Lion: 4); null: create.max_tokens.")
-    seed: int = Field(0, description="Seed of the random draws of creation seeds.")
-
 
 REFEREE_SYSTEM = "You are a careful, impartial checker of the quality of answers."
 
@@ -111,7 +85,7 @@ def generation_problem(text: str, truncated: bool) -> str | None:
     return None
 
 
-def creation_sampling(settings: Settings, seed: str) -> Answer:
+def creation_sampling(settings: LionSettings, seed: str) -> Answer:
     """The creation request's sampling: max_tokens per word of the seed, at most create.max_tokens."""
     if settings.create_tokens_per_word is None:
         return settings.create
@@ -126,7 +100,7 @@ def judge(teacher_first: tuple[float, float], student_first: tuple[float, float]
     return teacher, student, teacher - student >= gap
 
 
-def discriminate(session: Session, settings: Settings, student: Calls, cache_pool: list[str]) -> tuple[list[str], list[str]]:
+def discriminate(session: Session, settings: LionSettings, student: Calls, cache_pool: list[str]) -> tuple[list[str], list[str]]:
     teacher = session.teacher
     teacher_answers = teacher.ask([Request(user(text), settings.answer) for text in cache_pool])
     student_answers = student.ask([Request(user(text), settings.answer) for text in cache_pool])
@@ -161,7 +135,7 @@ def discriminate(session: Session, settings: Settings, student: Calls, cache_poo
     return hard, easy
 
 
-def create(session: Session, settings: Settings, seeds: list[str], count: int, is_hard: bool,
+def create(session: Session, settings: LionSettings, seeds: list[str], count: int, is_hard: bool,
            novelty: RougeNovelty, exact: ExactDedup, round_index: int) -> list[str]:
     kind = "hard" if is_hard else "easy"
     session.count(f"new_{kind}", 0)
@@ -194,14 +168,14 @@ def create(session: Session, settings: Settings, seeds: list[str], count: int, i
     return kept
 
 
-def imitation(session: Session, settings: Settings, train_pool: list[dict]) -> list[dict]:
+def imitation(session: Session, settings: LionSettings, train_pool: list[dict]) -> list[dict]:
     answers = session.teacher.ask([Request(user(entry["instruction"]), settings.answer) for entry in train_pool])
     return [chat_record(entry["instruction"], answer.text, {"recipe": "lion", "round": entry["round"],
                                                             "origin": entry["origin"], "teacher": session.config.teacher.model})
             for entry, answer in zip(train_pool, answers, strict=True) if answer is not None]
 
 
-def train_student(session: Session, settings: Settings, rows: list[dict], round_index: int) -> TeacherSection:
+def train_student(session: Session, settings: LionSettings, rows: list[dict], round_index: int) -> TeacherSection:
     """Train the student on this round's imitation data with `kdlm distill`; a finished round is not redone."""
     from kdlm.config import load_config
     from kdlm.pipeline import distill
@@ -217,7 +191,7 @@ def train_student(session: Session, settings: Settings, rows: list[dict], round_
                           batch_size=settings.student.batch_size)
 
 
-def run(session: Session, settings: Settings) -> dict:
+def run(session: Session, settings: LionSettings) -> dict:
     start = load_instructions(session)
     train_pool = [{"instruction": text, "round": 0, "origin": "start"} for text in start]
     cache_pool = list(start)

@@ -31,47 +31,12 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from kdlm.atomic import write_jsonl
 from kdlm.errors import KdlmError
+from kdlm.generate.recipe_settings import SelfInstructSettings
 from kdlm.recipes.calls import Request, Session, chat_record, user
-from kdlm.recipes.filters import BLOCKED_WORDS, ExactDedup, RougeNovelty, instruction_problem
-from kdlm.recipes.sampling import Creative, Greedy, Short
-
-
-class Generation(Creative):
-    stop: list[str] | None = ["\n17.", "\n17 ."]  # the prompt asks for items 9 to 16
-
-
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    seed_tasks: str = Field("../shared/data/self-instruct-seed/seed_tasks.jsonl",
-                            description="JSONL of seed tasks: instruction, instances [{input, output}], is_classification.")
-    num_instructions: int = Field(100, ge=1, description="Machine instructions to keep.")
-    human_examples: int = Field(6, ge=0, description="Seed instructions shown per request.")
-    machine_examples: int = Field(2, ge=0, description="Machine instructions shown per request (seeds fill in early on).")
-    requests_per_round: int = Field(5, ge=1, description="Requests sent together; the pool grows after each round.")
-    max_rounds: int = Field(100, ge=1, description="Stop even if fewer instructions were kept (a weak teacher).")
-    classification_only: bool = Field(False, description="Ask for classification tasks only, from the classification "
-                                      "seed tasks only (the paper's variant).")
-    rouge_threshold: float = Field(0.7, gt=0, le=1, description="Keep an instruction when its max ROUGE-L is below this.")
-    min_words: int = Field(4, ge=1)
-    max_words: int = Field(150, ge=1)
-    blocked_words: list[str] = Field(list(BLOCKED_WORDS))
-    classify_examples: int = Field(8, ge=0, description="Labelled seed tasks in the classification prompt.")
-    instance_examples: int = Field(2, ge=0, description="Seed tasks with their instances in the instance prompt.")
-    instances_per_task: int = Field(5, ge=1)
-    encoding: Literal["templates", "plain"] = Field("templates", description="templates: the reference's prompt "
-                                                    "layouts, one drawn per instance; plain: instruction, blank line, input.")
-    seed: int = Field(0, description="Seed of the example draws.")
-    generation: Generation = Field(default_factory=Generation)
-    classify: Short = Field(default_factory=Short)
-    instances: Greedy = Field(default_factory=Greedy)
-
+from kdlm.recipes.filters import ExactDedup, RougeNovelty, instruction_problem
 
 # ---------------------------------------------------------------- prompts (our wording of the recipe)
 
@@ -265,7 +230,7 @@ def load_seed_tasks(path: str) -> list[dict]:
     return tasks
 
 
-def grow_pool(session: Session, settings: Settings, seeds: list[dict], rng: random.Random) -> list[dict]:
+def grow_pool(session: Session, settings: SelfInstructSettings, seeds: list[dict], rng: random.Random) -> list[dict]:
     """Steps 1-2: rounds of generation requests until `num_instructions` machine instructions pass the filters."""
     seed_texts = [task["instruction"] for task in seeds if task["is_classification"] or not settings.classification_only]
     if not seed_texts:
@@ -313,7 +278,7 @@ def grow_pool(session: Session, settings: Settings, seeds: list[dict], rng: rand
     return machine[: settings.num_instructions]
 
 
-def run(session: Session, settings: Settings) -> dict:
+def run(session: Session, settings: SelfInstructSettings) -> dict:
     seeds = load_seed_tasks(settings.seed_tasks)
     rng = random.Random(settings.seed)
     machine = grow_pool(session, settings, seeds, rng)

@@ -1,45 +1,20 @@
 """Labelled tasks for the reasoning and in-context recipes, and greedy evaluation of a student on them.
 
 A task is a list of examples `{"id", "question", "answer", "rationale"}`: the gold answer already in the
-parsers' normal form (kdlm.recipes.answers), None for an unlabelled question, and a worked solution when the data set has one (GSM8K's
+parsers' normal form (kdlm.final_answer), None for an unlabelled question, and a worked solution when the data set has one (GSM8K's
 solutions, SVAMP's equations, the synthetic task's steps), which can stand in for teacher rationales.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from kdlm.data.domains import jsonl_objects, read_gsm8k, read_legalbench, read_pubmedqa, read_svamp
 from kdlm.errors import KdlmError
-from kdlm.recipes.answers import extract_answer, normalise_gold
+from kdlm.final_answer import extract_answer, normalise_gold
+from kdlm.generate.recipe_settings import TaskSpec
 
 FORMATS = ("qa", "gsm8k", "svamp", "pubmedqa", "legalbench", "arith")
-
-
-class TaskSpec(BaseModel):
-    """Where a task's examples come from and how its answers are read."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str | None = Field(None, description="Name in reports (default: the file's folder or name).")
-    source: str = Field(..., description="File path; for format=arith, `arith:COUNT:SEED` (synthetic problems).")
-    format: Literal["qa", "gsm8k", "svamp", "pubmedqa", "legalbench", "arith"] = Field(
-        "qa", description="qa: JSONL with question, answer (and optional rationale); the others: those data sets' files."
-    )
-    answer_type: Literal["number", "label"] = Field("number", description="How answers are parsed.")
-    labels: list[str] | None = Field(None, description="answer_type=label: the label set (e.g. [yes, no, maybe]).")
-    instruction: str | None = Field(None, description="A line that states the task: icl puts it before k-shot "
-                                       "prompts, cot before each question (LegalBench rows hold only the facts).")
-    limit: int | None = Field(None, ge=1, description="Use only the first N examples.")
-
-    def display_name(self) -> str:
-        if self.name:
-            return self.name
-        path = Path(self.source)
-        return path.parent.name if self.format in ("legalbench", "gsm8k", "svamp", "pubmedqa") else path.stem
 
 
 def load_task(spec: TaskSpec) -> list[dict]:
@@ -148,5 +123,5 @@ def accuracy(outputs: list[str], golds: list[str], answer_type: str, labels: lis
     """Share of outputs whose parsed answer equals the gold one (an unparseable output counts as wrong)."""
     if not golds:
         raise ValueError("accuracy over no examples")
-    hits = sum(extract_answer(text, answer_type, labels) == gold for text, gold in zip(outputs, golds, strict=True))
+    hits = sum(extract_answer(text, answer_type, labels, reading="rationale") == gold for text, gold in zip(outputs, golds, strict=True))
     return hits / len(golds)
