@@ -182,7 +182,7 @@ def test_frontier_marks_the_brute_force_pareto_sets(grid):
     assert frontier["quality"] == quality
     for (cost, x_higher), (column, y_higher) in itertools.product(directions.items(), quality.items()):
         pairs = [(p[cost]["mean"], p[column]["mean"]) for p in points]
-        expected = [p["label"] for p, on in zip(points, _brute_force(pairs, x_higher, y_higher)) if on]
+        expected = [p["label"] for p, on in zip(points, _brute_force(pairs, x_higher, y_higher), strict=True) if on]
         assert frontier["pareto"][f"{cost}|{column}"] == expected
 
 
@@ -230,9 +230,8 @@ def test_bad_axes_settings_are_refused(tmp_path, inputs):
 
 
 def test_axes_report_renders_in_headless_chromium(grid):
-    from test_bench import _browser
-
     from conftest import missing
+    from test_bench import _browser
 
     browser_path = _browser()
     if browser_path is None:

@@ -122,11 +122,11 @@ class BenchConfig(BaseModel):
         for combo in itertools.product(*(self.axes[name] for name in names)):
             overrides: dict[str, Any] = {}
             prompts, prompts_axis = None, None
-            for axis, value in zip(names, combo):
+            for axis, value in zip(names, combo, strict=True):
                 overrides.update(value.overrides())
                 if value.prompts is not None:
                     prompts, prompts_axis = value.prompts, axis
-            cells.append(Cell(label="_".join(value.name for value in combo), values={a: v.name for a, v in zip(names, combo)},
+            cells.append(Cell(label="_".join(value.name for value in combo), values={a: v.name for a, v in zip(names, combo, strict=True)},
                               overrides=overrides, prompts=prompts, prompts_axis=prompts_axis))
         return cells
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
+
+from kdlm.evaluate.figures import figure_png, markdown_to_html_table
 
 PLOTS = {
     "training_loss": "Training loss against step (one line per run)",
@@ -70,12 +71,6 @@ def markdown_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _figure_png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    return buffer.getvalue()
-
-
 def make_plots(result: dict) -> dict[str, bytes]:
     """PNG bytes per plot name (see PLOTS)."""
     import matplotlib
@@ -98,7 +93,7 @@ def make_plots(result: dict) -> dict[str, bytes]:
                           label=method if index == 0 else None)
     axis.set(xlabel="step", ylabel="training loss (the method's own objective)", yscale="log")
     axis.legend(fontsize=8)
-    pngs["training_loss"] = _figure_png(figure)
+    pngs["training_loss"] = figure_png(figure)
     plt.close(figure)
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -118,7 +113,7 @@ def make_plots(result: dict) -> dict[str, bytes]:
         axes[0].legend(fontsize=8)
     else:
         axes[0].text(0.5, 0.5, "no curve recorded (curve_every: 0)", ha="center", transform=axes[0].transAxes)
-    pngs["quality_vs_step"] = _figure_png(figure)
+    pngs["quality_vs_step"] = figure_png(figure)
     plt.close(figure)
 
     for name, key, label in (("quality_vs_wallclock", "wall_s", "training wall-clock (s)"), ("quality_vs_flops", "flops", "estimated FLOPs")):
@@ -134,7 +129,7 @@ def make_plots(result: dict) -> dict[str, bytes]:
         axis.set(xlabel=label, ylabel=result["metric"])
         if key == "flops":
             axis.set_xscale("log")
-        pngs[name] = _figure_png(figure)
+        pngs[name] = figure_png(figure)
         plt.close(figure)
     return pngs
 
@@ -182,7 +177,7 @@ def axis_plots(frontier: dict) -> dict[str, tuple[str, bytes]]:
             key = " ".join(part for part in (series[point["values"][axis]], _line_key(point["values"], axis)) if part)
             lines.setdefault(key, []).append(point)
         figure, axes = plt.subplots(1, len(quality), figsize=(5.5 * len(quality), 4), squeeze=False)
-        for panel, column in zip(axes[0], quality):
+        for panel, column in zip(axes[0], quality, strict=True):
             for label, points in lines.items():
                 points = sorted(points, key=lambda p: position[p["values"][axis]])
                 xs = [position[p["values"][axis]] for p in points]
@@ -197,7 +192,7 @@ def axis_plots(frontier: dict) -> dict[str, tuple[str, bytes]]:
                 panel.set_xticks(list(position.values()), list(position))
         if axes[0][0].get_legend_handles_labels()[0]:
             axes[0][0].legend(fontsize=7)
-        plots[f"quality_vs_axis_{axis}"] = (f"Quality against the {axis} axis (mean ± std over seeds; dashed: the teacher)", _figure_png(figure))
+        plots[f"quality_vs_axis_{axis}"] = (f"Quality against the {axis} axis (mean ± std over seeds; dashed: the teacher)", figure_png(figure))
         plt.close(figure)
     return plots
 
@@ -212,7 +207,7 @@ def pareto_plots(frontier: dict) -> dict[str, tuple[str, bytes]]:
         if not any(f"{cost}|{q}" in frontier["pareto"] for q in quality):
             continue  # no cost measured (the eval's `cost` task is off)
         figure, axes = plt.subplots(1, len(quality), figsize=(5.5 * len(quality), 4.5), squeeze=False)
-        for panel, column in zip(axes[0], quality):
+        for panel, column in zip(axes[0], quality, strict=True):
             front = set(frontier["pareto"].get(f"{cost}|{column}", []))
             points = [p for p in frontier["points"] if p[cost].get("n") and p[column].get("n")]
             panel.set(xlabel=cost, ylabel=column, title=f"{column} against {short}")
@@ -227,28 +222,15 @@ def pareto_plots(frontier: dict) -> dict[str, tuple[str, bytes]]:
                     panel.annotate(point["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
             optimal = sorted((_mean(p[cost]), _mean(p[column])) for p in points if p["label"] in front)
             if optimal:
-                panel.plot(*zip(*optimal), color="tab:red", linewidth=1, label="Pareto-optimal")
+                panel.plot(*zip(*optimal, strict=True), color="tab:red", linewidth=1, label="Pareto-optimal")
             teacher = frontier["teacher"]
             if teacher.get(cost) is not None and teacher.get(column) is not None:
                 panel.scatter([teacher[cost]], [teacher[column]], marker="*", s=150, color="black", label="teacher", zorder=4)
             panel.legend(fontsize=7)
         plots[f"pareto_{short.replace('/', '_per_')}"] = (
-            f"Pareto chart: quality against {cost} (red: non-dominated students; triangles: int8; star: the teacher)", _figure_png(figure))
+            f"Pareto chart: quality against {cost} (red: non-dominated students; triangles: int8; star: the teacher)", figure_png(figure))
         plt.close(figure)
     return plots
-
-
-def _markdown_to_html_table(markdown: str) -> str:
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
-    out = ["<table>"]
-    for index, line in enumerate(lines):
-        if index == 1:
-            continue
-        cells = [html.escape(cell.strip()).replace("**", "") for cell in line.strip("|").split("|")]
-        tag = "th" if index == 0 else "td"
-        out.append("<tr>" + "".join(f"<{tag}>{cell}</{tag}>" for cell in cells) + "</tr>")
-    out.append("</table>")
-    return "\n".join(out)
 
 
 def write_bench_report(result: dict, output_dir: Path) -> Path:
@@ -277,9 +259,9 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:i
 </head><body>
 <h1>kdlm bench: {html.escape(str(output_dir))}</h1>
 <p>Ranked by <b>{html.escape(result['metric'])}</b>; mean ± std over seeds {html.escape(str(result.get('seeds')))}.</p>
-{_markdown_to_html_table(table)}
+{markdown_to_html_table(table)}
 <p>≈ best: within twice the standard error of the difference (seed spread). FLOPs: 6·N_student·tokens + 2·N_teacher·teacher tokens, plus 2·N per token each model runs while sampling (on-policy methods).</p>
-{'<h2>Students: cost, quality, Pareto-optimal</h2>' + _markdown_to_html_table(frontier_table(frontier)) if frontier else ''}
+{'<h2>Students: cost, quality, Pareto-optimal</h2>' + markdown_to_html_table(frontier_table(frontier)) if frontier else ''}
 {'<h2>Failed runs</h2><ul>' + failures + '</ul>' if failures else ''}
 <h2>Plots</h2>
 {''.join(figures)}

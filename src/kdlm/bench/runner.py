@@ -453,7 +453,7 @@ def frontier(config: BenchConfig, result: dict, rows: list[dict]) -> dict:
             if not usable:
                 continue
             front = pareto_front([(p[x_column]["mean"], p[column]["mean"]) for p in usable], x_higher, higher)
-            charts[f"{x_column}|{column}"] = [p["label"] for p, on in zip(usable, front) if on]
+            charts[f"{x_column}|{column}"] = [p["label"] for p, on in zip(usable, front, strict=True) if on]
     teacher = {column: _number((result.get("teacher") or {}).get(column)) for column in [*quality, *PARETO_X]}
     return {"points": points, "pareto": charts, "quality": quality, "axes": {a: [v.model_dump() for v in vs] for a, vs in config.axes.items()},
             "teacher": teacher}

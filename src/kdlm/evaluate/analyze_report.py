@@ -11,7 +11,7 @@ import html
 import math
 from pathlib import Path
 
-from kdlm.bench.report import _figure_png, _markdown_to_html_table
+from kdlm.evaluate.figures import figure_png, markdown_to_html_table
 
 
 def _number(value, digits: int = 3) -> str:
@@ -61,13 +61,13 @@ def _plots(report: dict) -> dict[str, bytes]:
     if report["kept_layers"] is not None:
         axis.plot([r["copied_from_layer"] for r in report["layers"]], [r["student_layer"] for r in report["layers"]], "w.", label="copied from")
         axis.legend(fontsize=8, loc="upper left")
-    pngs["cka"] = _figure_png(figure)
+    pngs["cka"] = figure_png(figure)
     plt.close(figure)
     figure, axis = plt.subplots(figsize=(7, 3.5))
     rows = report["by_position"]
     axis.bar([r["position"] for r in rows], [r["kl"] for r in rows], color="tab:red")
     axis.set(xlabel="position in the teacher's answer (tokens)", ylabel="KL(teacher || student), nats/token")
-    pngs["position"] = _figure_png(figure)
+    pngs["position"] = figure_png(figure)
     plt.close(figure)
     return pngs
 
@@ -98,7 +98,7 @@ def write_analyze_report(report: dict, output_dir: Path) -> Path:
     for name, data in _plots(report).items():
         (output_dir / "plots" / f"analyze_{name}.png").write_bytes(data)
         figures.append(f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}"></figure>')
-    body = "".join(f'<h2 id="{k}">{titles[k]}</h2>\n{_markdown_to_html_table(v)}\n' for k, v in parts.items())
+    body = "".join(f'<h2 id="{k}">{titles[k]}</h2>\n{markdown_to_html_table(v)}\n' for k, v in parts.items())
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>kdlm analyze</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
