@@ -81,7 +81,7 @@ def planned(batch: int, length: int, signal: str, fused: bool) -> dict:
     student, teacher = config_shapes(config)
     plan = make_plan(config, student, teacher, devices=1, device_memory_gib=24, strategy="ddp", micro_batch=batch,
                      bf16=False, gpu=False, flops_per_second=1e10)
-    return {"planned_gib": max(plan.total_gib, plan.cache_phase_gib), "parts": plan.parts_gib}
+    return {"planned_gib": plan.peak_gib, "parts": plan.parts_gib}
 
 
 FSDP_STUDENT = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 14,
@@ -104,8 +104,12 @@ def sharded_config(folder: Path, strategy: str):
     })
 
 
-def sharded_child(folder: Path, strategy: str) -> None:
-    """One rank of the sharded run (under accelerate launch): train, and write this rank's peak memory."""
+def sharded_child(folder: Path, strategy: str, trim: bool) -> None:
+    """One rank of the sharded run (under accelerate launch): train, and write this rank's peak memory.
+
+    ``trim``: after each optimizer step, glibc's ``malloc_trim(0)`` hands the heap's free memory back to the system,
+    which separates what the step holds from what the allocator keeps after freeing it.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kdlm.config import LossConfig
@@ -127,16 +131,24 @@ def sharded_child(folder: Path, strategy: str) -> None:
         examples.append({"input_ids": ids, "labels": ids})
     peaks = {"built": peak()}
     steps = {}
+
+    def after_step(step: int) -> None:
+        steps[step] = peak()
+        if trim:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
     train(student, examples, train_config=config.train, loss_config=LossConfig(kd_weight=0.7), pad_token_id=0,
           vocab_size=FSDP_STUDENT["vocab_size"], teacher=teacher, accelerator=accelerator,
-          on_step=lambda step: steps.__setitem__(step, peak()))
+          on_step=after_step)
     peaks.update({"trained": steps[FSDP_STEPS], "end": peak(), "rank": accelerator.process_index,
                   "distributed_type": accelerator.distributed_type.value,
                   "student_params": sum(p.numel() for p in student.parameters())})
     (folder / f"peak-{strategy}-{accelerator.process_index}.json").write_text(json.dumps(peaks))
 
 
-def sharded_main(strategy: str, processes: int, folder: Path) -> None:
+def sharded_main(strategy: str, processes: int, folder: Path, trim: bool) -> None:
     """Launch the sharded run on ``processes`` CPU processes and print each rank's peak next to the plan."""
     import os
     import socket
@@ -156,18 +168,20 @@ def sharded_main(strategy: str, processes: int, folder: Path) -> None:
         port = probe.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    subprocess.run([*launch, __file__, "--sharded-child", str(folder), strategy], check=True,
+    subprocess.run([*launch, __file__, "--sharded-child", str(folder), strategy, "trim" if trim else "-"], check=True,
                    env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    print(f"student {student.params / 1e6:.1f} M parameters, {processes} processes, {strategy}, micro-batch "
+    print(f"student {student.params / 1e6:.1f} M parameters, {processes} processes, {strategy}"
+          f"{' (malloc_trim after each step)' if trim else ''}, micro-batch "
           f"{FSDP_BATCH} x {FSDP_LENGTH}, {FSDP_STEPS} steps; plan parts (GiB): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in plan.parts_gib.items()))
-    print("| strategy | rank | planned (GiB) | peak after build | peak after last step | peak at end of train | "
-          "planned / end peak |")
-    print("|---|---|---|---|---|---|---|")
+          + ", ".join(f"{k} {v:.3f}" for k, v in plan.parts_gib.items())
+          + f"; step total {plan.total_gib:.2f}, build phase {plan.build_phase_gib:.2f}, gather phase {plan.gather_phase_gib:.2f}")
+    print("| strategy | rank | planned step (GiB) | measured peak after build | after last step | at end of train | "
+          "planned peak (GiB) | planned peak / measured peak |")
+    print("|---|---|---|---|---|---|---|---|")
     for rank in range(processes):
         peaks = json.loads((folder / f"peak-{strategy}-{rank}.json").read_text())
         print(f"| {peaks['distributed_type']} | {rank} | {plan.total_gib:.2f} | {peaks['built']:.2f} | "
-              f"{peaks['trained']:.2f} | {peaks['end']:.2f} | {plan.total_gib / peaks['end']:.2f} |", flush=True)
+              f"{peaks['trained']:.2f} | {peaks['end']:.2f} | {plan.peak_gib:.2f} | {plan.peak_gib / peaks['end']:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -177,16 +191,17 @@ def main() -> None:
     parser.add_argument("--strategy", choices=["fsdp", "ddp"], help="launch a multi-process run with this strategy")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--sharded-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after each optimizer step (glibc)")
+    parser.add_argument("--sharded-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sharded_child:
-        sharded_child(Path(args.sharded_child[0]), args.sharded_child[1])
+        sharded_child(Path(args.sharded_child[0]), args.sharded_child[1], args.sharded_child[2] == "trim")
         return
     if args.strategy:
         import tempfile
 
         with tempfile.TemporaryDirectory() as folder:
-            sharded_main(args.strategy, args.processes, Path(folder))
+            sharded_main(args.strategy, args.processes, Path(folder), args.trim)
         return
     if args.child:
         batch, length, signal, mode = args.child

@@ -6,7 +6,8 @@ parameter counts for any architecture. Memory is summed from the parts a trainin
 - model states: fp32 weights, fp32 gradients and AdamW's two moments of the trainable parameters (16 bytes
   per trainable parameter, as in the ZeRO paper's mixed-precision accounting, arXiv 1910.02054), sharded by
   the strategy: ``ddp`` replicates all, ``zero2`` shards gradients and moments, ``fsdp`` (= ZeRO-3) shards all
-  and gathers one decoder layer at a time;
+  and gathers one decoder layer at a time; ``ddp`` on more than one device also holds its gradient buckets, a
+  second fp32 copy of the gradients (PyTorch DDP's default ``gradient_as_bucket_view=False``, kept by Accelerate);
 - activations saved for the backward pass: per token and layer about ``10 H + 4 H_kv + 5 I`` elements for a
   Llama-style block (H the width, H_kv the key/value width, I the MLP width) in fp32, 0.65 of that under bf16
   autocast (both measured on a 4-layer SmolLM2-shaped block with saved-tensor hooks: 59.6 KB and 38.5 KB per
@@ -15,7 +16,15 @@ parameter counts for any architecture. Memory is summed from the parts a trainin
   chunk of ~4 M logits plus the (V, H) fp32 weight gradient;
 - the teacher: its weights in ``teacher.dtype`` when it is loaded (online signal, or answering and caching in
   this process), and during the caching phase its logits and log-softmax over a batch;
+- under ``fsdp``, what the sharding itself holds (measured on a 2-process CPU run, ``benchmarks/plan_check.py
+  --strategy fsdp``): the root unit (embeddings, final norm, lm_head) stays whole for the whole step, and FSDP2
+  copies a unit's whole gradient into a flat reduce-scatter buffer;
 - a fixed runtime overhead (Python, torch and transformers on a CPU; the CUDA context on a GPU).
+
+Two phases outside the step can be higher under ``fsdp``: building the student (every process builds it whole,
+then shards it: whole weights plus the shards) and the end of training, when every process gathers the whole
+trained student back (``kdlm.train.strategy.unshard_in_place``: the gathered state dict and the plain copies made
+from it, next to the sharded weights and AdamW moments that are still alive).
 
 Time per step is FLOPs (6 per trainable parameter and token for the student, 2 per teacher parameter and token
 for a live teacher, the lm_head at the target tokens) over a throughput: a measured matmul rate on the CPU, or
@@ -127,6 +136,13 @@ class Plan:
     step_seconds: float
     flops_per_step: float
     fits: bool
+    build_phase_gib: float = 0.0
+    gather_phase_gib: float = 0.0
+
+    @property
+    def peak_gib(self) -> float:
+        """The highest of the step, the cache phase and the sharded strategies' build and gather phases."""
+        return max(self.total_gib, self.cache_phase_gib, self.build_phase_gib, self.gather_phase_gib)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -143,6 +159,42 @@ def model_states_bytes(shape: ModelShape, strategy: str, world: int) -> dict[str
         if strategy == "fsdp-offload":
             weights, grads, moments = gathered, 0.0, 0.0  # sharded states live in host memory
     return {"student weights": weights, "gradients": grads, "optimizer": moments}
+
+
+def root_unit_params(shape: ModelShape) -> int:
+    """Parameters of FSDP's root unit: the embeddings, and the lm_head when untied (the final norm is negligible)."""
+    return shape.embedding * (2 if shape.untied else 1)
+
+
+def sharding_bytes(shape: ModelShape, strategy: str, fused: bool) -> float:
+    """What FSDP2 holds beyond the shards and the two gathered layers of ``model_states_bytes``.
+
+    The root unit (embeddings, final norm, lm_head) is gathered before the objective's forward and stays whole
+    until its backward (kdlm.train.strategy's docstring); each unit's whole gradient is copied into a flat
+    reduce-scatter buffer, at most the largest unit's; the root's whole gradient lives from the loss's backward to
+    the end of the backward (the fused loss already counts it as its (V, H) weight gradient).
+    """
+    if strategy != "fsdp":
+        return 0.0
+    root = root_unit_params(shape)
+    held = 4.0 * root + 4.0 * max(root, shape.largest_layer)
+    return held + (0.0 if fused else 4.0 * root)
+
+
+def sharded_phases_bytes(shape: ModelShape, strategy: str, world: int, runtime: float) -> tuple[float, float]:
+    """(build, gather) memory of the phases outside the step under a sharded strategy (0 for ddp).
+
+    Build: each process builds the whole fp32 student and then shards it, the whole weights alive next to the
+    shards. Gather (end of training): the sharded weights and AdamW moments are still alive when every process
+    gathers the whole state dict and makes plain fp32 copies of it (``unshard_in_place``).
+    """
+    if strategy not in ("fsdp", "fsdp-offload"):
+        return 0.0, 0.0
+    whole = 4.0 * shape.params
+    build = runtime + whole + whole / world
+    if strategy == "fsdp-offload":  # the shards and moments live in host memory
+        return build, runtime + 2 * whole
+    return build, runtime + whole / world + 8.0 * shape.trainable / world + 2 * whole
 
 
 def activation_bytes(shape: ModelShape, tokens: int, bf16: bool, checkpointing: bool) -> float:
@@ -185,6 +237,10 @@ def make_plan(config: RunConfig, student: ModelShape, teacher: ModelShape, *, de
     parts = model_states_bytes(student, strategy, devices)
     parts["activations"] = activation_bytes(student, tokens, bf16, checkpointing=False)
     parts["loss buffers"] = loss_bytes(student, teacher if live_teacher else None, tokens, config.loss.fused, config.loss.chunk_rows)
+    if strategy == "ddp" and devices > 1:  # DDP's reducer all-reduces flat buckets holding a copy of every gradient
+        parts["gradient buckets"] = 4.0 * student.trainable
+    if strategy == "fsdp":
+        parts["sharding buffers"] = sharding_bytes(student, strategy, config.loss.fused)
     parts["teacher weights"] = teacher_dtype_bytes * teacher.params if loaded_teacher else 0.0
     if live_teacher:  # the teacher's forward keeps only its last hidden states at the target rows
         parts["teacher activations"] = tokens * (teacher.hidden + teacher.intermediate + teacher.hidden) * 4.0
@@ -197,9 +253,11 @@ def make_plan(config: RunConfig, student: ModelShape, teacher: ModelShape, *, de
     global_tokens = tokens * config.train.grad_accum * devices
     flops = step_flops(student, teacher if live_teacher else None, global_tokens)
     seconds = flops / (flops_per_second * devices)
+    build, gather = sharded_phases_bytes(student, strategy, devices, parts["runtime"])
     budget = device_memory_gib * GIB
+    fits = max(total, cache_phase, build, gather) <= 0.9 * budget
     return Plan(strategy, devices, device_memory_gib, micro_batch, tokens, {k: v / GIB for k, v in parts.items()},
-                total / GIB, cache_phase / GIB, checkpointed / GIB, seconds, flops, max(total, cache_phase) <= 0.9 * budget)
+                total / GIB, cache_phase / GIB, checkpointed / GIB, seconds, flops, fits, build / GIB, gather / GIB)
 
 
 def recommend(config: RunConfig, student: ModelShape, teacher: ModelShape, *, devices: int, device_memory_gib: float,
@@ -333,6 +391,9 @@ def run_plan(config: RunConfig, *, gpus: int = 0, gpu_memory: float = 80.0, gpu_
     table.add_row("total with activation checkpointing", f"{best.checkpointed_total_gib:.2f}")
     if best.cache_phase_gib:
         table.add_row("teacher cache phase (before training)", f"{best.cache_phase_gib:.2f}")
+    if best.build_phase_gib:
+        table.add_row("building and sharding the student (before training)", f"{best.build_phase_gib:.2f}")
+        table.add_row("gathering the trained student (end of training)", f"{best.gather_phase_gib:.2f}")
     console.print(table)
     console.print(f"time per optimizer step: at most {best.step_seconds:.3g} s ({best.flops_per_step / 1e12:.2f} TFLOP; {rate_note})",
                   highlight=False)
