@@ -132,3 +132,69 @@ def test_a_teacher_larger_than_free_memory_is_refused_before_loading(tmp_path):
                    check_ok=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "teacher.dtype=bfloat16" in proc.stderr and "kdlm cache-teacher" in proc.stderr
+
+
+def _small_run(**loss):
+    return RunConfig.model_validate({"train": {"batch_size": 2}, "data": {"max_length": 64}, "loss": loss,
+                                     "teacher": {"cache": "cache"}})
+
+
+def _plan(config, shape, strategy, devices):
+    from kdlm.plan import make_plan
+
+    return make_plan(config, shape, shape, devices=devices, device_memory_gib=24, strategy=strategy, micro_batch=2,
+                     bf16=False, gpu=False, flops_per_second=1e10)
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_fsdp_holds_the_whole_root_unit_a_reduce_scatter_copy_and_gathers_the_student_at_the_end(untied):
+    """Closed forms of what FSDP2 holds besides the shards (measured in benchmarks/plan_check.py --strategy fsdp)."""
+    vocab, hidden, layer, params = 1000, 64, 50_000, 400_000
+    shape = ModelShape(params=params, trainable=params, layers=4, hidden=hidden, kv_hidden=32, intermediate=128,
+                       vocab=vocab, largest_layer=layer, untied=untied)
+    root = vocab * hidden * (2 if untied else 1)  # embeddings (+ the untied lm_head): 64 000 or 128 000 > one layer
+    for fused, root_gradient in ((True, 0), (False, 4 * root)):  # the fused loss already counts the (V, H) gradient
+        plan = _plan(_small_run(fused=fused), shape, "fsdp", 4)
+        assert plan.parts_gib["sharding buffers"] * GIB == pytest.approx(4 * root + 4 * root + root_gradient)
+    runtime = plan.parts_gib["runtime"] * GIB
+    assert plan.build_phase_gib * GIB == pytest.approx(runtime + 4 * params + 4 * params / 4)
+    # sharded weights and AdamW moments still alive, the gathered state dict and the plain copies made of it
+    assert plan.gather_phase_gib * GIB == pytest.approx(runtime + 4 * params / 4 + 8 * params / 4 + 8 * params)
+    assert plan.peak_gib == max(plan.total_gib, plan.build_phase_gib, plan.gather_phase_gib)
+    ddp = _plan(_small_run(), shape, "ddp", 4)
+    assert "sharding buffers" not in ddp.parts_gib and ddp.build_phase_gib == ddp.gather_phase_gib == 0
+
+
+def test_ddp_holds_gradient_buckets_only_on_several_devices():
+    """DDP's reducer copies every gradient into its flat buckets (gradient_as_bucket_view=False, Accelerate's
+    default): a second fp32 copy of the gradients per process; one process has no reducer."""
+    shape = shape_from_config(tiny_llama(300, num_layers=3).config)
+    one, two = _plan(_small_run(), shape, "ddp", 1), _plan(_small_run(), shape, "ddp", 2)
+    assert "gradient buckets" not in one.parts_gib
+    assert two.parts_gib["gradient buckets"] * GIB == 4 * shape.trainable
+    assert two.total_gib - one.total_gib == pytest.approx(4 * shape.trainable / GIB)
+
+
+def test_the_benchmarked_two_process_runs_plan_as_recorded_in_docs(tmp_path):
+    """benchmarks/plan_check.py --strategy fsdp|ddp --processes 2: the planned peaks docs/plan.md sets next to the
+    measured ones (a change to the memory model must update that table)."""
+    import sys
+    from pathlib import Path
+
+    from transformers import LlamaConfig
+
+    from kdlm.plan import config_shapes, make_plan
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import plan_check
+
+    for name, fields in (("student", plan_check.FSDP_STUDENT), ("teacher", plan_check.FSDP_TEACHER)):
+        LlamaConfig(**fields).save_pretrained(tmp_path / name)
+    planned = {}
+    for strategy in ("fsdp", "ddp"):
+        config = plan_check.sharded_config(tmp_path, strategy)
+        student, teacher = config_shapes(config)
+        planned[strategy] = make_plan(config, student, teacher, devices=2, device_memory_gib=24, strategy=strategy,
+                                      micro_batch=2, bf16=False, gpu=False, flops_per_second=1e10).peak_gib
+    assert student.params == 112_678_656
+    assert (round(planned["fsdp"], 2), round(planned["ddp"], 2)) == (1.92, 2.93)
