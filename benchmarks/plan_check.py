@@ -9,7 +9,7 @@ Each configuration runs in a fresh process that does what `kdlm distill` holds i
 (fp32), a pruned student, the teacher's top-k targets computed over the batch (the cache phase) or the live
 teacher at every step, then three optimizer steps (AdamW state allocated) of the loop's own objective. Every
 token is a target, as the planner assumes (its upper bound). Measured: the process's peak resident memory
-(ru_maxrss). Planned: ``max(training total, cache phase)`` from ``kdlm.plan.make_plan`` for the same config.
+(ru_maxrss). Planned: ``Plan.peak_gib`` (the highest of the step and the phases) from ``kdlm.plan.make_plan``.
 
 ``--strategy fsdp|ddp --processes N`` instead launches ``kdlm.train.loop.train`` itself under ``accelerate launch``
 on N CPU processes over gloo (as tests/test_strategy.py does): a randomly initialised Llama student of about 113 M

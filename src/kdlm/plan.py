@@ -174,7 +174,7 @@ def sharding_bytes(shape: ModelShape, strategy: str, fused: bool) -> float:
     reduce-scatter buffer, at most the largest unit's; the root's whole gradient lives from the loss's backward to
     the end of the backward (the fused loss already counts it as its (V, H) weight gradient).
     """
-    if strategy != "fsdp":
+    if strategy not in ("fsdp", "fsdp-offload"):  # with offload too: the gathered units are on the device
         return 0.0
     root = root_unit_params(shape)
     held = 4.0 * root + 4.0 * max(root, shape.largest_layer)
@@ -239,7 +239,7 @@ def make_plan(config: RunConfig, student: ModelShape, teacher: ModelShape, *, de
     parts["loss buffers"] = loss_bytes(student, teacher if live_teacher else None, tokens, config.loss.fused, config.loss.chunk_rows)
     if strategy == "ddp" and devices > 1:  # DDP's reducer all-reduces flat buckets holding a copy of every gradient
         parts["gradient buckets"] = 4.0 * student.trainable
-    if strategy == "fsdp":
+    if strategy in ("fsdp", "fsdp-offload"):
         parts["sharding buffers"] = sharding_bytes(student, strategy, config.loss.fused)
     parts["teacher weights"] = teacher_dtype_bytes * teacher.params if loaded_teacher else 0.0
     if live_teacher:  # the teacher's forward keeps only its last hidden states at the target rows
