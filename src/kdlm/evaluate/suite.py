@@ -46,7 +46,7 @@ from kdlm.evaluate.robustness import (
 )
 from kdlm.evaluate.tasks import Task, build_prompt, load_task
 from kdlm.evaluate.xvocab import aligned_top1, per_example
-from kdlm.generate.cache import fingerprint
+from kdlm.fingerprint import fingerprint
 from kdlm.generate.teacher_answers import answer_prompts
 from kdlm.models import check_vocab_compatible, describe_model, load_model
 from kdlm.precision import Bf16Setting
