@@ -56,7 +56,8 @@ def evaluate(
     shots: str = typer.Option(None, help="Comma-separated k for k-shot accuracy (default 0,3)."),
     max_new_tokens: int = typer.Option(None, help="New tokens per ROUGE-L answer (default 128)."),
     teacher: str = typer.Option(None, help="Teacher for fidelity and speed-up (default the bundled one; `none` to skip)."),
-    out: str = typer.Option(None, help="Output folder for eval.json, eval.md and the result cache (default runs/eval)."),
+    out: str = typer.Option(None, "--out", "--output-dir",
+                            help="Output folder for eval.json, eval.md and the result cache (default runs/eval)."),
     perturb: str = typer.Option(None, help="Comma-separated perturbations of every task's prompts, LEVEL[.OP]:RATE with LEVEL "
                                 "char, word or sentence and RATE in [0, 1], e.g. char:0.05,word:0.1 (see docs/robustness.md)."),
     ood: str = typer.Option(None, help="Comma-separated out-of-distribution pairs IN->OUT, e.g. gsm8k->svamp,selfinst-seed->selfinst."),
@@ -100,7 +101,8 @@ def analyze(
     student: str = typer.Argument(..., help="The student: a model folder or a `kdlm distill` run folder (its student/)."),
     data: str = typer.Option(None, help="JSONL of prompts (prompt, instruction or messages; optional category). "
                              "Default: the Self-Instruct user-oriented instructions."),
-    out: str = typer.Option("runs/analyze", help="Output folder for report.html, analyze.md and analyze.json."),
+    out: str = typer.Option("runs/analyze", "--out", "--output-dir",
+                            help="Output folder for report.html, analyze.md and analyze.json."),
     limit: int = typer.Option(8, min=1, help="Prompts analysed (the first ones)."),
     max_new_tokens: int = typer.Option(64, min=1, help="Tokens of each greedy answer."),
 ) -> None:

@@ -40,10 +40,10 @@ def _masked(override: str) -> str:
     return f"{key}={MASK}" if sep and is_secret(key) else override
 
 
-class Section(BaseModel):
-    """A config section: unknown keys are errors; `ALIASES` maps other tools' names to kdlm's (one name per setting)."""
+class Aliased(BaseModel):
+    """A config model whose `ALIASES` maps other names of a setting (another command's, another tool's) to the one
+    kdlm uses; giving both is an error. `Section` and `kdlm eval`'s EvalSuiteConfig build on it."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     ALIASES: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
@@ -59,6 +59,12 @@ class Section(BaseModel):
                 raise ValueError(f"{alias} and {name} name the same setting; keep one ({name})")
             data[name] = data.pop(alias)
         return data
+
+
+class Section(Aliased):
+    """A config section: unknown keys are errors; `ALIASES` maps other tools' names to kdlm's (one name per setting)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class TeacherConfig(Section):
@@ -339,6 +345,7 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
+    ALIASES: ClassVar[dict[str, str]] = {"perplexity_max_tokens": "text_max_tokens"}  # the name `kdlm eval` uses
     enabled: bool = Field(True, description="Evaluate teacher, student before and after, and write the table.")
     models: list[str] = Field(default_factory=list, description="`kdlm eval`: models to compare with the teacher.")
     batch_size: int = Field(8, ge=1)
@@ -349,6 +356,8 @@ class EvalConfig(Section):
 
 class MethodConfig(Section):
     """Where the trained responses come from (shared/METHODS.md §3): the data, or the student's own samples."""
+
+    ALIASES: ClassVar[dict[str, str]] = {"max_tokens": "max_new_tokens"}  # the name of `kdlm generate`'s sampling
 
     name: Literal["offpolicy", "gkd", "distillm", "minillm", "imitkd"] = Field(
         "offpolicy",

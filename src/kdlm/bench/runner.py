@@ -38,7 +38,7 @@ from kdlm.config import RunConfig, flatten, load_config
 from kdlm.data.records import load_records
 from kdlm.errors import KdlmError
 from kdlm.evaluate.suite import Fidelity, evaluate_suite
-from kdlm.generate.cache import fingerprint
+from kdlm.fingerprint import fingerprint
 from kdlm.models import describe_model, load_model
 from kdlm.teachers.cache import read_manifest
 from kdlm.xtok.run import load_student_tokenizer

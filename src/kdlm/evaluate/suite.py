@@ -11,13 +11,14 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from rich.console import Console
 
 from kdlm.atomic import write_text
+from kdlm.config import Aliased
 from kdlm.data import encode_records
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError
@@ -46,7 +47,7 @@ from kdlm.evaluate.robustness import (
 )
 from kdlm.evaluate.tasks import Task, build_prompt, load_task
 from kdlm.evaluate.xvocab import aligned_top1, per_example
-from kdlm.generate.cache import fingerprint
+from kdlm.fingerprint import fingerprint
 from kdlm.generate.teacher_answers import answer_prompts
 from kdlm.models import check_vocab_compatible, describe_model, load_model
 from kdlm.precision import Bf16Setting
@@ -55,10 +56,11 @@ console = Console(stderr=True)
 DEFAULT_TASKS = ["selfinst", "gsm8k", "svamp", "pubmedqa", "legalbench", "wikitext-2", "tinyshakespeare", "fidelity", "cost"]
 
 
-class EvalSuiteConfig(BaseModel):
+class EvalSuiteConfig(Aliased):
     """Settings of `kdlm eval MODEL...`; every field is also a command-line option."""
 
     model_config = ConfigDict(extra="forbid")
+    ALIASES: ClassVar[dict[str, str]] = {"text_max_tokens": "perplexity_max_tokens"}  # the name of distill's eval section
 
     tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS), description="Tasks to run (see kdlm.evaluate.tasks), plus fidelity and cost.")
     limit: int | None = Field(None, ge=1, description="Items per task (the first ones); None: all.")

@@ -5,22 +5,20 @@ most the requests in flight, and never an answer that was paid for. A request th
 under its settings (a prompt longer than a local teacher's context) is recorded in a second table,
 `failures`, with its reason, so that a rerun does not try it again; deleting its row retries it.
 
-`fingerprint` is the hash that the answer caches, the evaluation results and the benchmark runs are keyed with.
+`fingerprint` (from `kdlm.fingerprint`, re-exported here) is the hash that the answer caches, the evaluation
+results, the benchmark runs and the checkpoints are keyed with.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kdlm.fingerprint import fingerprint
 
-def fingerprint(payload: object, length: int = 16) -> str:
-    """The first `length` hex digits of the SHA-256 of `payload` as sorted-key JSON: stable across runs."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:length]
+__all__ = ["Answer", "AnswerCache", "fingerprint"]
 
 
 @dataclass

@@ -30,9 +30,9 @@ from rich.text import Text
 from kdlm.atomic import atomic_path
 from kdlm.data import load_records
 from kdlm.errors import KdlmError
+from kdlm.fingerprint import fingerprint as _hash
 from kdlm.generate.backends import BatchGenerateBackend, Job, RefusedError, TransientError, make_backend
 from kdlm.generate.cache import Answer, AnswerCache
-from kdlm.generate.cache import fingerprint as _hash
 from kdlm.generate.config import GenerateConfig
 from kdlm.generate.limits import RateLimiter
 from kdlm.generate.lock import run_lock

@@ -24,8 +24,9 @@ from pathlib import Path
 from rich.console import Console
 
 from kdlm.errors import KdlmError
+from kdlm.fingerprint import fingerprint
 from kdlm.generate.backends import BatchGenerateBackend, Job
-from kdlm.generate.cache import Answer, AnswerCache, fingerprint
+from kdlm.generate.cache import Answer, AnswerCache
 from kdlm.generate.engine import answer_in_batches
 from kdlm.generate.engine import fingerprint as request_fingerprint
 from kdlm.paths import cache_dir

@@ -67,6 +67,7 @@ from torch import Tensor
 from kdlm.atomic import atomic_path
 from kdlm.data.tokenize import collate
 from kdlm.errors import KdlmError, os_error_behind
+from kdlm.fingerprint import fingerprint
 from kdlm.losses.logits import log_one_minus_exp, tail_logmass_from_kept
 from kdlm.teachers.signals import teacher_logits
 
@@ -94,7 +95,7 @@ def examples_fingerprint(examples: list[dict]) -> str:
 def tokenizer_fingerprint(tokenizer) -> str:
     """Identifies a tokenizer by its token -> id map (added and special tokens included)."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+    return fingerprint(vocab, ensure_ascii=False)  # a list of pairs: sorting keys changes nothing
 
 
 def id_dtype(vocab_size: int) -> torch.dtype:

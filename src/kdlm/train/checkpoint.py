@@ -14,7 +14,6 @@ goes, or what it reports, not what it learns.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import random
@@ -26,6 +25,7 @@ import torch
 
 from kdlm.config import flatten
 from kdlm.errors import KdlmError
+from kdlm.fingerprint import fingerprint
 
 KEEP_LAST = 2
 
@@ -50,7 +50,7 @@ def config_record(config: dict) -> dict:
 def config_fingerprint(record: dict) -> str:
     """A hash of the keys a resumed run must keep."""
     fixed = {key: value for key, value in record.items() if not _may_change(key)}
-    return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(fixed)
 
 
 def _defaults() -> dict:

@@ -199,6 +199,74 @@ def train(
     """
     config = train_config
     accelerator = accelerator or accelerator_for(config)
+    run = prepare_run(student, examples, accelerator, config, loss_config, pad_token_id=pad_token_id,
+                      vocab_size=vocab_size, teacher=teacher, topk_targets=topk_targets, run_state=run_state,
+                      hint_config=hint_config, method=method, run_config=run_config, cross_tokenizer=cross_tokenizer)
+    setup = run.setup
+    step, tokens_seen, history = setup.start_step, setup.tokens_seen, []
+    with TrainLog(accelerator, config, start_step=step, run_config=run_config) as log:
+        checkpoints = Checkpointer(setup, accelerator, config, method=method, run_state=run_state)
+        try:
+            while step < config.max_steps:
+                if config.max_minutes and checkpoints.seconds() > 60 * config.max_minutes:
+                    accelerator.print(f"time budget of {config.max_minutes} min reached at step {step}")
+                    break
+                step_started = time.perf_counter()
+                micro_batches, step_tokens = run.batches.of_step(step)
+                means, weights = run.backward(micro_batches, step_tokens).means(accelerator, run.kd_weight)
+                grad_norm = _optimizer_step(setup, accelerator, config, means, checkpoints, step, tokens_seen)
+                step, tokens_seen = step + 1, tokens_seen + step_tokens
+                counters = {"tokens": tokens_seen, "tokens_per_s": step_tokens / (time.perf_counter() - step_started),
+                            "seconds": checkpoints.seconds()}
+                record = step_record(step, means, weights, use_kd=run.use_kd, hints=run.hints is not None,
+                                     lr=setup.scheduler.get_last_lr()[0], grad_norm=grad_norm, counters=counters)
+                history.append(_with_method_fields(record, step, method, cross_tokenizer, setup.checkpointed))
+                log.write(record)
+                if (reason := checkpoints.due(step)) is not None:
+                    checkpoints.save(reason, step, tokens_seen)
+                if on_step is not None:
+                    on_step(step)
+        except KeyboardInterrupt as interrupt:
+            _save_interrupted(interrupt, setup, checkpoints, accelerator, step, tokens_seen)
+            raise
+    _finish(student, setup, checkpoints, accelerator, step, tokens_seen)
+    return TrainResult(steps=step, tokens=tokens_seen, seconds=checkpoints.seconds(), history=history)
+
+
+@dataclass
+class PreparedRun:
+    """What the step loop drives: the optimizer setup, the loss of a micro-batch and each step's micro-batches."""
+
+    setup: TrainSetup
+    loss_step: LossStep
+    batches: StepBatches
+    hints: HintObjective | None
+    use_kd: bool
+    kd_weight: float
+    accelerator: Accelerator
+    deepspeed: bool
+    loss_scale: float
+
+    def backward(self, micro_batches: list[MicroBatch], step_tokens: int) -> StepSums:
+        """Backward over the step's micro-batches (gradients synced at the last one); their summed terms."""
+        accelerator, sums = self.accelerator, StepSums()
+        for index, batch in enumerate(micro_batches):
+            last_micro = index == len(micro_batches) - 1
+            if self.deepspeed:  # DeepSpeed steps its optimizer at the backward it is told ends the step
+                accelerator.gradient_state._set_sync_gradients(last_micro)
+            with accelerator.no_sync(self.setup.objective) if not last_micro else nullcontext():
+                terms = self.loss_step(batch)
+                accelerator.backward(terms.total * (self.loss_scale / max(step_tokens, 1)))
+            sums.add(terms)
+        return sums
+
+
+def prepare_run(student: nn.Module, examples: list[dict], accelerator: Accelerator, config: TrainConfig,
+                loss_config: LossConfig, *, pad_token_id: int, vocab_size: int, teacher: nn.Module | None,
+                topk_targets: list | None, run_state: dict | None, hint_config: HintConfig | None, method,
+                run_config: dict | None, cross_tokenizer: CrossTokenizer | None) -> PreparedRun:
+    """Check the inputs, build the objective, set up the optimizer (resuming), freeze the teacher and schedule
+    the steps: everything ``train`` needs before its first step."""
     use_kd = loss_config.kd_weight > 0
     _check_inputs(examples, accelerator, config, use_kd=use_kd, teacher=teacher, topk_targets=topk_targets, method=method)
     hints = _hint_objective(hint_config, student, teacher, run_state)
@@ -216,51 +284,27 @@ def train(
                          vocab_size=vocab_size, bf16=config.bf16, hints=hints, cross_tokenizer=cross_tokenizer,
                          method=method, accelerator=accelerator)
     batches = StepBatches(examples, accelerator, config, pad_token_id, method)
-    step, tokens_seen, history = setup.start_step, setup.tokens_seen, []
     # DDP and FSDP average gradients over processes; DeepSpeed also divides each micro-batch's by grad_accum
     deepspeed = is_deepspeed(accelerator)
     loss_scale = accelerator.num_processes * (config.grad_accum if deepspeed else 1)
-    with TrainLog(accelerator, config, start_step=step, run_config=run_config) as log:
-        checkpoints = Checkpointer(setup, accelerator, config, method=method, run_state=run_state)
-        try:
-            while step < config.max_steps:
-                if config.max_minutes and checkpoints.seconds() > 60 * config.max_minutes:
-                    accelerator.print(f"time budget of {config.max_minutes} min reached at step {step}")
-                    break
-                step_started = time.perf_counter()
-                micro_batches, step_tokens = batches.of_step(step)
-                sums = StepSums()
-                for index, batch in enumerate(micro_batches):
-                    last_micro = index == len(micro_batches) - 1
-                    if deepspeed:  # DeepSpeed steps its optimizer at the backward it is told ends the step
-                        accelerator.gradient_state._set_sync_gradients(last_micro)
-                    with accelerator.no_sync(setup.objective) if not last_micro else nullcontext():
-                        terms = loss_step(batch)
-                        accelerator.backward(terms.total * (loss_scale / max(step_tokens, 1)))
-                    sums.add(terms)
-                means, weights = sums.means(accelerator, kd_weight)
-                grad_norm = _optimizer_step(setup, accelerator, config, means, checkpoints, step, tokens_seen)
-                step, tokens_seen = step + 1, tokens_seen + step_tokens
-                counters = {"tokens": tokens_seen, "tokens_per_s": step_tokens / (time.perf_counter() - step_started),
-                            "seconds": checkpoints.seconds()}
-                record = step_record(step, means, weights, use_kd=use_kd, hints=hints is not None,
-                                     lr=setup.scheduler.get_last_lr()[0], grad_norm=grad_norm, counters=counters)
-                history.append(_with_method_fields(record, step, method, cross_tokenizer, setup.checkpointed))
-                log.write(record)
-                if (reason := checkpoints.due(step)) is not None:
-                    checkpoints.save(reason, step, tokens_seen)
-                if on_step is not None:
-                    on_step(step)
-        except KeyboardInterrupt as interrupt:
-            setup.optimizer.zero_grad(set_to_none=True)
-            checkpoints.save("terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted", step, tokens_seen)
-            accelerator.print(f"interrupted at step {step}: continue with train.resume=true")
-            raise
+    return PreparedRun(setup, loss_step, batches, hints, use_kd, kd_weight, accelerator, deepspeed, loss_scale)
+
+
+def _save_interrupted(interrupt: KeyboardInterrupt, setup: TrainSetup, checkpoints: Checkpointer,
+                      accelerator: Accelerator, step: int, tokens_seen: int) -> None:
+    """Ctrl-C or SIGTERM: drop the partial step's gradients and save the last completed step."""
+    setup.optimizer.zero_grad(set_to_none=True)
+    checkpoints.save("terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted", step, tokens_seen)
+    accelerator.print(f"interrupted at step {step}: continue with train.resume=true")
+
+
+def _finish(student: nn.Module, setup: TrainSetup, checkpoints: Checkpointer, accelerator: Accelerator, step: int,
+            tokens_seen: int) -> None:
+    """The end-of-training checkpoint; a sharded student gathered back whole; the student in eval mode."""
     checkpoints.save("end of training", step, tokens_seen)
     if is_sharded(accelerator):  # the caller saves, evaluates and samples a plain student
         unshard_in_place(accelerator, setup.checkpointed, setup.objective)
     student.eval()
-    return TrainResult(steps=step, tokens=tokens_seen, seconds=checkpoints.seconds(), history=history)
 
 
 def _check_inputs(examples: list[dict], accelerator: Accelerator, config: TrainConfig, *, use_kd: bool, teacher,
