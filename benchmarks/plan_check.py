@@ -104,11 +104,11 @@ def sharded_config(folder: Path, strategy: str):
     })
 
 
-def sharded_child(folder: Path, strategy: str, trim: bool) -> None:
+def sharded_child(folder: Path, strategy: str) -> None:
     """One rank of the sharded run (under accelerate launch): train, and write this rank's peak memory.
 
-    ``trim``: after each optimizer step, glibc's ``malloc_trim(0)`` hands the heap's free memory back to the system,
-    which separates what the step holds from what the allocator keeps after freeing it.
+    (Sharded training on the CPU hands the C heap's freed memory back after sharding and after each optimizer step,
+    kdlm.train.strategy.release_freed_memory: what is measured is what the run holds, less what glibc kept.)
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -134,10 +134,6 @@ def sharded_child(folder: Path, strategy: str, trim: bool) -> None:
 
     def after_step(step: int) -> None:
         steps[step] = peak()
-        if trim:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
     train(student, examples, train_config=config.train, loss_config=LossConfig(kd_weight=0.7), pad_token_id=0,
           vocab_size=FSDP_STUDENT["vocab_size"], teacher=teacher, accelerator=accelerator,
@@ -148,7 +144,7 @@ def sharded_child(folder: Path, strategy: str, trim: bool) -> None:
     (folder / f"peak-{strategy}-{accelerator.process_index}.json").write_text(json.dumps(peaks))
 
 
-def sharded_main(strategy: str, processes: int, folder: Path, trim: bool) -> None:
+def sharded_main(strategy: str, processes: int, folder: Path) -> None:
     """Launch the sharded run on ``processes`` CPU processes and print each rank's peak next to the plan."""
     import os
     import socket
@@ -168,10 +164,10 @@ def sharded_main(strategy: str, processes: int, folder: Path, trim: bool) -> Non
         port = probe.getsockname()[1]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
-    subprocess.run([*launch, __file__, "--sharded-child", str(folder), strategy, "trim" if trim else "-"], check=True,
+    subprocess.run([*launch, __file__, "--sharded-child", str(folder), strategy], check=True,
                    env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     print(f"student {student.params / 1e6:.1f} M parameters, {processes} processes, {strategy}"
-          f"{' (malloc_trim after each step)' if trim else ''}, micro-batch "
+          ", micro-batch "
           f"{FSDP_BATCH} x {FSDP_LENGTH}, {FSDP_STEPS} steps; plan parts (GiB): "
           + ", ".join(f"{k} {v:.3f}" for k, v in plan.parts_gib.items())
           + f"; step total {plan.total_gib:.2f}, build phase {plan.build_phase_gib:.2f}, gather phase {plan.gather_phase_gib:.2f}")
@@ -191,17 +187,16 @@ def main() -> None:
     parser.add_argument("--strategy", choices=["fsdp", "ddp"], help="launch a multi-process run with this strategy")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    parser.add_argument("--trim", action="store_true", help="malloc_trim(0) after each optimizer step (glibc)")
-    parser.add_argument("--sharded-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--sharded-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sharded_child:
-        sharded_child(Path(args.sharded_child[0]), args.sharded_child[1], args.sharded_child[2] == "trim")
+        sharded_child(Path(args.sharded_child[0]), args.sharded_child[1])
         return
     if args.strategy:
         import tempfile
 
         with tempfile.TemporaryDirectory() as folder:
-            sharded_main(args.strategy, args.processes, Path(folder), args.trim)
+            sharded_main(args.strategy, args.processes, Path(folder))
         return
     if args.child:
         batch, length, signal, mode = args.child

@@ -200,3 +200,34 @@ def test_checkpoints_written_before_the_strategy_setting_resume_as_ddp():
     assert config_differences({"train.lr": 0.1}, {"train.lr": 0.1, "train.strategy": "ddp"}) == []
     assert config_differences({"train.lr": 0.1}, {"train.lr": 0.1, "train.strategy": "fsdp"}) == [
         "train.strategy: checkpoint has 'ddp', this run has 'fsdp'"]
+
+
+def _resident_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads resident memory from /proc")
+def test_sharded_cpu_training_hands_freed_heap_memory_back():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from kdlm.train.strategy import _malloc_trim, release_freed_memory
+
+    if _malloc_trim() is None:
+        pytest.skip("not glibc: no malloc_trim")
+    # an unsharded run is left alone, and so is a sharded one on a GPU
+    assert release_freed_memory(Accelerator(cpu=True)) is False
+    on_gpu = SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.FSDP), device=torch.device("cuda"))
+    assert release_freed_memory(on_gpu) is False
+    # 200 MB of small tensors come from the C heap, which keeps their pages once they are freed
+    sharded = SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.FSDP), device=torch.device("cpu"))
+    _malloc_trim()(0)  # start from a trimmed heap, whatever earlier tests in this process freed
+    before = _resident_mb()
+    held = [torch.ones(512) for _ in range(100_000)]
+    assert _resident_mb() - before > 150
+    del held
+    kept = _resident_mb()
+    assert kept - before > 100, "glibc returned the freed heap by itself: nothing left to test"
+    assert release_freed_memory(sharded) is True
+    assert _resident_mb() < kept - 100

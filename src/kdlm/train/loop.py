@@ -40,7 +40,7 @@ from kdlm.train.interrupts import Terminated
 from kdlm.train.objective import LossTerms, StudentObjective, run_teacher
 from kdlm.train.order import run_schedule
 from kdlm.train.session import Checkpointer, TrainLog, TrainSetup, settings_record, setup_training
-from kdlm.train.strategy import accelerator_for, is_deepspeed, is_sharded, unshard_in_place
+from kdlm.train.strategy import accelerator_for, is_deepspeed, is_sharded, release_freed_memory, unshard_in_place
 from kdlm.train.tasks import has_tasks, task_scaled
 from kdlm.xtok.target import CrossTokenizer
 
@@ -388,6 +388,7 @@ def _optimizer_step(setup: TrainSetup, accelerator: Accelerator, config: TrainCo
     setup.optimizer.step()
     setup.scheduler.step()
     setup.optimizer.zero_grad(set_to_none=True)
+    release_freed_memory(accelerator)
     return grad_norm
 
 

@@ -33,7 +33,7 @@ from kdlm.train.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from kdlm.train.strategy import check_student, is_fsdp, is_sharded, wrap_units
+from kdlm.train.strategy import check_student, is_fsdp, is_sharded, release_freed_memory, wrap_units
 from kdlm.train.trackers import close_trackers, log_metrics, open_trackers, resolve_report_to
 
 
@@ -82,6 +82,7 @@ def setup_training(objective: nn.Module, accelerator: Accelerator, config: Train
         setup.objective, setup.optimizer = accelerator.prepare(objective, optimizer)
         # fully_shard replaced the parameters by sharded ones; clipping needs exactly the prepared model's
         setup.trainable = list(setup.objective.parameters()) if is_fsdp(accelerator) else trainable
+        release_freed_memory(accelerator)  # the whole student each process built before sharding it
     if last is not None:
         if sharded:
             state = load_sharded_checkpoint(last, accelerator=accelerator, scheduler=scheduler)

@@ -18,6 +18,9 @@ shards. This is "run the loss inside the forward"; no extra gather is made per s
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 from pathlib import Path
 
@@ -144,6 +147,30 @@ def deepspeed_plugin(path: str | None, *, batch_size: int = 1, grad_accum: int =
     from accelerate import DeepSpeedPlugin
 
     return DeepSpeedPlugin(hf_ds_config=config)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is another (macOS, musl) or cannot be loaded."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory(accelerator: Accelerator) -> bool:
+    """Hand the C heap's freed memory back to the system, for sharded training on the CPU; whether it did.
+
+    On the CPU, torch frees tensors into glibc's heap, which keeps the freed pages: a sharded process kept the whole
+    student it built before sharding it, and each backward's freed buffers, so its resident memory grew from step to
+    step above what it held (docs/plan.md measured 27% above the plan without this, 17-21% with it). On a GPU the
+    caching allocator holds device memory instead, and unsharded runs are left as they are.
+    """
+    trim = _malloc_trim() if is_sharded(accelerator) and accelerator.device.type == "cpu" else None
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 def is_fsdp(accelerator: Accelerator) -> bool:
