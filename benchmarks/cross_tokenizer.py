@@ -1,7 +1,7 @@
 """Issue 19's measurement: a student with its own (smaller) tokenizer, distilled across tokenizers.
 
     PYTHONPATH=src python benchmarks/cross_tokenizer.py --preset tiny --out runs/xtok-tiny   # minutes (a test runs it)
-    PYTHONPATH=src python benchmarks/cross_tokenizer.py --preset cpu --out runs/xtok-cpu     # about 90 min (estimate)
+    PYTHONPATH=src python benchmarks/cross_tokenizer.py --preset cpu --out runs/xtok-cpu     # 3-5 h on an fp32-only 2-core CPU
 
 Every step drives kdlm's own commands, each in a subprocess: `kdlm build-student` (the own-tokenizer student:
 `student.tokenizer=bpe:N`, the reference's layers), `kdlm cache-teacher` (one top-k cache in the teacher's
@@ -86,7 +86,7 @@ def tiny_preset(out: Path) -> Preset:
 
 
 def cpu_preset(out: Path) -> Preset:
-    """The quickstart (bundled teacher, its 15 layers), cut to fit two cores in about 90 minutes (module doc)."""
+    """The quickstart (bundled teacher, its 15 layers), first sized for about 90 minutes on two bf16-capable cores; 3-5 h in fp32 (module doc)."""
     prompts = out / "prompts.jsonl"
     if not prompts.exists():
         from kdlm.data import load_records
