@@ -163,7 +163,7 @@ def release_freed_memory(accelerator: Accelerator) -> bool:
 
     On the CPU, torch frees tensors into glibc's heap, which keeps the freed pages: a sharded process kept the whole
     student it built before sharding it, and each backward's freed buffers, so its resident memory grew from step to
-    step above what it held (docs/plan.md measured 27% above the plan without this, 17-21% with it). On a GPU the
+    step above what it held (docs/plan.md: the plan was 27% under the measured peak without this, 17-24% with it). On a GPU the
     caching allocator holds device memory instead, and unsharded runs are left as they are.
     """
     trim = _malloc_trim() if is_sharded(accelerator) and accelerator.device.type == "cpu" else None
