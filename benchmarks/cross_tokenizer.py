@@ -24,6 +24,11 @@ Resumable: a run whose ``report.json`` exists, the evaluation when ``OUT/eval/ev
 (and kdlm eval's own result cache otherwise), the built students and a complete cache are reused. The last
 output is a markdown table and the issue's three targets, each pass or miss with its figures (also written
 to OUT/results.md and OUT/results.json).
+
+Other budgets and subsets: ``--steps 120`` trains the quickstart's budget into OUT/runs-120steps/ (evaluated in
+eval-120steps/, tabled in results-120steps.md) from the same students and cache; ``--methods
+reference,seqkd,hybrid-topk`` runs only those (the reference always: it sets the clock), and the table
+leaves out the targets whose methods did not run.
 """
 
 from __future__ import annotations
@@ -117,8 +122,17 @@ def method_overrides(method: str, preset: Preset, same_student: Path, own_studen
 
 
 class Grid:
-    def __init__(self, preset: Preset, out: Path, seeds: tuple[int, ...] = SEEDS):
+    def __init__(self, preset: Preset, out: Path, seeds: tuple[int, ...] = SEEDS, methods: tuple[str, ...] = METHODS,
+                 steps: int | None = None):
+        if "reference" not in methods or not set(methods) <= set(METHODS):
+            raise SystemExit(f"--methods {','.join(methods)}: choose among {','.join(METHODS)}, with reference (it sets the clock)")
         self.preset, self.out, self.seeds = preset, out, seeds
+        self.methods = tuple(m for m in METHODS if m in methods)
+        # Another budget than the preset's trains and evaluates in folders of its own (runs-120steps/, ...),
+        # beside the same students and cache.
+        self.steps = steps or preset.steps
+        self.tag = "" if self.steps == preset.steps else f"-{self.steps}steps"
+        self.runs, self.eval = out / f"runs{self.tag}", out / f"eval{self.tag}"
         self.env = {**os.environ, **preset.env, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
         self.own_student = out / "student-own" / "student-init"
         self.same_student = out / "student-same" / "student-init"
@@ -145,7 +159,7 @@ class Grid:
         return bool(manifest.get("complete"))
 
     def train(self, method: str, seed: int, budget: str, steps: int, max_minutes: float | None = None) -> dict:
-        folder = self.out / "runs" / f"{method}-{budget}-s{seed}"
+        folder = self.runs / f"{method}-{budget}-s{seed}"
         report = folder / "report.json"
         if not report.exists():
             extra = [f"train.max_minutes={max_minutes:.4f}"] if max_minutes else []
@@ -156,11 +170,11 @@ class Grid:
     def evaluate(self, folders: list[Path]) -> dict[str, dict]:
         """One `kdlm eval` over every trained student (the teacher loaded and its answers made once); its result
         cache skips what an earlier call scored. Returns {run name: bits_per_byte, rouge_l, params_m}."""
-        result = self.out / "eval" / "eval.json"
+        result = self.eval / "eval.json"
         names = {folder.name for folder in folders}
         if not result.exists() or not names <= set(json.loads(result.read_text())["models"]):
             self.kdlm("eval", *map(str, folders), "--tasks", f"fidelity,{self.preset.rouge_task},cost",
-                      "--out", str(self.out / "eval"), "--set", "teacher_row=false", *self.preset.eval_args)
+                      "--out", str(self.eval), "--set", "teacher_row=false", *self.preset.eval_args)
         models = json.loads(result.read_text())["models"]
         scores = {}
         for name in names:
@@ -171,12 +185,12 @@ class Grid:
 
     def run_all(self) -> list[dict]:
         self.prepare()
-        steps, trained = self.preset.steps, []
+        steps, trained = self.steps, []
         for seed in self.seeds:
-            runs = {method: self.train(method, seed, "steps", steps) for method in METHODS}
+            runs = {method: self.train(method, seed, "steps", steps) for method in self.methods}
             clock = runs["reference"]["timings"]["train_s"]
-            trained += [(method, seed, "equal steps", runs[method]) for method in METHODS]
-            for method in METHODS[1:]:
+            trained += [(method, seed, "equal steps", runs[method]) for method in self.methods]
+            for method in self.methods[1:]:
                 per_step = runs[method]["timings"]["train_s"] / max(runs[method]["steps"], 1)
                 fitting = max(1, round(clock / per_step))
                 trained.append((method, seed, "equal wall-clock", self.train(method, seed, "clock", fitting, max_minutes=clock / 60)))
@@ -192,9 +206,11 @@ def _stats(rows: list[dict], method: str, budget: str, key: str) -> tuple[float,
 
 
 def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
-    """The issue's targets: (name, passed, figures)."""
-    checks = []
+    """The issue's targets: (name, passed, figures); a target whose methods did not run (--methods) is left out."""
+    checks, ran = [], {r["method"] for r in rows}
     for hybrid in ("hybrid-topk", "hybrid-live"):
+        if not {hybrid, "seqkd"} <= ran:
+            continue
         parts, passed = [], True
         for key, sign in (("bits_per_byte", -1), ("rouge_l", 1)):
             (mean, spread), (base, base_spread) = (_stats(rows, m, "equal wall-clock", key) for m in (hybrid, "seqkd"))
@@ -204,6 +220,8 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
             parts.append(f"{key} {mean:.3f} vs {base:.3f} (better by {margin:+.3f}, seed spread {needed:.3f})")
         checks.append((f"(c) {hybrid} beats SeqKD by more than the seed spread at equal wall-clock", passed, "; ".join(parts)))
     own, ref = "hybrid-topk", "reference"
+    if own not in ran:
+        return checks
     bpb = _stats(rows, ref, "equal steps", "bits_per_byte")[0] / _stats(rows, own, "equal steps", "bits_per_byte")[0]
     rouge_ref = _stats(rows, ref, "equal steps", "rouge_l")[0]
     rouge = _stats(rows, own, "equal steps", "rouge_l")[0] / rouge_ref if rouge_ref else float("inf")  # reference 0
@@ -212,9 +230,9 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
                    "its parameters", bpb >= 0.95 and rouge >= 0.95 and params <= 0.8,
                    f"bits/byte quality {bpb:.1%} (reference / student), ROUGE-L {rouge:.1%}, parameters {params:.1%}"))
     per_step = {m: statistics.fmean(r["train_s"] / r["steps"] for r in rows if r["method"] == m and r["budget"] == "equal steps")
-                for m in METHODS}
+                for m in METHODS if m in ran}
     ratio = per_step["hybrid-topk"] / per_step["reference"]
-    others = ", ".join(f"{m} {per_step[m] / per_step['reference']:.2f}x" for m in METHODS[1:] if m != "hybrid-topk")
+    others = ", ".join(f"{m} {per_step[m] / per_step['reference']:.2f}x" for m in METHODS[1:] if m in ran and m != "hybrid-topk")
     checks.append(("a cross-tokenizer step (hybrid-topk) costs at most 1.3x a same-tokenizer step (reference, top-k)",
                    ratio <= 1.3, f"{ratio:.2f}x ({per_step['hybrid-topk']:.2f} s vs {per_step['reference']:.2f} s per step; {others})"))
     return checks
@@ -242,14 +260,23 @@ def main() -> None:
     parser.add_argument("--preset", choices=("tiny", "cpu"), required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="training seeds (default: 1 2)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="equal-steps budget instead of the preset's (tiny 3, cpu 10; the quickstart trains 120), "
+                             "trained into OUT/runs-Nsteps/ (eval-Nsteps/, results-Nsteps.md) beside the same students and cache")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset, reference included (default all: {','.join(METHODS)}); e.g. "
+                             "reference,seqkd,hybrid-topk decides target (c) for the cache and the 95%% target in half the time")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     preset = tiny_preset(out) if args.preset == "tiny" else cpu_preset(out)
-    rows = Grid(preset, out, tuple(args.seeds)).run_all()
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"--steps {args.steps}: give at least 1")
+    grid = Grid(preset, out, tuple(args.seeds), tuple(m.strip() for m in args.methods.split(",")), args.steps)
+    rows = grid.run_all()
     text = markdown(rows)
-    (out / "results.json").write_text(json.dumps({"preset": args.preset, "rows": rows}, indent=1, default=str))
-    (out / "results.md").write_text(text + "\n")
+    (out / f"results{grid.tag}.json").write_text(json.dumps({"preset": args.preset, "steps": grid.steps, "rows": rows}, indent=1, default=str))
+    (out / f"results{grid.tag}.md").write_text(text + "\n")
     print(text)
 
 

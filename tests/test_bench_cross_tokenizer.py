@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("reference", "seqkd", "uld-topk", "uld-live", "hybrid-topk", "hybrid-live")
 
 
-def run_script(out: Path) -> subprocess.CompletedProcess:
+def run_script(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, str(ROOT / "benchmarks" / "cross_tokenizer.py"), "--preset", "tiny", "--out", str(out),
-               "--seeds", "1"]  # one seed: half the subprocesses; the script's seed loop is the same
+               "--seeds", "1", *extra]  # one seed: half the subprocesses; the script's seed loop is the same
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
@@ -60,3 +60,26 @@ def test_tiny_grid_trains_every_run_and_prints_the_targets(tmp_path):
     proc = run_script(out)  # resumable: nothing is trained or evaluated again
     assert "$ kdlm" not in proc.stdout
     assert before == {folder.name: (folder / "report.json").stat().st_mtime for folder in (out / "runs").iterdir()}
+
+    # A subset at another budget (--methods, --steps): its own runs-2steps/, the same students and cache.
+    proc = run_script(out, "--methods", "hybrid-topk,reference", "--steps", "2")
+    assert "$ kdlm build-student" not in proc.stdout and "$ kdlm cache-teacher" not in proc.stdout
+    assert before == {folder.name: (folder / "report.json").stat().st_mtime for folder in (out / "runs").iterdir()}
+    result = json.loads((out / "results-2steps.json").read_text())
+    assert result["steps"] == 2
+    assert {(r["method"], r["budget"]) for r in result["rows"]} == {
+        ("reference", "equal steps"), ("hybrid-topk", "equal steps"), ("hybrid-topk", "equal wall-clock")}
+    assert all(r["steps"] == 2 for r in result["rows"] if r["budget"] == "equal steps")
+    assert {f.name for f in (out / "runs-2steps").iterdir()} == {"reference-steps-s1", "hybrid-topk-steps-s1", "hybrid-topk-clock-s1"}
+    lines = (out / "results-2steps.md").read_text().splitlines()
+    assert not any(line.startswith("| (c)") for line in lines)  # SeqKD did not run: target (c) is left out
+    assert sum(line.startswith("| own-tokenizer") or line.startswith("| a cross-tokenizer step") for line in lines) == 2
+
+
+def test_a_subset_without_the_reference_is_refused(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    for methods in ("seqkd,hybrid-topk", "reference,nope"):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cross_tokenizer.py"), "--preset", "tiny",
+                               "--out", str(tmp_path / "x"), "--methods", methods], env=env, capture_output=True, text=True)
+        assert proc.returncode != 0 and f"--methods {methods}" in proc.stderr and "with reference" in proc.stderr
+        assert not (tmp_path / "x" / "runs").exists()
