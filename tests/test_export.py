@@ -15,7 +15,7 @@ from kdlm.cli import app
 from kdlm.errors import KdlmError
 from kdlm.evaluate.quantize import quantize_int8
 from kdlm.export.check import TOLERANCES, failures
-from kdlm.export.gguf_file import permute_rows
+from kdlm.export.gguf_file import permute_rows, pre_tokenizer_name
 from kdlm.export.run import export_gguf
 from test_cli import run_cli
 from tiny import CHATML, tiny_llama, tiny_tokenizer
@@ -55,6 +55,17 @@ def student(tmp_path_factory):
 def reload(path):
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_pre_tokenizer_names_are_llama_cpps():
+    """`tokenizer.ggml.pre` must be a name llama.cpp's llama-vocab.cpp knows ("gpt-2", not the model name "gpt2":
+    llama.cpp refused kdlm's files with `unknown pre-tokenizer type: 'gpt2'`, checked with llama-cpp-python 0.3.36)."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert pre_tokenizer_name(byte_level) == "gpt-2"  # what transformers' GGUF conversion of SmolLM2 gives
+    assert pre_tokenizer_name({"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, byte_level]}) == "smollm"  # SmolLM2's own tokenizer.json
+    with pytest.raises(KdlmError, match="Nothing was written"):
+        pre_tokenizer_name({"type": "Metaspace"})
 
 
 def test_permute_rows_pairs_each_heads_halves():

@@ -121,7 +121,7 @@ def pre_tokenizer_name(pre: dict | None) -> str:
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (llama-vocab.cpp), not the tokenizer model's "gpt2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # SmolLM's tokenizers: every digit its own token, then GPT-2's split
     if kinds[:1] == ["Split"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT:
