@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--extra-buffers", action="store_true",
+                        help="let llama.cpp use its extra CPU buffer types (AMX repacking); off by default (see below)")
     parser.add_argument("--out", type=Path, default=None, help="JSON of the rows (default: STUDENT/../gguf_speed.json)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,10 +100,22 @@ def main() -> None:
         rows.append({"format": name, "bytes": folder_bytes(args.student), "seconds": seconds, "tokens": sum(map(len, answers)), "answers": answers})
     reference = rows[0]["answers"]
     try:
+        import llama_cpp.llama_cpp as llama_lib
         from llama_cpp import Llama
     except ImportError:
         Llama = None
         print("llama-cpp-python is not installed: GGUF speed not measured")
+    if Llama is not None and not args.extra_buffers:
+        # llama.cpp's extra CPU buffer types (the AMX repack of Q8_0 weights) died with SIGILL on an AMX Xeon
+        # (machine E, llama-cpp-python 0.3.36 built -march=native); the plain CPU backend (AVX-512) runs.
+        default_params = llama_lib.llama_model_default_params
+
+        def plain_cpu_params():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+
+        llama_lib.llama_model_default_params = plain_cpu_params
     for quant in args.quants.split(","):
         path = args.student.parent / f"{args.student.name}-{quant}.gguf"
         if not path.exists():
