@@ -267,12 +267,15 @@ def main() -> None:
                         help=f"comma-separated subset, reference included (default all: {','.join(METHODS)}); e.g. "
                              "reference,seqkd,hybrid-topk decides target (c) for the cache and the 95%% target in half the time")
     args = parser.parse_args()
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    if "reference" not in methods or not set(methods) <= set(METHODS):  # before anything is built
+        raise SystemExit(f"--methods {','.join(methods)}: choose among {','.join(METHODS)}, with reference (it sets the clock)")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"--steps {args.steps}: give at least 1")
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     preset = tiny_preset(out) if args.preset == "tiny" else cpu_preset(out)
-    if args.steps is not None and args.steps < 1:
-        raise SystemExit(f"--steps {args.steps}: give at least 1")
-    grid = Grid(preset, out, tuple(args.seeds), tuple(m.strip() for m in args.methods.split(",")), args.steps)
+    grid = Grid(preset, out, tuple(args.seeds), methods, args.steps)
     rows = grid.run_all()
     text = markdown(rows)
     (out / f"results{grid.tag}.json").write_text(json.dumps({"preset": args.preset, "steps": grid.steps, "rows": rows}, indent=1, default=str))
