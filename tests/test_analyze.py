@@ -71,7 +71,7 @@ def test_analyze_end_to_end_on_a_pruned_tiny_student(tmp_path):
     for name, model in (("teacher", teacher), ("student", student)):
         with torch.no_grad():
             states = [model(input_ids=torch.tensor([e["input_ids"]]), output_hidden_states=True).hidden_states for e in report["prompts"]]
-        hidden[name] = [np.concatenate([s[k][0].double().numpy() for s in states]) for k in range(len(states[0]))]
+        hidden[name] = [np.concatenate([s[k][0, 1:].double().numpy() for s in states]) for k in range(len(states[0]))]  # first positions out
     order = {e["prompt"]: i for i, e in enumerate(report["prompts"])}
     assert sorted(order) == sorted(json.loads(line)["prompt"] for line in data.read_text().splitlines())
     for row, kept in zip(report["layers"][1:], [0, 3], strict=True):
